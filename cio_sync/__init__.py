@@ -1,0 +1,52 @@
+"""cio_sync: customer-data calls and workspace records to storage buckets, as new immutable files at intervals.
+
+Two modes, after Customer.io's two kinds of storage integration:
+
+- :class:`AdvancedSink`: every incoming identify/track/page/screen/group/alias call, as sent, to Parquet, CSV or
+  JSON files.
+- Standard mode: what the workspace made of the data (people and attribute changes, campaigns, deliveries,
+  metrics), to Parquet.
+
+Both publish through one :class:`Writer` over fsspec, so local disk, memory, S3, GCS and Azure all work.
+"""
+
+from cio_sync._advanced import AdvancedSink
+from cio_sync._errors import (
+    CioSyncError,
+    ConfigError,
+    InvalidCall,
+    InvalidCalls,
+    MissingBackend,
+    PublishConflict,
+    SinkClosed,
+    StorageError,
+)
+from cio_sync._formats import CsvFormat, Format, JsonLinesFormat, ParquetFormat, get_format, register_format
+from cio_sync._publisher import SinkStats
+from cio_sync._writer import FsspecWriter, RetryPolicy, Writer, WrittenFile
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdvancedSink",
+    "CioSyncError",
+    "ConfigError",
+    "CsvFormat",
+    "Format",
+    "FsspecWriter",
+    "InvalidCall",
+    "InvalidCalls",
+    "JsonLinesFormat",
+    "MissingBackend",
+    "ParquetFormat",
+    "PublishConflict",
+    "RetryPolicy",
+    "SinkClosed",
+    "SinkStats",
+    "StorageError",
+    "Writer",
+    "WrittenFile",
+    "__version__",
+    "get_format",
+    "register_format",
+]

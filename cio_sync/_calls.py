@@ -1,0 +1,270 @@
+"""Intake of customer-data calls: parsing, validation and the rows the formats encode.
+
+Validation follows the Segment-compatible source spec that Customer.io's libraries send: ``type`` is one of
+identify, track, page, screen, group, alias; a call names ``userId`` or ``anonymousId`` (alias: ``userId`` and
+``previousId``); track has ``event``; group has ``groupId``; id fields are strings; ``traits``, ``properties``,
+``context`` and ``integrations`` are objects; timestamps are ISO-8601 with any offset (a timestamp without an offset
+is taken as UTC). This module knows no sink: it turns one call into a validated :class:`Call`, and a ``Call`` into
+the row of its fixed schema or into its JSON document.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any, Final
+
+import orjson
+
+from cio_sync._errors import InvalidCall
+from cio_sync._schemas import CALL_COLUMNS, CALL_TYPES, EXTRA_COLUMN, Kind
+
+#: orjson options for everything we serialise: naive datetimes are UTC, UTC is written "Z", and non-string keys
+#: become strings (as the standard library's json module does).
+JSON_OPTIONS: Final = orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS
+
+_TYPES: Final = frozenset(CALL_TYPES)
+_OBJECT_FIELDS: Final = ("traits", "properties", "context", "integrations")
+_TIME_FIELDS: Final = ("timestamp", "originalTimestamp", "sentAt")
+#: Names that are columns of some call type; a key outside a call type's own columns goes to ``extra``.
+_KNOWN: Final[dict[str, frozenset[str]]] = {
+    t: frozenset(name for name, kind in cols if kind is not Kind.EXTRA) for t, cols in CALL_COLUMNS.items()
+}
+_MAX_SHOWN: Final = 80
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + "..."
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, str):
+        return "string"
+    return type(value).__name__
+
+
+def parse_time(value: Any, field: str) -> datetime:
+    """An ISO-8601 timestamp (or a ``datetime``) as an aware UTC ``datetime``; naive values are taken as UTC."""
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise InvalidCall(f"not an ISO-8601 timestamp: {_show(value)}", field=field) from None
+    elif isinstance(value, datetime):
+        parsed = value
+    elif isinstance(value, date):
+        parsed = datetime(value.year, value.month, value.day)
+    else:
+        raise InvalidCall(f"must be an ISO-8601 timestamp string, got {_type_name(value)}", field=field)
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        raise InvalidCall(f"timestamp out of range: {_show(value)}", field=field) from None
+
+
+def load_json(payload: str | bytes | bytearray | memoryview, what: str = "call") -> Any:
+    """Parse JSON text with orjson, turning any failure into :class:`InvalidCall`."""
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidCall(f"{what} is not valid JSON: {exc}") from None
+
+
+def dump_json(value: Any, field: str | None) -> bytes:
+    """``value`` as compact JSON bytes; a value JSON cannot hold raises :class:`InvalidCall` naming ``field``."""
+    try:
+        return orjson.dumps(value, option=JSON_OPTIONS)
+    except (orjson.JSONEncodeError, TypeError) as exc:
+        raise InvalidCall(f"cannot be written as JSON: {exc}", field=field) from None
+
+
+@dataclass(slots=True)
+class Call:
+    """One validated call.
+
+    ``data`` is the call as sent (a shallow copy; the caller's object is never modified) with ``messageId`` set when
+    the caller left it out and ``receivedAt`` set to the time the sink accepted it. ``times`` holds the call's
+    timestamps parsed to UTC.
+    """
+
+    type: str
+    data: dict[str, Any]
+    times: dict[str, datetime]
+
+    @property
+    def message_id(self) -> str:
+        return str(self.data["messageId"])
+
+    @property
+    def received_at(self) -> datetime:
+        return self.times["receivedAt"]
+
+
+def _require_id(data: Mapping[str, Any], field: str, call_type: str) -> None:
+    value = data.get(field)
+    if value is None or value == "":
+        raise InvalidCall(f"is required for a {call_type} call", field=field)
+
+
+def parse_call(obj: Any, *, received_at: datetime | None = None) -> Call:
+    """Validate one call given as a dict, JSON ``str`` or JSON ``bytes``; raise :class:`InvalidCall` if it is bad.
+
+    ``received_at`` is the acceptance time to record (default: now, UTC). A ``receivedAt`` sent by the caller is
+    replaced, as a collecting server does.
+    """
+    if isinstance(obj, dict):
+        data = dict(obj)
+    elif isinstance(obj, str | bytes | bytearray | memoryview):
+        parsed = load_json(obj)
+        if not isinstance(parsed, dict):
+            raise InvalidCall(f"must be a JSON object, got {_type_name(parsed)}")
+        data = parsed
+    else:
+        raise InvalidCall(f"must be a dict, a JSON str or JSON bytes, got {type(obj).__name__}")
+
+    call_type = data.get("type")
+    if call_type is None:
+        raise InvalidCall(f"is required (one of {', '.join(CALL_TYPES)})", field="type")
+    if not isinstance(call_type, str):
+        raise InvalidCall(f"must be a string, got {_type_name(call_type)}", field="type")
+    if call_type not in _TYPES:
+        raise InvalidCall(f"must be one of {', '.join(CALL_TYPES)}; got {_show(call_type)}", field="type")
+
+    times: dict[str, datetime] = {}
+    for name, kind in CALL_COLUMNS[call_type]:
+        value = data.get(name)
+        if value is None or kind is Kind.EXTRA:
+            continue
+        if kind is Kind.ID or kind is Kind.STRING:
+            if not isinstance(value, str):
+                raise InvalidCall(f"must be a string, got {_type_name(value)}", field=name)
+        elif kind is Kind.OBJECT:
+            if not isinstance(value, dict):
+                raise InvalidCall(f"must be an object, got {_type_name(value)}", field=name)
+        elif kind is Kind.TIME:
+            if name != "receivedAt":
+                times[name] = parse_time(value, name)
+        elif kind is Kind.TEXT and (isinstance(value, bool) or not isinstance(value, str | int | float)):
+            raise InvalidCall(f"must be a string or a number, got {_type_name(value)}", field=name)
+    # Object fields that are not columns of this call type still have to be objects (they land in ``extra``).
+    for name in _OBJECT_FIELDS:
+        value = data.get(name)
+        if value is not None and not isinstance(value, dict):
+            raise InvalidCall(f"must be an object, got {_type_name(value)}", field=name)
+
+    if call_type == "alias":
+        _require_id(data, "userId", call_type)
+        _require_id(data, "previousId", call_type)
+    elif not data.get("userId") and not data.get("anonymousId"):
+        raise InvalidCall(f"userId or anonymousId is required for a {call_type} call", field="userId")
+    if call_type == "track":
+        _require_id(data, "event", call_type)
+    elif call_type == "group":
+        _require_id(data, "groupId", call_type)
+
+    message_id = data.get("messageId")
+    if message_id is None:
+        data["messageId"] = str(uuid.uuid4())
+    elif message_id == "":
+        raise InvalidCall("must not be empty (leave it out and the sink sets one)", field="messageId")
+    received = received_at if received_at is not None else datetime.now(UTC)
+    data["receivedAt"] = received
+    times["receivedAt"] = received
+    return Call(call_type, data, times)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows: what the formats encode.
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else orjson.dumps(value).decode()
+
+
+def _column_getter(name: str, kind: Kind, call_type: str) -> Callable[[Call], tuple[Any, int]]:
+    """A function that takes one column's value out of a call, with the bytes it adds to the batch."""
+    if kind is Kind.TIME:
+
+        def get_time(call: Call) -> tuple[Any, int]:
+            return call.times.get(name), 8
+
+        return get_time
+    if kind is Kind.OBJECT:
+
+        def get_object(call: Call) -> tuple[Any, int]:
+            value = call.data.get(name)
+            if value is None:
+                return None, 0
+            text = dump_json(value, name)
+            return text, len(text)
+
+        return get_object
+    if kind is Kind.EXTRA:
+        known = _KNOWN[call_type]
+
+        def get_extra(call: Call) -> tuple[Any, int]:
+            extra = {k: v for k, v in call.data.items() if k not in known}
+            if not extra:
+                return None, 0
+            text = dump_json(extra, EXTRA_COLUMN)
+            return text, len(text)
+
+        return get_extra
+    if kind is Kind.TEXT:
+
+        def get_text(call: Call) -> tuple[Any, int]:
+            value = call.data.get(name)
+            if value is None:
+                return None, 0
+            text = _text(value)
+            return text, len(text)
+
+        return get_text
+
+    def get_string(call: Call) -> tuple[Any, int]:
+        value = call.data.get(name)
+        return value, (len(value) if value is not None else 0)
+
+    return get_string
+
+
+_ROW_GETTERS: Final = {
+    t: tuple(_column_getter(name, kind, t) for name, kind in cols) for t, cols in CALL_COLUMNS.items()
+}
+
+
+def call_row(call: Call) -> tuple[tuple[Any, ...], int]:
+    """The call as a row of its type's fixed schema (nested objects as JSON text), and its approximate size."""
+    values = []
+    size = 0
+    for get in _ROW_GETTERS[call.type]:
+        value, n = get(call)
+        values.append(value)
+        size += n
+    return tuple(values), size
+
+
+def call_document(call: Call) -> bytes:
+    """The call as one line of JSON: as sent, with ``messageId`` and ``receivedAt`` added."""
+    try:
+        return orjson.dumps(call.data, option=JSON_OPTIONS)
+    except (orjson.JSONEncodeError, TypeError):
+        # Name the field that cannot be encoded.
+        for key, value in call.data.items():
+            dump_json(value, key)
+        raise

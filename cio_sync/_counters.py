@@ -1,0 +1,81 @@
+"""Durable counters for file names (Advanced positions, Standard sequences).
+
+A counter lives under the writer's root in ``_cio_sync/counters/<key>/``, not in the data files, so deleting data
+files after loading them (the documented workflow) never lets a name be used twice. Taking the next value means
+publishing a small claim marker named by that value with a conditional create: of two processes that race for the
+same value exactly one wins and the other moves on, so concurrent writers never share a name. After a claim, the
+marker below it is deleted, so a counter folder holds a marker or two, not one per file. What a user must keep: the
+``_cio_sync/`` folder under the prefix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from datetime import UTC, datetime
+from typing import Final
+
+import orjson
+
+from cio_sync._errors import ConfigError, PublishConflict, StorageError
+from cio_sync._writer import Writer
+
+log = logging.getLogger("cio_sync.counters")
+
+#: Folder under the root that holds every counter.
+COUNTERS_FOLDER: Final = "_cio_sync/counters"
+_WIDTH: Final = 20
+
+
+class Counters:
+    """Strictly increasing integers per key, shared safely by every process writing under one root."""
+
+    def __init__(self, writer: Writer, *, folder: str = COUNTERS_FOLDER) -> None:
+        self._writer = writer
+        self._folder = folder
+        self._last: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._owner = f"{socket.gethostname()}:{os.getpid()}"
+
+    def _dir(self, key: str) -> str:
+        if not key or any(not (c.isalnum() or c in "._-") for c in key) or key.startswith("."):
+            raise ConfigError(f"counter key must be letters, digits, '.', '_' or '-'; got {key!r}")
+        return f"{self._folder}/{key}"
+
+    def current(self, key: str) -> int:
+        """The highest value claimed so far for ``key`` by any writer (0 if none)."""
+        values = [int(n) for n in self._writer.list(self._dir(key)) if n.isdigit()]
+        return max(values, default=0)
+
+    def claim(self, key: str, *, at_least: int = 1) -> int:
+        """Take the next value of ``key``: above every value claimed before, and at least ``at_least``."""
+        folder = self._dir(key)
+        with self._lock:
+            fresh = key not in self._last
+            last = self._last[key] if not fresh else self.current(key)
+            value = max(last + 1, at_least)
+            while True:
+                marker = orjson.dumps({"claimed_at": datetime.now(UTC), "by": self._owner})
+                try:
+                    self._writer.publish(f"{folder}/{value:0{_WIDTH}d}", marker, table="_counter", rows=0)
+                except PublishConflict:
+                    value = max(value + 1, self.current(key) + 1)
+                    continue
+                break
+            self._last[key] = value
+        self._prune(folder, value, below_all=fresh)
+        return value
+
+    def _prune(self, folder: str, value: int, *, below_all: bool) -> None:
+        """Delete markers below ``value`` (never the highest one). Best effort: a leftover marker is harmless."""
+        try:
+            if below_all:
+                stale = [int(n) for n in self._writer.list(folder) if n.isdigit() and int(n) < value]
+            else:
+                stale = [value - 1] if value > 1 else []
+            for n in stale:
+                self._writer.remove(f"{folder}/{n:0{_WIDTH}d}")
+        except StorageError as exc:
+            log.debug("could not prune counter markers in %s: %s", folder, exc)

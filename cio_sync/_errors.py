@@ -1,0 +1,74 @@
+"""The exceptions cio_sync raises.
+
+Every error derives from :class:`CioSyncError` and also from the builtin that matches it, so callers can catch
+either ``cio_sync.InvalidCall`` or a plain ``ValueError``. Messages name the call, table or path concerned and never
+carry credentials.
+"""
+
+from __future__ import annotations
+
+
+class CioSyncError(Exception):
+    """Base class of every error raised by cio_sync."""
+
+
+class InvalidCall(CioSyncError, ValueError):  # noqa: N818 - the name of the contract (DESIGN.md)
+    """A call was rejected by validation; nothing of it was buffered.
+
+    ``field`` names the offending top-level field (``None`` when the call as a whole is wrong) and ``reason`` says
+    what is wrong with it. ``index`` is the position of the call in a ``write_many`` batch, when known.
+    """
+
+    def __init__(self, reason: str, *, field: str | None = None, index: int | None = None) -> None:
+        self.field = field
+        self.reason = reason
+        self.index = index
+        where = f"call #{index}: " if index is not None else "call: "
+        what = f"{field}: " if field is not None else ""
+        super().__init__(f"invalid {where}{what}{reason}")
+
+
+class InvalidCalls(InvalidCall):
+    """Some calls of a ``write_many`` batch were rejected; the others were accepted.
+
+    ``errors`` holds one :class:`InvalidCall` per rejected call (each with its ``index``), ``accepted`` the number of
+    calls that were accepted.
+    """
+
+    def __init__(self, errors: list[InvalidCall], *, accepted: int) -> None:
+        self.errors = errors
+        self.accepted = accepted
+        first = "; ".join(str(e) for e in errors[:3])
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        CioSyncError.__init__(self, f"{len(errors)} call(s) rejected, {accepted} accepted: {first}{more}")
+        self.field = errors[0].field if errors else None
+        self.reason = errors[0].reason if errors else ""
+        self.index = errors[0].index if errors else None
+
+
+class ConfigError(CioSyncError, ValueError):
+    """A sink, format or writer was configured with a value it cannot work with."""
+
+
+class StorageError(CioSyncError, OSError):
+    """Storage failed while publishing or reading ``path``; the original error is the ``__cause__``."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        self.path = path
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        # OSError's own __str__ formats errno/strerror; keep our message as is.
+        return str(self.args[0]) if self.args else ""
+
+
+class PublishConflict(StorageError, FileExistsError):
+    """A file already exists under the name being published; the existing object was left unchanged."""
+
+
+class MissingBackend(CioSyncError, ImportError):
+    """The fsspec backend for a URL is not installed; the message says which extra to install."""
+
+
+class SinkClosed(CioSyncError, RuntimeError):
+    """A call or record was given to a sink after it was closed."""

@@ -1,0 +1,319 @@
+"""The Writer: publishes one batch as one file, create-only, whole or not at all.
+
+The writer knows no modes and no formats: it takes a name under its root and the bytes of a file. On object stores
+the create-only rule is enforced by the service through a conditional create (fsspec's ``mode="create"``: S3
+``If-None-Match: *``, GCS ``ifGenerationMatch=0``, Azure ``If-None-Match: *``); on local disk the bytes go to a
+temporary file that is then hard-linked under the final name, which fails if the name exists, so a reader never
+sees a half-written file and an existing file is never replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import posixpath
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
+
+from cio_sync._errors import ConfigError, PublishConflict, StorageError
+from cio_sync._storage import display_url, redact, resolve, secrets_in
+
+log = logging.getLogger("cio_sync.writer")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """One file that a writer published.
+
+    ``path`` is the file's full location (a URL for object stores, a path on local disk), ``name`` its name under
+    the sink's root, ``table`` the table or call type it holds, ``rows`` its row count and ``bytes`` its size.
+    """
+
+    path: str
+    name: str
+    table: str
+    rows: int
+    bytes: int
+
+    def __repr__(self) -> str:
+        return f"WrittenFile({self.path!r}, table={self.table!r}, rows={self.rows}, bytes={self.bytes})"
+
+
+@runtime_checkable
+class Writer(Protocol):
+    """Where a sink's files go. ``publish`` is the one method a sink needs for data; the others keep counters."""
+
+    #: A readable location of the writer's root, free of credentials.
+    url: str
+
+    def publish(self, name: str, data: bytes, *, table: str, rows: int) -> WrittenFile:
+        """Create ``name`` under the root holding exactly ``data``.
+
+        Raises :class:`~cio_sync.PublishConflict` if the name exists (the existing file is left unchanged) and
+        :class:`~cio_sync.StorageError` if storage fails for good.
+        """
+        ...
+
+    def list(self, folder: str) -> list[str]:
+        """The names directly inside ``folder`` (relative to the root), sorted; empty if it does not exist."""
+        ...
+
+    def remove(self, name: str) -> None:
+        """Delete ``name`` under the root; a missing file is not an error."""
+        ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """Bounded exponential backoff with jitter for transient storage errors."""
+
+    #: Tries in all, the first included.
+    attempts: int = 6
+    initial_delay: float = 0.2
+    max_delay: float = 10.0
+    multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ConfigError(f"retry attempts must be at least 1; got {self.attempts}")
+        if self.initial_delay < 0 or self.max_delay < 0 or self.multiplier < 1:
+            raise ConfigError("retry delays must be non-negative and the multiplier at least 1")
+
+    def delays(self) -> Iterator[float]:
+        """The pauses between tries: "full jitter" on an exponentially growing ceiling."""
+        ceiling = self.initial_delay
+        for _ in range(self.attempts - 1):
+            yield random.uniform(ceiling / 2, ceiling)
+            ceiling = min(self.max_delay, ceiling * self.multiplier)
+
+
+Outcome = Literal["conflict", "maybe-conflict", "permanent", "transient"]
+
+
+def classify(exc: BaseException) -> Outcome:
+    """What a storage exception means for a retry."""
+    if isinstance(exc, FileExistsError):
+        return "conflict"
+    if isinstance(exc, PermissionError | FileNotFoundError | IsADirectoryError | NotADirectoryError):
+        return "permanent"
+    if isinstance(exc, OSError) and exc.errno == errno.EINVAL:
+        # s3fs reports a refused conditional create (HTTP 412) as EINVAL unless the body names If-None-Match
+        # (shared/TESTING.md); it is checked, not assumed.
+        return "maybe-conflict"
+    if isinstance(exc, ConnectionError | TimeoutError | asyncio.TimeoutError):
+        return "transient"
+    status = getattr(exc, "code", None) or getattr(exc, "status", None) or getattr(exc, "status_code", None)
+    if isinstance(status, int) and 100 <= status < 600:
+        return "transient" if status in (408, 429) or status >= 500 else "permanent"
+    if isinstance(exc, OSError):
+        return "transient"
+    return "permanent"
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is a safe relative name under a root; a name that could leave the root is refused."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"file name must be a non-empty string; got {name!r}")
+    if name.startswith("/") or "\\" in name or "://" in name or any(ord(c) < 32 for c in name):
+        raise ConfigError(f"unsafe file name {name!r}: names are relative, without backslashes or control characters")
+    for part in name.split("/"):
+        if part in ("", ".", ".."):
+            raise ConfigError(f"unsafe file name {name!r}: empty, '.' and '..' path segments are not allowed")
+    return name
+
+
+@dataclass(eq=False)
+class FsspecWriter:
+    """A :class:`Writer` over any fsspec filesystem.
+
+    ``FsspecWriter("s3://bucket/prefix", storage_options={...})`` or ``FsspecWriter("bucket/prefix",
+    filesystem=fs)``. Transient errors (connection resets, timeouts, throttling, 5xx) are retried by ``retry``; a
+    retry after an ambiguous failure that finds the name taken reads the object back and accepts it only if it holds
+    exactly the bytes being published, so a file is never overwritten and never written twice.
+    """
+
+    target: str
+    filesystem: AbstractFileSystem | None = None
+    storage_options: Mapping[str, Any] | None = field(default=None, repr=False)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    #: Flush file contents to the disk before publishing on local filesystems.
+    fsync: bool = True
+    sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
+
+    def __post_init__(self) -> None:
+        fs, root = resolve(self.target, filesystem=self.filesystem, storage_options=self.storage_options)
+        self._fs = fs
+        self._root = root
+        self._secrets = secrets_in(self.storage_options)
+        self._local = isinstance(fs, LocalFileSystem)
+        self.url = display_url(fs, root)
+        # The writer keeps no credentials of its own beyond what the filesystem holds.
+        self.storage_options = None
+
+    def __repr__(self) -> str:
+        return f"FsspecWriter({self.url!r})"
+
+    @property
+    def fs(self) -> AbstractFileSystem:
+        """The fsspec filesystem files are published on."""
+        return self._fs
+
+    @property
+    def root(self) -> str:
+        """The root path on :attr:`fs` that names are relative to."""
+        return self._root
+
+    def path(self, name: str) -> str:
+        """The full filesystem path of ``name``."""
+        return f"{self._root}/{check_name(name)}" if self._root not in ("", "/") else f"/{check_name(name)}"
+
+    def _where(self, path: str) -> str:
+        return path if self._local else display_url(self._fs, path)
+
+    def _message(self, action: str, path: str, exc: BaseException) -> str:
+        detail = redact(f"{type(exc).__name__}: {exc}", self._secrets)
+        return f"could not {action} {self._where(path)}: {detail}"
+
+    # -- publishing --------------------------------------------------------------------------------------------
+
+    def publish(self, name: str, data: bytes, *, table: str, rows: int) -> WrittenFile:
+        path = self.path(name)
+        delays = self.retry.delays()
+        ambiguous = False
+        while True:
+            try:
+                self._create(path, data)
+            except Exception as exc:
+                outcome = classify(exc)
+                if outcome in ("conflict", "maybe-conflict"):
+                    existing = self._read_existing(path) if ambiguous or outcome == "maybe-conflict" else b""
+                    if existing is not None:
+                        if ambiguous and existing == data:
+                            log.info("publish of %s had landed before an ambiguous failure", self._where(path))
+                            break
+                        raise PublishConflict(
+                            f"{self._where(path)} already exists; it was left unchanged", path=path
+                        ) from exc
+                elif outcome == "permanent":
+                    raise StorageError(self._message("publish", path, exc), path=path) from exc
+                delay = next(delays, None)
+                if delay is None:
+                    raise StorageError(
+                        self._message(f"publish (after {self.retry.attempts} tries)", path, exc), path=path
+                    ) from exc
+                log.warning("retrying publish of %s in %.2fs: %s", self._where(path), delay,
+                            redact(repr(exc), self._secrets))
+                ambiguous = True
+                self.sleep(delay)
+            else:
+                break
+        return WrittenFile(path=self._where(path), name=name, table=table, rows=rows, bytes=len(data))
+
+    def _create(self, path: str, data: bytes) -> None:
+        if self._local:
+            self._create_local(path, data)
+            return
+        try:
+            self._fs.pipe_file(path, data, mode="create")
+        except TypeError as exc:
+            if "mode" not in str(exc):
+                raise
+            # A filesystem whose pipe_file predates mode="create": fall back to exclusive open.
+            with self._fs.open(path, "xb") as f:
+                f.write(data)
+
+    def _create_local(self, path: str, data: bytes) -> None:
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if self.fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        try:
+            try:
+                os.link(tmp, path)
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+                    raise
+                # No hard links here (some network and FUSE filesystems): exclusive create, not atomic.
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                with os.fdopen(fd, "wb") as out:
+                    out.write(data)
+        finally:
+            os.unlink(tmp)
+        if self.fsync:
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    def _read_existing(self, path: str) -> bytes | None:
+        """The bytes stored at ``path``, or ``None`` when nothing is there."""
+
+        def read() -> bytes | None:
+            self._fs.invalidate_cache(path)
+            try:
+                return bytes(self._fs.cat_file(path))
+            except FileNotFoundError:
+                return None
+
+        return self._retrying("read", path, read)
+
+    # -- counters' helpers -------------------------------------------------------------------------------------
+
+    def list(self, folder: str) -> list[str]:
+        path = self.path(folder)
+
+        def ls() -> list[str]:
+            self._fs.invalidate_cache(path)
+            try:
+                entries = self._fs.ls(path, detail=False)
+            except FileNotFoundError:
+                return []
+            names = {posixpath.basename(str(e).rstrip("/")) for e in entries}
+            return sorted(n for n in names if n and not n.startswith("."))
+
+        return self._retrying("list", path, ls)
+
+    def remove(self, name: str) -> None:
+        path = self.path(name)
+
+        def rm() -> None:
+            try:
+                self._fs.rm_file(path)
+            except FileNotFoundError:
+                pass
+
+        self._retrying("remove", path, rm)
+
+    def read(self, name: str) -> bytes | None:
+        """The bytes of ``name``, or ``None`` if there is no such file."""
+        return self._read_existing(self.path(name))
+
+    def _retrying(self, action: str, path: str, op: Callable[[], T]) -> T:
+        delays = self.retry.delays()
+        while True:
+            try:
+                return op()
+            except Exception as exc:
+                if classify(exc) != "transient":
+                    raise StorageError(self._message(action, path, exc), path=path) from exc
+                delay = next(delays, None)
+                if delay is None:
+                    raise StorageError(self._message(action, path, exc), path=path) from exc
+                self.sleep(delay)
+
