@@ -101,7 +101,7 @@ class AdvancedSink(BaseSink):
         working and nothing else is affected.
         """
         try:
-            parsed = parse_call(call)
+            parsed = parse_call(call, row=not self._documents)
             if self._documents:
                 document = call_document(parsed)
                 row: tuple[Any, ...] = (document,)

@@ -11,7 +11,7 @@ the row of its fixed schema or into its JSON document.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, Final
@@ -99,12 +99,15 @@ class Call:
 
     ``data`` is the call as sent (a shallow copy; the caller's object is never modified) with ``messageId`` set when
     the caller left it out and ``receivedAt`` set to the time the sink accepted it. ``times`` holds the call's
-    timestamps parsed to UTC.
+    timestamps parsed to UTC. ``row`` is the call as a row of its type's fixed schema, with ``size`` its approximate
+    size in bytes, when it was asked for (``parse_call(..., row=True)``), else ``None``.
     """
 
     type: str
     data: dict[str, Any]
     times: dict[str, datetime]
+    row: tuple[Any, ...] | None = None
+    size: int = 0
 
     @property
     def message_id(self) -> str:
@@ -115,17 +118,82 @@ class Call:
         return self.times["receivedAt"]
 
 
+# Column kinds as small ints: the scan below runs once per call and is the intake's hot path.
+_STRING, _OBJECT, _TIME, _TEXT, _EXTRA, _RECEIVED = range(6)
+_CODES: Final = {Kind.ID: _STRING, Kind.STRING: _STRING, Kind.OBJECT: _OBJECT, Kind.TIME: _TIME,
+                 Kind.TEXT: _TEXT, Kind.EXTRA: _EXTRA}
+_SPECS: Final[dict[str, tuple[tuple[str, int], ...]]] = {
+    t: tuple((n, _RECEIVED if n == "receivedAt" else _CODES[k]) for n, k in cols) for t, cols in CALL_COLUMNS.items()
+}
+#: Object fields that are not columns of a call type (they go to ``extra``) but still have to be objects.
+_OTHER_OBJECTS: Final[dict[str, tuple[str, ...]]] = {
+    t: tuple(f for f in _OBJECT_FIELDS if f not in _KNOWN[t]) for t in CALL_TYPES
+}
+
+
+def _scan(data: dict[str, Any], call_type: str, times: dict[str, datetime],
+          build: bool) -> tuple[tuple[Any, ...] | None, int]:
+    """Check every column of ``call_type`` in ``data``; fill ``times``; if ``build``, return the row and its size."""
+    values: list[Any] = []
+    append = values.append
+    size = 0
+    for name, code in _SPECS[call_type]:
+        value = data.get(name)
+        if code == _EXTRA:
+            if build:
+                if data.keys() <= _KNOWN[call_type]:
+                    append(None)
+                else:
+                    text = dump_json({k: v for k, v in data.items() if k not in _KNOWN[call_type]}, EXTRA_COLUMN)
+                    size += len(text)
+                    append(text)
+            continue
+        if code == _RECEIVED:
+            if build:
+                append(times["receivedAt"])
+            continue
+        if value is None:
+            if build:
+                append(None)
+            continue
+        if code == _STRING:
+            if type(value) is not str and not isinstance(value, str):
+                raise InvalidCall(f"must be a string, got {_type_name(value)}", field=name)
+            size += len(value)
+        elif code == _OBJECT:
+            if not isinstance(value, dict):
+                raise InvalidCall(f"must be an object, got {_type_name(value)}", field=name)
+            if build:
+                value = dump_json(value, name)
+                size += len(value)
+        elif code == _TIME:
+            value = times[name] = parse_time(value, name)
+            size += 8
+        elif code == _TEXT:
+            if isinstance(value, bool) or not isinstance(value, str | int | float):
+                raise InvalidCall(f"must be a string or a number, got {_type_name(value)}", field=name)
+            value = _text(value)
+        if build:
+            append(value)
+    for name in _OTHER_OBJECTS[call_type]:
+        value = data.get(name)
+        if value is not None and not isinstance(value, dict):
+            raise InvalidCall(f"must be an object, got {_type_name(value)}", field=name)
+    return (tuple(values) if build else None), size
+
+
 def _require_id(data: Mapping[str, Any], field: str, call_type: str) -> None:
     value = data.get(field)
     if value is None or value == "":
         raise InvalidCall(f"is required for a {call_type} call", field=field)
 
 
-def parse_call(obj: Any, *, received_at: datetime | None = None) -> Call:
+def parse_call(obj: Any, *, received_at: datetime | None = None, row: bool = False) -> Call:
     """Validate one call given as a dict, JSON ``str`` or JSON ``bytes``; raise :class:`InvalidCall` if it is bad.
 
     ``received_at`` is the acceptance time to record (default: now, UTC). A ``receivedAt`` sent by the caller is
-    replaced, as a collecting server does.
+    replaced, as a collecting server does. With ``row=True`` the call's row (see :func:`call_row`) is built in the
+    same pass.
     """
     if isinstance(obj, dict):
         data = dict(obj)
@@ -138,39 +206,22 @@ def parse_call(obj: Any, *, received_at: datetime | None = None) -> Call:
         raise InvalidCall(f"must be a dict, a JSON str or JSON bytes, got {type(obj).__name__}")
 
     call_type = data.get("type")
-    if call_type is None:
-        raise InvalidCall(f"is required (one of {', '.join(CALL_TYPES)})", field="type")
-    if not isinstance(call_type, str):
-        raise InvalidCall(f"must be a string, got {_type_name(call_type)}", field="type")
-    if call_type not in _TYPES:
+    if not isinstance(call_type, str) or call_type not in _TYPES:
+        if call_type is None:
+            raise InvalidCall(f"is required (one of {', '.join(CALL_TYPES)})", field="type")
+        if not isinstance(call_type, str):
+            raise InvalidCall(f"must be a string, got {_type_name(call_type)}", field="type")
         raise InvalidCall(f"must be one of {', '.join(CALL_TYPES)}; got {_show(call_type)}", field="type")
-
-    times: dict[str, datetime] = {}
-    for name, kind in CALL_COLUMNS[call_type]:
-        value = data.get(name)
-        if value is None or kind is Kind.EXTRA:
-            continue
-        if kind is Kind.ID or kind is Kind.STRING:
-            if not isinstance(value, str):
-                raise InvalidCall(f"must be a string, got {_type_name(value)}", field=name)
-        elif kind is Kind.OBJECT:
-            if not isinstance(value, dict):
-                raise InvalidCall(f"must be an object, got {_type_name(value)}", field=name)
-        elif kind is Kind.TIME:
-            if name != "receivedAt":
-                times[name] = parse_time(value, name)
-        elif kind is Kind.TEXT and (isinstance(value, bool) or not isinstance(value, str | int | float)):
-            raise InvalidCall(f"must be a string or a number, got {_type_name(value)}", field=name)
-    # Object fields that are not columns of this call type still have to be objects (they land in ``extra``).
-    for name in _OBJECT_FIELDS:
-        value = data.get(name)
-        if value is not None and not isinstance(value, dict):
-            raise InvalidCall(f"must be an object, got {_type_name(value)}", field=name)
 
     if call_type == "alias":
         _require_id(data, "userId", call_type)
         _require_id(data, "previousId", call_type)
     elif not data.get("userId") and not data.get("anonymousId"):
+        user_id, anonymous_id = data.get("userId"), data.get("anonymousId")
+        if user_id is not None and not isinstance(user_id, str):
+            raise InvalidCall(f"must be a string, got {_type_name(user_id)}", field="userId")
+        if anonymous_id is not None and not isinstance(anonymous_id, str):
+            raise InvalidCall(f"must be a string, got {_type_name(anonymous_id)}", field="anonymousId")
         raise InvalidCall(f"userId or anonymousId is required for a {call_type} call", field="userId")
     if call_type == "track":
         _require_id(data, "event", call_type)
@@ -184,8 +235,9 @@ def parse_call(obj: Any, *, received_at: datetime | None = None) -> Call:
         raise InvalidCall("must not be empty (leave it out and the sink sets one)", field="messageId")
     received = received_at if received_at is not None else datetime.now(UTC)
     data["receivedAt"] = received
-    times["receivedAt"] = received
-    return Call(call_type, data, times)
+    times = {"receivedAt": received}
+    values, size = _scan(data, call_type, times, row)
+    return Call(call_type, data, times, values, size)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -196,67 +248,13 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else orjson.dumps(value).decode()
 
 
-def _column_getter(name: str, kind: Kind, call_type: str) -> Callable[[Call], tuple[Any, int]]:
-    """A function that takes one column's value out of a call, with the bytes it adds to the batch."""
-    if kind is Kind.TIME:
-
-        def get_time(call: Call) -> tuple[Any, int]:
-            return call.times.get(name), 8
-
-        return get_time
-    if kind is Kind.OBJECT:
-
-        def get_object(call: Call) -> tuple[Any, int]:
-            value = call.data.get(name)
-            if value is None:
-                return None, 0
-            text = dump_json(value, name)
-            return text, len(text)
-
-        return get_object
-    if kind is Kind.EXTRA:
-        known = _KNOWN[call_type]
-
-        def get_extra(call: Call) -> tuple[Any, int]:
-            extra = {k: v for k, v in call.data.items() if k not in known}
-            if not extra:
-                return None, 0
-            text = dump_json(extra, EXTRA_COLUMN)
-            return text, len(text)
-
-        return get_extra
-    if kind is Kind.TEXT:
-
-        def get_text(call: Call) -> tuple[Any, int]:
-            value = call.data.get(name)
-            if value is None:
-                return None, 0
-            text = _text(value)
-            return text, len(text)
-
-        return get_text
-
-    def get_string(call: Call) -> tuple[Any, int]:
-        value = call.data.get(name)
-        return value, (len(value) if value is not None else 0)
-
-    return get_string
-
-
-_ROW_GETTERS: Final = {
-    t: tuple(_column_getter(name, kind, t) for name, kind in cols) for t, cols in CALL_COLUMNS.items()
-}
-
-
 def call_row(call: Call) -> tuple[tuple[Any, ...], int]:
     """The call as a row of its type's fixed schema (nested objects as JSON text), and its approximate size."""
-    values = []
-    size = 0
-    for get in _ROW_GETTERS[call.type]:
-        value, n = get(call)
-        values.append(value)
-        size += n
-    return tuple(values), size
+    if call.row is not None:
+        return call.row, call.size
+    values, size = _scan(call.data, call.type, dict(call.times), True)
+    assert values is not None
+    return values, size
 
 
 def call_document(call: Call) -> bytes:

@@ -3,9 +3,13 @@
 A counter lives under the writer's root in ``_cio_sync/counters/<key>/``, not in the data files, so deleting data
 files after loading them (the documented workflow) never lets a name be used twice. Taking the next value means
 publishing a small claim marker named by that value with a conditional create: of two processes that race for the
-same value exactly one wins and the other moves on, so concurrent writers never share a name. After a claim, the
-marker below it is deleted, so a counter folder holds a marker or two, not one per file. What a user must keep: the
-``_cio_sync/`` folder under the prefix.
+same value exactly one wins and the other moves on, so concurrent writers never share a name and leave no gap.
+
+Markers more than ``KEEP`` below the value just claimed are deleted now and then, so a counter folder holds at most
+about ``1.5 * KEEP`` small objects, however many files were written. That is safe because a marker is only deleted
+when one at least ``KEEP`` higher exists, and a claim counts only if, once its marker is in place, no marker ``KEEP``
+or more above it exists: a writer whose view was that stale (its value might have been claimed and pruned) throws
+its claim away and claims above the highest. What a user must keep: the ``_cio_sync/`` folder under the prefix.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ log = logging.getLogger("cio_sync.counters")
 #: Folder under the root that holds every counter.
 COUNTERS_FOLDER: Final = "_cio_sync/counters"
 _WIDTH: Final = 20
+#: How many of the most recent markers of a counter are always kept.
+KEEP: Final = 64
 
 
 class Counters:
@@ -53,9 +59,8 @@ class Counters:
         """Take the next value of ``key``: above every value claimed before, and at least ``at_least``."""
         folder = self._dir(key)
         with self._lock:
-            fresh = key not in self._last
-            last = self._last[key] if not fresh else self.current(key)
-            value = max(last + 1, at_least)
+            last = self._last.get(key)
+            value = max((last if last is not None else self.current(key)) + 1, at_least)
             while True:
                 marker = orjson.dumps({"claimed_at": datetime.now(UTC), "by": self._owner})
                 try:
@@ -63,19 +68,30 @@ class Counters:
                 except PublishConflict:
                     value = max(value + 1, self.current(key) + 1)
                     continue
+                highest = self.current(key)
+                if highest >= value + KEEP:
+                    # Our view was stale: this value may have been claimed and pruned. Claim above the highest.
+                    self._remove_quietly(folder, value)
+                    value = highest + 1
+                    continue
                 break
             self._last[key] = value
-        self._prune(folder, value, below_all=fresh)
+        if value % (KEEP // 2) == 0:
+            self._prune(folder, below=value - KEEP)
         return value
 
-    def _prune(self, folder: str, value: int, *, below_all: bool) -> None:
-        """Delete markers below ``value`` (never the highest one). Best effort: a leftover marker is harmless."""
+    def _remove_quietly(self, folder: str, value: int) -> None:
         try:
-            if below_all:
-                stale = [int(n) for n in self._writer.list(folder) if n.isdigit() and int(n) < value]
-            else:
-                stale = [value - 1] if value > 1 else []
-            for n in stale:
-                self._writer.remove(f"{folder}/{n:0{_WIDTH}d}")
+            self._writer.remove(f"{folder}/{value:0{_WIDTH}d}")
         except StorageError as exc:
-            log.debug("could not prune counter markers in %s: %s", folder, exc)
+            log.debug("could not remove counter marker %s/%s: %s", folder, value, exc)
+
+    def _prune(self, folder: str, *, below: int) -> None:
+        """Delete the markers below ``below``. Best effort: a leftover marker is harmless."""
+        try:
+            stale = [int(n) for n in self._writer.list(folder) if n.isdigit() and int(n) < below]
+        except StorageError as exc:
+            log.debug("could not list counter markers in %s: %s", folder, exc)
+            return
+        for n in stale:
+            self._remove_quietly(folder, n)

@@ -12,7 +12,7 @@ class CioSyncError(Exception):
     """Base class of every error raised by cio_sync."""
 
 
-class InvalidCall(CioSyncError, ValueError):  # noqa: N818 - the name of the contract (DESIGN.md)
+class InvalidCall(CioSyncError, ValueError):
     """A call was rejected by validation; nothing of it was buffered.
 
     ``field`` names the offending top-level field (``None`` when the call as a whole is wrong) and ``reason`` says

@@ -24,10 +24,15 @@ from cio_sync._schemas import is_document_schema, is_json_text
 class Format(Protocol):
     """Encodes one batch into the bytes of one file."""
 
-    #: Registered name, e.g. ``"parquet"``.
-    name: str
-    #: File name extension without the dot, e.g. ``"parquet"``.
-    extension: str
+    @property
+    def name(self) -> str:
+        """Registered name, e.g. ``"parquet"``."""
+        ...
+
+    @property
+    def extension(self) -> str:
+        """File name extension without the dot, e.g. ``"parquet"``."""
+        ...
 
     def encode(self, table: pa.Table) -> bytes:
         """The bytes of one file holding every row of ``table``."""

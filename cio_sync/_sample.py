@@ -25,7 +25,7 @@ _PAGES: Final = (("Home", "Marketing"), ("Pricing", "Marketing"), ("Docs", "Prod
 _SCREENS: Final = (("Feed", "App"), ("Settings", "App"), ("Cart", "Store"), ("Profile", "Account"))
 _LIBRARIES: Final = (("analytics-python", "2.2.2"), ("analytics-node", "2.1.0"), ("analytics.js", "3.7.0"),
                      ("customerio-ios", "3.1.0"), ("customerio-android", "4.0.0"))
-_OFFSETS: Final = (timezone.utc, timezone(timedelta(hours=2)), timezone(timedelta(hours=-5)),
+_OFFSETS: Final = (UTC, timezone(timedelta(hours=2)), timezone(timedelta(hours=-5)),
                    timezone(timedelta(hours=5, minutes=30)))
 _WEIGHTS: Final = (("track", 50), ("identify", 15), ("page", 15), ("screen", 8), ("group", 7), ("alias", 5))
 
@@ -43,7 +43,7 @@ def sample_calls(count: int, *, seed: int = 0, people: int = 1000,
     types = [t for t, _ in _WEIGHTS]
     weights = [w for _, w in _WEIGHTS]
     moment = start or datetime(2026, 11, 1, tzinfo=UTC)
-    for i in range(count):
+    for _ in range(count):
         moment += timedelta(milliseconds=rng.randint(1, 2000))
         person = rng.randrange(people)
         user_id = f"user-{person}"

@@ -85,4 +85,4 @@ def is_json_text(field: pa.Field) -> bool:
 
 def is_document_schema(schema: pa.Schema) -> bool:
     """Whether a batch holds pre-encoded JSON documents rather than columns."""
-    return schema.equals(DOCUMENT_SCHEMA, check_metadata=True)
+    return bool(schema.equals(DOCUMENT_SCHEMA, check_metadata=True))

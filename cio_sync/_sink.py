@@ -57,7 +57,7 @@ def expand_batch(calls: Any) -> Iterable[Any]:
             return batch
         return ({**defaults, **c} if isinstance(c, Mapping) else c for c in batch)
     if isinstance(payload, list | tuple) or (isinstance(payload, Iterable) and not isinstance(payload, str)):
-        return payload  # type: ignore[no-any-return]
+        return payload
     raise InvalidCall(f"write_many takes an iterable of calls or a batch payload; got {type(calls).__name__}")
 
 

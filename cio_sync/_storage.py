@@ -102,4 +102,4 @@ def display_url(fs: AbstractFileSystem, root: str) -> str:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     if protocol in ("file", "local"):
         return root
-    return f"{protocol}://{root.lstrip('/')}" if protocol != "memory" else f"memory://{root}"
+    return f"{protocol}://{root.lstrip('/')}"

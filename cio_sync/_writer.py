@@ -10,6 +10,7 @@ sees a half-written file and an existing file is never replaced.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -293,10 +294,8 @@ class FsspecWriter:
         path = self.path(name)
 
         def rm() -> None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 self._fs.rm_file(path)
-            except FileNotFoundError:
-                pass
 
         self._retrying("remove", path, rm)
 

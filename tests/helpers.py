@@ -48,10 +48,7 @@ def as_instant(value: Any) -> datetime | None:
     """A timestamp as sent or as read back (ISO text or datetime), as an aware UTC datetime."""
     if value is None or value == "":
         return None
-    if isinstance(value, datetime):
-        moment = value
-    else:
-        moment = datetime.fromisoformat(str(value))
+    moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 

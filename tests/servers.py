@@ -128,8 +128,8 @@ def seaweedfs() -> Iterator[S3Server]:
         "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.autoCreateBucket=false",
         f"-s3.localSocket={data}/s3.sock", f"-filer.localSocket={data}/filer.sock",
     ]
-    for k in ports:
-        argv += [f"-{k}.port={ports[k]}", f"-{k}.port.grpc={grpc[k]}"]
+    for k, port in ports.items():
+        argv += [f"-{k}.port={port}", f"-{k}.port.grpc={grpc[k]}"]
     endpoint = f"http://127.0.0.1:{ports['s3']}"
     server = start("seaweedfs", argv, endpoint + "/",
                    env={"AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET})

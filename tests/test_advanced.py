@@ -345,3 +345,28 @@ def test_a_filesystem_object_and_path_work_like_a_url(local_storage: Storage) ->
     with cio_sync.AdvancedSink(local_storage.root, filesystem=fs, flush_interval=None) as sink:
         sink.write({"type": "alias", "userId": "1", "previousId": "a"})
     assert [parse_advanced_name(n)["type"] for n in local_storage.data_files()] == ["alias"]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "json"])
+def test_processes_sharing_a_prefix_never_collide_and_lose_nothing(
+    request: pytest.FixtureRequest, fmt: str, scratch: Path
+) -> None:
+    import multiprocessing
+
+    from tests.workers import write_tagged_calls
+
+    kinds = ["local", "s3"] if fmt == "parquet" else ["local"]
+    for kind in kinds:
+        storage: Storage = request.getfixturevalue(f"{kind}_storage")
+        processes, per_process = 3, 300
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(processes) as pool:
+            args = [(storage.url, storage.storage_options, fmt, w, per_process) for w in range(processes)]
+            assert pool.starmap(write_tagged_calls, args) == [per_process] * processes
+        rows = read_all(storage, scratch / kind, fmt)
+        ids = [str(r["messageId"]) for rs in rows.values() for r in rs]
+        expected = {f"w{w}-{i}" for w in range(processes) for i in range(per_process)}
+        expected |= {f"w{w}-id-{i}" for w in range(processes) for i in range(0, per_process, 40)}
+        assert Counter(ids) == Counter(expected)
+        for positions in group_positions(list(rows)).values():
+            assert positions == list(range(1, len(positions) + 1))

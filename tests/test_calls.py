@@ -1,0 +1,190 @@
+"""Call intake: what is accepted, and a clear InvalidCall naming the field for each class of bad input."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cio_sync
+from cio_sync._calls import call_document, call_row, parse_call
+from cio_sync._schemas import CALL_COLUMNS
+
+OK: dict[str, dict[str, Any]] = {
+    "identify": {"type": "identify", "userId": "42", "traits": {"plan": "pro"}},
+    "track": {"type": "track", "anonymousId": "a1", "event": "Order Completed", "properties": {"revenue": 9.5}},
+    "page": {"type": "page", "userId": "42", "name": "Home", "category": "Marketing"},
+    "screen": {"type": "screen", "userId": "42", "name": "Feed"},
+    "group": {"type": "group", "userId": "42", "groupId": "acme", "traits": {"employees": 12}},
+    "alias": {"type": "alias", "userId": "42", "previousId": "anon-1"},
+}
+
+
+@pytest.mark.parametrize("call_type", list(OK))
+def test_valid_calls_of_every_type_are_accepted(call_type: str) -> None:
+    call = parse_call(OK[call_type])
+    assert call.type == call_type
+    assert call.message_id
+    assert call.received_at.tzinfo is not None
+
+
+@pytest.mark.parametrize("as_", ["dict", "str", "bytes", "bytearray"])
+def test_a_call_may_be_a_dict_json_text_or_json_bytes(as_: str) -> None:
+    call = OK["track"]
+    given_call: Any = {
+        "dict": call,
+        "str": orjson.dumps(call).decode(),
+        "bytes": orjson.dumps(call),
+        "bytearray": bytearray(orjson.dumps(call)),
+    }[as_]
+    assert parse_call(given_call).data["event"] == "Order Completed"
+
+
+def test_the_callers_dict_is_not_modified() -> None:
+    call = dict(OK["identify"])
+    parse_call(call)
+    assert call == OK["identify"]
+
+
+def test_a_message_id_sent_by_the_caller_is_kept_and_a_missing_one_is_set() -> None:
+    assert parse_call({**OK["track"], "messageId": "m-1"}).message_id == "m-1"
+    first, second = parse_call(OK["track"]).message_id, parse_call(OK["track"]).message_id
+    assert first != second
+
+
+def test_received_at_is_the_time_of_acceptance() -> None:
+    before = datetime.now(UTC)
+    call = parse_call({**OK["track"], "receivedAt": "1999-01-01T00:00:00Z"})
+    assert before <= call.received_at <= datetime.now(UTC)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2026-03-01T12:00:00Z", datetime(2026, 3, 1, 12, tzinfo=UTC)),
+        ("2026-03-01T12:00:00.123+02:00", datetime(2026, 3, 1, 10, 0, 0, 123000, tzinfo=UTC)),
+        ("2026-03-01T12:00:00-0500", datetime(2026, 3, 1, 17, tzinfo=UTC)),
+        ("2026-03-01T12:00:00", datetime(2026, 3, 1, 12, tzinfo=UTC)),
+        ("2026-03-01", datetime(2026, 3, 1, tzinfo=UTC)),
+    ],
+)
+def test_timestamps_in_any_offset_are_stored_as_utc(text: str, expected: datetime) -> None:
+    call = parse_call({**OK["track"], "timestamp": text, "originalTimestamp": text, "sentAt": text})
+    assert call.times["timestamp"] == call.times["originalTimestamp"] == call.times["sentAt"] == expected
+
+
+def test_datetime_objects_are_accepted_from_python_callers() -> None:
+    moment = datetime(2026, 3, 1, 12, tzinfo=timezone(timedelta(hours=1)))
+    call = parse_call({**OK["track"], "timestamp": moment})
+    assert call.times["timestamp"] == datetime(2026, 3, 1, 11, tzinfo=UTC)
+
+
+BAD: list[tuple[Any, str | None, str]] = [
+    # (call, field named, words in the reason)
+    ([1, 2], None, "dict"),
+    (42, None, "dict"),
+    (b"{nope", None, "not valid JSON"),
+    ("[1, 2]", None, "JSON object"),
+    ("", None, "not valid JSON"),
+    ({"userId": "1"}, "type", "required"),
+    ({"type": 3, "userId": "1"}, "type", "string"),
+    ({"type": "purchase", "userId": "1"}, "type", "one of"),
+    ({"type": "Track", "userId": "1", "event": "E"}, "type", "one of"),
+    ({"type": "identify"}, "userId", "userId or anonymousId"),
+    ({"type": "identify", "userId": ""}, "userId", "userId or anonymousId"),
+    ({"type": "identify", "userId": None, "anonymousId": None}, "userId", "userId or anonymousId"),
+    ({"type": "identify", "userId": 42}, "userId", "string"),
+    ({"type": "identify", "anonymousId": ["a"]}, "anonymousId", "string"),
+    ({"type": "identify", "userId": "1", "messageId": 7}, "messageId", "string"),
+    ({"type": "identify", "userId": "1", "messageId": ""}, "messageId", "empty"),
+    ({"type": "alias", "userId": "1"}, "previousId", "required"),
+    ({"type": "alias", "previousId": "a"}, "userId", "required"),
+    ({"type": "alias", "userId": "1", "previousId": 5}, "previousId", "string"),
+    ({"type": "track", "userId": "1"}, "event", "required"),
+    ({"type": "track", "userId": "1", "event": ""}, "event", "required"),
+    ({"type": "track", "userId": "1", "event": {"name": "x"}}, "event", "string"),
+    ({"type": "group", "userId": "1"}, "groupId", "required"),
+    ({"type": "group", "userId": "1", "groupId": 12}, "groupId", "string"),
+    ({"type": "page", "userId": "1", "name": 5}, "name", "string"),
+    ({"type": "identify", "userId": "1", "traits": "plan=pro"}, "traits", "object"),
+    ({"type": "identify", "userId": "1", "traits": ["a"]}, "traits", "object"),
+    ({"type": "track", "userId": "1", "event": "E", "properties": 1}, "properties", "object"),
+    ({"type": "track", "userId": "1", "event": "E", "context": "ctx"}, "context", "object"),
+    ({"type": "track", "userId": "1", "event": "E", "integrations": [True]}, "integrations", "object"),
+    ({"type": "page", "userId": "1", "traits": 3}, "traits", "object"),
+    ({"type": "track", "userId": "1", "event": "E", "timestamp": "yesterday"}, "timestamp", "ISO-8601"),
+    ({"type": "track", "userId": "1", "event": "E", "timestamp": 1700000000}, "timestamp", "ISO-8601"),
+    ({"type": "track", "userId": "1", "event": "E", "sentAt": "2026-13-01T00:00:00Z"}, "sentAt", "ISO-8601"),
+    ({"type": "track", "userId": "1", "event": "E", "originalTimestamp": True}, "originalTimestamp", "ISO-8601"),
+    ({"type": "track", "userId": "1", "event": "E", "version": {"v": 1}}, "version", "string or a number"),
+    ({"type": "track", "userId": "1", "event": "E", "channel": False}, "channel", "string or a number"),
+]
+
+
+@pytest.mark.parametrize(("call", "field", "words"), BAD, ids=[f"{i}-{b[1]}" for i, b in enumerate(BAD)])
+def test_each_class_of_bad_input_raises_invalid_call_naming_the_field(
+    call: Any, field: str | None, words: str
+) -> None:
+    with pytest.raises(cio_sync.InvalidCall) as caught:
+        parse_call(call)
+    assert caught.value.field == field
+    assert words in str(caught.value)
+    if field is not None:
+        assert field in str(caught.value)
+    assert isinstance(caught.value, ValueError)
+
+
+def test_values_json_cannot_hold_are_rejected_when_the_row_is_built() -> None:
+    from decimal import Decimal
+
+    call = parse_call({"type": "identify", "userId": "1", "traits": {"price": Decimal("1.5")}})
+    with pytest.raises(cio_sync.InvalidCall, match="traits"):
+        call_row(call)
+    with pytest.raises(cio_sync.InvalidCall, match="traits"):
+        call_document(call)
+
+
+def test_integers_beyond_64_bits_are_rejected_not_truncated() -> None:
+    call = parse_call({"type": "identify", "userId": "1", "traits": {"big": 2**70}})
+    with pytest.raises(cio_sync.InvalidCall, match="traits"):
+        call_row(call)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+call_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "type": st.sampled_from(["identify", "track", "page", "screen", "group", "alias", "x"]) | json_values,
+        "userId": st.text(max_size=5) | json_values,
+        "anonymousId": st.text(max_size=5),
+        "previousId": st.text(max_size=5),
+        "groupId": st.text(max_size=5),
+        "event": st.text(max_size=5) | json_values,
+        "traits": json_values,
+        "properties": json_values,
+        "timestamp": st.text(max_size=30) | st.datetimes().map(lambda d: d.isoformat()),
+        "extra": json_values,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(call_like, json_values, st.binary(max_size=64), st.text(max_size=64)))
+def test_any_input_is_either_accepted_or_rejected_with_invalid_call(payload: Any) -> None:
+    for candidate in (payload, orjson.dumps(payload) if not isinstance(payload, bytes) else payload):
+        try:
+            call = parse_call(candidate)
+        except cio_sync.InvalidCall:
+            continue
+        row, size = call_row(call)
+        assert size >= 0
+        assert len(row) == len(CALL_COLUMNS[call.type])
+        assert orjson.loads(call_document(call))["type"] == call.type
