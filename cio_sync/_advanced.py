@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -15,7 +15,7 @@ from cio_sync._formats import Format, get_format
 from cio_sync._publisher import Publisher
 from cio_sync._schemas import CALL_SCHEMAS, CALL_TYPES, DOCUMENT_SCHEMA
 from cio_sync._sink import BaseSink, check_int, make_writer
-from cio_sync._writer import RetryPolicy, Writer
+from cio_sync._writer import RetryPolicy, Writer, WrittenFile
 
 #: Default action id of each call type: one per type, so each type has its own run of positions.
 DEFAULT_ACTION_IDS: Final[Mapping[str, int]] = MappingProxyType(
@@ -39,7 +39,8 @@ class AdvancedSink(BaseSink):
 
     The sink publishes on :meth:`flush`, on :meth:`close`, every ``flush_interval`` seconds from a background thread
     (``None`` turns the timer off) and early when one call type buffers ``max_rows`` rows or ``max_bytes`` bytes.
-    ``compression`` is the Parquet codec (default zstd).
+    ``compression`` is the Parquet codec (default zstd). ``on_publish`` is called with each
+    :class:`~cio_sync.WrittenFile` as it lands (from whichever thread published it).
     """
 
     def __init__(
@@ -56,6 +57,7 @@ class AdvancedSink(BaseSink):
         max_bytes: int | None = DEFAULT_MAX_BYTES,
         compression: str | None = None,
         retry: RetryPolicy | None = None,
+        on_publish: Callable[[WrittenFile], None] | None = None,
     ) -> None:
         self.destination_id = check_int("destination_id", destination_id)
         ids = dict(DEFAULT_ACTION_IDS)
@@ -67,8 +69,8 @@ class AdvancedSink(BaseSink):
             raise ConfigError(f"action_ids must differ between call types; got {ids}")
         self.action_ids: Mapping[str, int] = MappingProxyType(ids)
         options = {"compression": compression} if compression is not None else {}
-        if options and format != "parquet":
-            raise ConfigError("compression applies to the parquet format only")
+        if options and not (isinstance(format, str) and format.lower() == "parquet"):
+            raise ConfigError("compression applies to the parquet format only (or configure your Format object)")
         self.format = get_format(format, **options)
         self._documents = bool(getattr(self.format, "accepts_documents", False))
         writer = make_writer(target, filesystem=filesystem, storage_options=storage_options, retry=retry)
@@ -81,6 +83,7 @@ class AdvancedSink(BaseSink):
             flush_interval=flush_interval,
             max_rows=max_rows,
             max_bytes=max_bytes,
+            on_publish=on_publish,
         )
 
     def __repr__(self) -> str:

@@ -10,6 +10,8 @@ the row of its fixed schema or into its JSON document.
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,6 +35,8 @@ _KNOWN: Final[dict[str, frozenset[str]]] = {
     t: frozenset(name for name, kind in cols if kind is not Kind.EXTRA) for t, cols in CALL_COLUMNS.items()
 }
 _MAX_SHOWN: Final = 80
+_LONG_BYTES: Final = re.compile(rb"[0-9]{20}")
+_LONG_TEXT: Final = re.compile(r"[0-9]{20}")
 
 
 def _show(value: Any) -> str:
@@ -77,11 +81,23 @@ def parse_time(value: Any, field: str) -> datetime:
         raise InvalidCall(f"timestamp out of range: {_show(value)}", field=field) from None
 
 
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def load_json(payload: str | bytes | bytearray | memoryview, what: str = "call") -> Any:
-    """Parse JSON text with orjson, turning any failure into :class:`InvalidCall`."""
+    """Parse JSON text with orjson, turning any failure into :class:`InvalidCall`.
+
+    orjson reads an integer beyond 64 bits as a float, which would change the number; text with a run of 20 or more
+    digits is read by the standard library instead, which keeps such integers exact (they are then refused when
+    written, as JSON numbers beyond 64 bits are by every format here).
+    """
     try:
-        return orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
+        if (_LONG_BYTES.search(payload) if not isinstance(payload, str) else _LONG_TEXT.search(payload)) is None:
+            return orjson.loads(payload)
+        text = payload if isinstance(payload, str) else bytes(payload).decode("utf-8")
+        return json.loads(text, parse_constant=_no_constants)
+    except (orjson.JSONDecodeError, ValueError, RecursionError) as exc:
         raise InvalidCall(f"{what} is not valid JSON: {exc}") from None
 
 
@@ -159,6 +175,8 @@ def _scan(data: dict[str, Any], call_type: str, times: dict[str, datetime],
         if code == _STRING:
             if type(value) is not str and not isinstance(value, str):
                 raise InvalidCall(f"must be a string, got {_type_name(value)}", field=name)
+            if not value.isascii():
+                _check_utf8(value, name)
             size += len(value)
         elif code == _OBJECT:
             if not isinstance(value, dict):
@@ -172,7 +190,7 @@ def _scan(data: dict[str, Any], call_type: str, times: dict[str, datetime],
         elif code == _TEXT:
             if isinstance(value, bool) or not isinstance(value, str | int | float):
                 raise InvalidCall(f"must be a string or a number, got {_type_name(value)}", field=name)
-            value = _text(value)
+            value = _text(value, name)
         if build:
             append(value)
     for name in _OTHER_OBJECTS[call_type]:
@@ -244,8 +262,19 @@ def parse_call(obj: Any, *, received_at: datetime | None = None, row: bool = Fal
 # Rows: what the formats encode.
 
 
-def _text(value: Any) -> str:
-    return value if isinstance(value, str) else orjson.dumps(value).decode()
+def _check_utf8(value: str, field: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidCall(f"is not valid Unicode text ({exc.reason} at position {exc.start})", field=field) from None
+
+
+def _text(value: str | float, field: str) -> str:
+    if isinstance(value, str):
+        if not value.isascii():
+            _check_utf8(value, field)
+        return value
+    return dump_json(value, field).decode()
 
 
 def call_row(call: Call) -> tuple[tuple[Any, ...], int]:
@@ -261,8 +290,8 @@ def call_document(call: Call) -> bytes:
     """The call as one line of JSON: as sent, with ``messageId`` and ``receivedAt`` added."""
     try:
         return orjson.dumps(call.data, option=JSON_OPTIONS)
-    except (orjson.JSONEncodeError, TypeError):
+    except (orjson.JSONEncodeError, TypeError) as exc:
         # Name the field that cannot be encoded.
         for key, value in call.data.items():
-            dump_json(value, key)
-        raise
+            dump_json(value, str(key))
+        raise InvalidCall(f"cannot be written as JSON: {exc}") from None

@@ -59,8 +59,15 @@ class ParquetFormat:
             raise ConfigError(
                 f"parquet compression must be one of {', '.join(_PARQUET_CODECS)}; got {self.compression!r}"
             )
-        if self.row_group_size < 1:
-            raise ConfigError(f"parquet row_group_size must be at least 1; got {self.row_group_size}")
+        if isinstance(self.row_group_size, bool) or not isinstance(self.row_group_size, int) or self.row_group_size < 1:
+            raise ConfigError(f"parquet row_group_size must be an integer of at least 1; got {self.row_group_size!r}")
+        # Check the codec and level now, not at the first flush an hour from now.
+        try:
+            self.encode(pa.table({"probe": pa.array([1], pa.int64())}))
+        except (pa.ArrowException, OSError, ValueError, TypeError) as exc:
+            raise ConfigError(
+                f"parquet compression {self.compression!r} with level {self.compression_level!r} does not work: {exc}"
+            ) from None
 
     def encode(self, table: pa.Table) -> bytes:
         sink = pa.BufferOutputStream()
@@ -151,9 +158,9 @@ _REGISTRY: dict[str, Callable[..., Format]] = {
 
 def register_format(name: str, factory: Callable[..., Format]) -> None:
     """Make ``factory`` available by ``name`` wherever a sink takes ``format=``."""
-    if not name or not name.isidentifier():
+    if not isinstance(name, str) or not name.isidentifier():
         raise ConfigError(f"format name must be an identifier; got {name!r}")
-    _REGISTRY[name] = factory
+    _REGISTRY[name.lower()] = factory
 
 
 def get_format(spec: str | Format, **options: Any) -> Format:

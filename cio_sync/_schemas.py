@@ -86,3 +86,71 @@ def is_json_text(field: pa.Field) -> bool:
 def is_document_schema(schema: pa.Schema) -> bool:
     """Whether a batch holds pre-encoded JSON documents rather than columns."""
     return bool(schema.equals(DOCUMENT_SCHEMA, check_metadata=True))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Standard mode: what the workspace made of the data. Every table has ``workspace_id int64``.
+
+STRING: Final = pa.string()
+INT: Final = pa.int64()
+BOOL: Final = pa.bool_()
+
+#: Schema version of every Standard table; a new column means a new version.
+STANDARD_VERSION: Final = 1
+
+
+def _standard(*columns: tuple[str, pa.DataType] | pa.Field) -> pa.Schema:
+    fields = [c if isinstance(c, pa.Field) else pa.field(c[0], c[1]) for c in columns]
+    return pa.schema([pa.field("workspace_id", INT), *fields])
+
+
+STANDARD_SCHEMAS: Final[dict[str, pa.Schema]] = {
+    "people": _standard(
+        ("internal_customer_id", STRING), ("external_customer_id", STRING), ("email_addr", STRING),
+        ("deleted", BOOL), ("suppressed", BOOL), ("created_at", TIMESTAMP), ("updated_at", TIMESTAMP),
+    ),
+    "attributes": _standard(
+        ("internal_customer_id", STRING), ("external_customer_id", STRING), ("attribute_name", STRING),
+        ("attribute_value", STRING), ("timestamp", TIMESTAMP),
+    ),
+    "campaigns": _standard(
+        ("campaign_id", INT), ("name", STRING), ("type", STRING), ("state", STRING), ("version", INT),
+        ("created_at", TIMESTAMP), ("updated_at", TIMESTAMP),
+    ),
+    "actions": _standard(
+        ("action_id", INT), ("campaign_id", INT), ("broadcast_id", INT), ("action_type", STRING), ("name", STRING),
+        ("version", INT), ("created_at", TIMESTAMP), ("updated_at", TIMESTAMP),
+    ),
+    "broadcasts": _standard(
+        ("broadcast_id", INT), ("name", STRING), ("type", STRING), ("created_at", TIMESTAMP),
+        ("updated_at", TIMESTAMP),
+    ),
+    "subjects": _standard(
+        ("subject_name", STRING), ("internal_customer_id", STRING), ("external_customer_id", STRING),
+        ("campaign_type", STRING), ("campaign_id", INT), ("event_id", STRING), ("trigger_id", INT),
+        ("started_campaign_at", TIMESTAMP), ("created_at", TIMESTAMP), ("seq_num", INT),
+    ),
+    "outputs": _standard(
+        ("output_id", STRING), ("subject_name", STRING), ("output_type", STRING), ("action_id", INT),
+        ("explanation", STRING), ("delivery_id", STRING), ("draft", BOOL), ("link_tracked", BOOL),
+        ("split_test_index", INT), ("delay_ends_at", TIMESTAMP), ("branch_index", INT), ("manual_segment_id", INT),
+        ("add_to_manual_segment", BOOL), ("created_at", TIMESTAMP), ("seq_num", INT),
+    ),
+    "deliveries": _standard(
+        ("delivery_id", STRING), ("internal_customer_id", STRING), ("external_customer_id", STRING),
+        ("subject_name", STRING), ("event_id", STRING), ("delivery_type", STRING), ("campaign_id", INT),
+        ("action_id", INT), ("newsletter_id", INT), ("content_id", INT), ("trigger_id", INT),
+        ("transactional_message_id", INT), ("created_at", TIMESTAMP), ("seq_num", INT),
+    ),
+    "delivery_contents": _standard(
+        ("delivery_id", STRING), ("delivery_type", STRING), ("campaign_id", INT), ("action_id", INT),
+        ("newsletter_id", INT), ("content_id", INT), ("from", STRING), ("reply_to", STRING), ("bcc", STRING),
+        ("recipients", STRING), ("subject", STRING), ("body", STRING), ("body_amp", STRING), ("body_plain", STRING),
+        ("preheader", STRING), ("url", STRING), ("method", STRING),
+        pa.field("headers", STRING, metadata=JSON_TEXT_META), ("created_at", TIMESTAMP),
+    ),
+    "metrics": _standard(
+        ("event_id", STRING), ("delivery_id", STRING), ("metric", STRING), ("reason", STRING), ("link_id", INT),
+        ("link_url", STRING), ("created_at", TIMESTAMP), ("seq_num", INT),
+    ),
+}

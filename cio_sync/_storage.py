@@ -98,8 +98,8 @@ def resolve(
 
 
 def display_url(fs: AbstractFileSystem, root: str) -> str:
-    """A readable URL for ``root`` on ``fs`` (no credentials: fsspec paths never carry them)."""
+    """A readable URL for ``root`` on ``fs``, with any ``user:password@`` part masked."""
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     if protocol in ("file", "local"):
         return root
-    return f"{protocol}://{root.lstrip('/')}"
+    return redact(f"{protocol}://{root.lstrip('/')}", ())

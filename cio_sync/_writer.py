@@ -58,11 +58,13 @@ class Writer(Protocol):
     #: A readable location of the writer's root, free of credentials.
     url: str
 
-    def publish(self, name: str, data: bytes, *, table: str, rows: int) -> WrittenFile:
+    def publish(self, name: str, data: bytes, *, table: str, rows: int, resume: bool = False) -> WrittenFile:
         """Create ``name`` under the root holding exactly ``data``.
 
         Raises :class:`~cio_sync.PublishConflict` if the name exists (the existing file is left unchanged) and
-        :class:`~cio_sync.StorageError` if storage fails for good.
+        :class:`~cio_sync.StorageError` if storage fails for good. With ``resume``, this publish may repeat an
+        earlier attempt whose outcome is unknown (e.g. before a crash): a file that exists under ``name`` with
+        exactly ``data`` counts as published.
         """
         ...
 
@@ -180,18 +182,17 @@ class FsspecWriter:
         return f"{self._root}/{check_name(name)}" if self._root not in ("", "/") else f"/{check_name(name)}"
 
     def _where(self, path: str) -> str:
-        return path if self._local else display_url(self._fs, path)
+        return redact(path, self._secrets) if self._local else redact(display_url(self._fs, path), self._secrets)
 
     def _message(self, action: str, path: str, exc: BaseException) -> str:
-        detail = redact(f"{type(exc).__name__}: {exc}", self._secrets)
-        return f"could not {action} {self._where(path)}: {detail}"
+        return redact(f"could not {action} {self._where(path)}: {type(exc).__name__}: {exc}", self._secrets)
 
     # -- publishing --------------------------------------------------------------------------------------------
 
-    def publish(self, name: str, data: bytes, *, table: str, rows: int) -> WrittenFile:
+    def publish(self, name: str, data: bytes, *, table: str, rows: int, resume: bool = False) -> WrittenFile:
         path = self.path(name)
         delays = self.retry.delays()
-        ambiguous = False
+        ambiguous = resume
         while True:
             try:
                 self._create(path, data)

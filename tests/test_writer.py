@@ -77,14 +77,16 @@ class FlakyMemory(MemoryFileSystem):
 
     protocol = ("flakymem",)
 
-    def __init__(self, *args: Any, failures: list[str] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, failures: list[str] | None = None, data_only: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.failures = list(failures or [])
+        self.data_only = data_only  # fail only data files, not the _cio_sync/ bookkeeping
         self.calls = 0
 
     def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
         self.calls += 1
-        failure = self.failures.pop(0) if self.failures else None
+        skip = self.data_only and "/_cio_sync/" in path
+        failure = self.failures.pop(0) if self.failures and not skip else None
         if failure == "before":
             raise ConnectionResetError("connection reset by peer")
         if failure == "einval-before":
