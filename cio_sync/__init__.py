@@ -4,7 +4,7 @@ Two modes, after Customer.io's two kinds of storage integration:
 
 - :class:`AdvancedSink`: every incoming identify/track/page/screen/group/alias call, as sent, to Parquet, CSV or
   JSON files.
-- Standard mode: what the workspace made of the data (people and attribute changes, campaigns, deliveries,
+- :class:`StandardSink`: what the workspace made of the data (people and attribute changes, campaigns, deliveries,
   metrics), to Parquet.
 
 Both publish through one :class:`Writer` over fsspec, so local disk, memory, S3, GCS and Azure all work.
@@ -16,13 +16,18 @@ from cio_sync._errors import (
     ConfigError,
     InvalidCall,
     InvalidCalls,
+    InvalidRecord,
+    InvalidRecords,
     MissingBackend,
     PublishConflict,
     SinkClosed,
+    StateError,
     StorageError,
+    UnknownPerson,
 )
 from cio_sync._formats import CsvFormat, Format, JsonLinesFormat, ParquetFormat, get_format, register_format
 from cio_sync._publisher import SinkStats
+from cio_sync._standard import StandardSink
 from cio_sync._writer import FsspecWriter, RetryPolicy, Writer, WrittenFile
 
 __version__ = "0.1.0"
@@ -36,6 +41,8 @@ __all__ = [
     "FsspecWriter",
     "InvalidCall",
     "InvalidCalls",
+    "InvalidRecord",
+    "InvalidRecords",
     "JsonLinesFormat",
     "MissingBackend",
     "ParquetFormat",
@@ -43,7 +50,10 @@ __all__ = [
     "RetryPolicy",
     "SinkClosed",
     "SinkStats",
+    "StandardSink",
+    "StateError",
     "StorageError",
+    "UnknownPerson",
     "Writer",
     "WrittenFile",
     "__version__",

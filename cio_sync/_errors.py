@@ -72,3 +72,46 @@ class MissingBackend(CioSyncError, ImportError):
 
 class SinkClosed(CioSyncError, RuntimeError):
     """A call or record was given to a sink after it was closed."""
+
+
+class InvalidRecord(CioSyncError, ValueError):
+    """A workspace record was rejected: unknown table, unknown or missing column, or a value of the wrong type.
+
+    ``table`` and ``column`` name what is wrong (either may be ``None``); ``reason`` says how.
+    """
+
+    def __init__(self, reason: str, *, table: str | None, column: str | None = None) -> None:
+        self.table = table
+        self.column = column
+        self.reason = reason
+        self.index: int | None = None
+        where = table or "record"
+        what = f".{column}" if column is not None else ""
+        super().__init__(f"invalid {where}{what}: {reason}")
+
+
+class InvalidRecords(InvalidRecord):
+    """Some rows of a ``record_many`` batch were rejected; the others were recorded.
+
+    ``errors`` holds one :class:`InvalidRecord` per rejected row (each with its ``index``); ``emitted`` is the number
+    of rows the accepted ones produced.
+    """
+
+    def __init__(self, errors: list[InvalidRecord], *, emitted: int) -> None:
+        self.errors = errors
+        self.emitted = emitted
+        first = "; ".join(f"#{e.index}: {e}" for e in errors[:3])
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        CioSyncError.__init__(self, f"{len(errors)} record(s) rejected: {first}{more}")
+        self.table = errors[0].table if errors else None
+        self.column = errors[0].column if errors else None
+        self.reason = errors[0].reason if errors else ""
+        self.index = errors[0].index if errors else None
+
+
+class UnknownPerson(CioSyncError, LookupError):
+    """A person named by id or cio_id does not exist in the workspace state."""
+
+
+class StateError(CioSyncError):
+    """The workspace state cannot be used: in use by another process, or made for another workspace."""

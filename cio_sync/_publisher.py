@@ -286,6 +286,23 @@ class Publisher:
                 self._cut(table)
             return full
 
+    def append_rows(self, rows: list[tuple[str, pa.Schema, tuple[Any, ...], int]]) -> bool:
+        """Buffer the rows one call or record produced, then cut the tables they filled (never in between, so a
+        durable store commits a call's rows whole). Returns True if something was cut: then call
+        :meth:`publish_ready` once outside any transaction of your own."""
+        with self.lock:
+            self.check_open()
+            full: set[str] = set()
+            for table, schema, row, size in rows:
+                now = self.store.append(table, schema, row, size)
+                if (self.max_rows is not None and now.rows >= self.max_rows) or (
+                    self.max_bytes is not None and now.nbytes >= self.max_bytes
+                ):
+                    full.add(table)
+            for table in full:
+                self._cut(table)
+            return bool(full)
+
     def add(self, table: str, schema: pa.Schema, row: tuple[Any, ...], size: int) -> None:
         """Buffer one row of one accepted call, publishing early if its table is full."""
         with self.lock:

@@ -66,7 +66,7 @@ class BaseSink:
 
     _publisher: Publisher
 
-    def write(self, call: Any) -> str:  # pragma: no cover - every sink overrides it
+    def write(self, call: Any) -> object:  # pragma: no cover - every sink overrides it
         raise NotImplementedError
 
     def write_many(self, calls: Any) -> int:

@@ -1,0 +1,133 @@
+"""Checking workspace records (campaigns, deliveries, metrics, ...) against their Standard table's fixed schema.
+
+This module knows no sink and no state: it turns ``(table, row)`` into typed values in schema order, or raises
+:class:`~cio_sync.InvalidRecord` naming the table and the column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import pyarrow as pa
+
+from cio_sync._calls import dump_json, load_json, parse_time
+from cio_sync._errors import InvalidCall, InvalidRecord
+from cio_sync._schemas import STANDARD_SCHEMAS, is_json_text
+
+#: Tables a caller may record rows into (people and attributes come from calls and the person API).
+RECORD_TABLES: Final = (
+    "campaigns", "actions", "broadcasts", "subjects", "outputs", "deliveries", "delivery_contents", "metrics",
+)
+
+#: Columns a recorded row must have (shared/SCHEMAS.md): the key and what makes the row meaningful.
+REQUIRED: Final[Mapping[str, tuple[str, ...]]] = {
+    "campaigns": ("campaign_id",),
+    "actions": ("action_id",),
+    "broadcasts": ("broadcast_id",),
+    "subjects": ("subject_name", "campaign_id"),
+    "outputs": ("output_id", "subject_name", "output_type"),
+    "deliveries": ("delivery_id", "delivery_type"),
+    "delivery_contents": ("delivery_id",),
+    "metrics": ("event_id", "delivery_id", "metric"),
+}
+
+#: Tables whose rows are definitions: a row is emitted only when the definition changed.
+DEFINITION_KEYS: Final[Mapping[str, str]] = {
+    "campaigns": "campaign_id", "actions": "action_id", "broadcasts": "broadcast_id",
+}
+
+#: Values the ``metric`` column takes (shared/SCHEMAS.md).
+METRICS: Final = frozenset({
+    "sent", "delivered", "opened", "clicked", "converted", "bounced", "spammed", "dropped", "failed",
+    "unsubscribed", "undeliverable", "attempted", "drafted",
+})
+
+#: Columns the sink owns: a caller may not set them.
+SINK_COLUMNS: Final = frozenset({"workspace_id", "version"})
+PERSON_COLUMNS: Final = ("internal_customer_id", "external_customer_id")
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def to_micros(moment: datetime) -> int:
+    """An aware datetime as integer microseconds since the epoch (UTC)."""
+    delta = moment.astimezone(UTC) - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _type_of(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _convert(table: str, field: pa.Field, value: Any) -> Any:
+    """``value`` as the column's type; :class:`InvalidRecord` if it is not one."""
+    name, kind = field.name, field.type
+    if value is None:
+        return None
+    if pa.types.is_int64(kind):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidRecord(f"must be an integer, got {_type_of(value)} {value!r}", table=table, column=name)
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            raise InvalidRecord("is out of the 64-bit integer range", table=table, column=name)
+        return value
+    if pa.types.is_boolean(kind):
+        if not isinstance(value, bool):
+            raise InvalidRecord(f"must be true or false, got {_type_of(value)} {value!r}", table=table, column=name)
+        return value
+    if pa.types.is_timestamp(kind):
+        try:
+            return to_micros(parse_time(value, name))
+        except InvalidCall as exc:
+            raise InvalidRecord(exc.reason, table=table, column=name) from None
+    if is_json_text(field):
+        if isinstance(value, str):
+            try:
+                load_json(value, name)
+            except InvalidCall:
+                raise InvalidRecord("must be a JSON object or JSON text", table=table, column=name) from None
+            return value
+        try:
+            return dump_json(value, name).decode()
+        except InvalidCall as exc:
+            raise InvalidRecord(exc.reason, table=table, column=name) from None
+    if not isinstance(value, str):
+        raise InvalidRecord(f"must be a string, got {_type_of(value)} {value!r}", table=table, column=name)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRecord("is not valid Unicode text", table=table, column=name) from None
+    return value
+
+
+def check_record(table: Any, row: Any) -> dict[str, Any]:
+    """The row's values converted to their column types, keyed by column, every column of the table present.
+
+    Raises :class:`InvalidRecord` for an unknown table, a row that is not a mapping, an unknown column, a column the
+    sink owns (``workspace_id``, ``version``), a missing required column or a value of the wrong type.
+    """
+    if not isinstance(table, str) or table not in RECORD_TABLES:
+        raise InvalidRecord(f"unknown table {table!r}; records go to {', '.join(RECORD_TABLES)}", table=None)
+    if not isinstance(row, Mapping):
+        raise InvalidRecord(f"a row must be a dict, got {type(row).__name__}", table=table)
+    schema = STANDARD_SCHEMAS[table]
+    names = set(schema.names)
+    for column in row:
+        if column in SINK_COLUMNS:
+            raise InvalidRecord("is set by the sink, not by the caller", table=table, column=str(column))
+        if column not in names:
+            raise InvalidRecord(f"is not a column of {table} (its columns: {', '.join(schema.names[1:])})",
+                                table=table, column=str(column))
+    for column in REQUIRED[table]:
+        value = row.get(column)
+        if value is None or value == "":
+            raise InvalidRecord("is required", table=table, column=column)
+    values = {field.name: _convert(table, field, row.get(field.name)) for field in schema if field.name not in
+              SINK_COLUMNS}
+    if table == "metrics" and values["metric"] not in METRICS:
+        raise InvalidRecord(f"must be one of {', '.join(sorted(METRICS))}; got {values['metric']!r}",
+                            table=table, column="metric")
+    return values

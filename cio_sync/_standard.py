@@ -1,0 +1,437 @@
+"""The Standard sink: what the workspace made of the data, as Parquet change logs.
+
+Calls are applied to the workspace state and only real changes are emitted: a ``people`` row when a person is
+created or their email, deleted or suppressed state changes, one ``attributes`` row per attribute whose value
+changed or that was removed. Campaign, journey and message data comes in through :meth:`StandardSink.record`.
+What each call type does to the workspace, and why, is in docs/standard.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final
+
+import orjson
+import pyarrow as pa
+from fsspec import AbstractFileSystem
+
+from cio_sync._calls import JSON_OPTIONS, Call, parse_call
+from cio_sync._counters import Counters
+from cio_sync._errors import InvalidCall, InvalidRecord, InvalidRecords, UnknownPerson
+from cio_sync._formats import ParquetFormat
+from cio_sync._publisher import Publisher
+from cio_sync._records import DEFINITION_KEYS, check_record
+from cio_sync._schemas import STANDARD_SCHEMAS, STANDARD_VERSION
+from cio_sync._sink import BaseSink, check_int, make_writer
+from cio_sync._state import Definition, Person, SqliteOutbox, WorkspaceState
+from cio_sync._writer import RetryPolicy, Writer, WrittenFile
+
+Row = tuple[str, pa.Schema, tuple[Any, ...], int]
+
+DEFAULT_MAX_ROWS: Final = 500_000
+DEFAULT_MAX_BYTES: Final = 64 * 1024 * 1024
+_PEOPLE: Final = STANDARD_SCHEMAS["people"]
+_ATTRIBUTES: Final = STANDARD_SCHEMAS["attributes"]
+_ATTR_OPTIONS: Final = JSON_OPTIONS | orjson.OPT_SORT_KEYS
+#: Columns that do not make a definition different (they say when, not what).
+_NOT_DEFINITION: Final = frozenset({"created_at", "updated_at", "version"})
+
+
+def attribute_text(value: Any, name: str) -> str | None:
+    """An attribute's value as stored and emitted: strings as they are, anything else as JSON text (object keys
+    sorted, so the same object is always the same text); ``None`` for null, which removes the attribute."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    try:
+        return orjson.dumps(value, option=_ATTR_OPTIONS).decode()
+    except (orjson.JSONEncodeError, TypeError) as exc:
+        raise InvalidCall(f"trait {name!r} cannot be written as JSON: {exc}", field="traits") from None
+
+
+class StandardSink(BaseSink):
+    """Applies calls to a workspace and writes only what changed, plus campaign and message records, to Parquet.
+
+    Files are named ``<table>_v<version>_<workspace_id>_<sequence>.parquet``; ``sequence`` strictly increases across
+    syncs, restarts and deleted files, and never repeats between concurrent writers of one workspace (it is a
+    durable counter under ``_cio_sync/`` that starts from the current time in microseconds).
+
+    ``state`` is the path of the workspace's SQLite state file (people, their ids and attributes, definitions, and
+    the outbox of rows not yet published), or ``None`` to keep it in memory for the sink's life. ``commit_every``
+    is how many calls or records are applied between commits of the state (1: each one is durable before
+    ``write`` returns; more is faster, and a crash may then lose up to that many, with their rows).
+    Publishing works as for :class:`~cio_sync.AdvancedSink`: on :meth:`flush`, :meth:`close`, every
+    ``flush_interval`` seconds (900 by default) and early at ``max_rows`` / ``max_bytes`` per table.
+    """
+
+    def __init__(
+        self,
+        target: str | Writer,
+        *,
+        workspace_id: int,
+        state: str | os.PathLike[str] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        filesystem: AbstractFileSystem | None = None,
+        flush_interval: float | None = 900.0,
+        max_rows: int | None = DEFAULT_MAX_ROWS,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
+        compression: str = "zstd",
+        retry: RetryPolicy | None = None,
+        on_publish: Callable[[WrittenFile], None] | None = None,
+        commit_every: int = 1,
+    ) -> None:
+        self.workspace_id = check_int("workspace_id", workspace_id)
+        self.commit_every = check_int("commit_every", commit_every, minimum=1)
+        self.format = ParquetFormat(compression=compression)
+        writer = make_writer(target, filesystem=filesystem, storage_options=storage_options, retry=retry)
+        self._counters = Counters(writer)
+        self.state = WorkspaceState(state, workspace_id=self.workspace_id)
+        try:
+            self._publisher = Publisher(
+                label=f"StandardSink({writer.url!r})",
+                writer=writer,
+                format=self.format,
+                name_for=self._name_for,
+                flush_interval=flush_interval,
+                max_rows=max_rows,
+                max_bytes=max_bytes,
+                store=SqliteOutbox(self.state),
+                on_publish=on_publish,
+            )
+        except BaseException:
+            self.state.close()
+            raise
+        self._uncommitted = 0
+        if self._publisher.stats().batches_pending:
+            # Batches cut before a crash or a failed close: publish them (under their recorded names) first.
+            self._publisher.publish_ready()
+
+    def __repr__(self) -> str:
+        where = self.state.path or "memory"
+        return (f"StandardSink({self.writer.url!r}, workspace_id={self.workspace_id}, state={where!r}, "
+                f"closed={self.closed})")
+
+    def _name_for(self, table: str) -> str:
+        key = f"{table}_v{STANDARD_VERSION}_{self.workspace_id}"
+        sequence = self._counters.claim(key, at_least=time.time_ns() // 1000)
+        return f"{key}_{sequence}.parquet"
+
+    def close(self) -> list[WrittenFile]:
+        files = self._publisher.close()
+        self.state.close()
+        return files
+
+    # -- applying changes ----------------------------------------------------------------------------------------
+
+    def _apply(self, produce: Callable[[], list[Row]]) -> int:
+        """Run ``produce`` (which changes the state and returns the rows of the change) as one step: its state
+        changes and rows are kept together or not at all."""
+        publisher, state = self._publisher, self.state
+        with publisher.lock:
+            publisher.check_open()
+            state.savepoint()
+            try:
+                rows = produce()
+                cut = publisher.append_rows(rows)
+            except BaseException:
+                state.rollback_savepoint()
+                raise
+            state.release_savepoint()
+            publisher.accept()
+            self._uncommitted += 1
+            if self._uncommitted >= self.commit_every:
+                state.commit()
+                self._uncommitted = 0
+        if cut:
+            publisher.publish_ready()
+        return len(rows)
+
+    def flush(self) -> list[WrittenFile]:
+        with self._publisher.lock:
+            self.state.commit()
+            self._uncommitted = 0
+        return self._publisher.flush()
+
+    def commit(self) -> None:
+        """Make every change applied so far durable in the state (``flush`` and ``close`` do it too)."""
+        with self._publisher.lock:
+            self.state.commit()
+            self._uncommitted = 0
+
+    def write(self, call: Any) -> int:
+        """Apply one call (a dict, JSON str or JSON bytes) to the workspace; return how many rows it emitted.
+
+        Raises :class:`~cio_sync.InvalidCall` if the call is bad (nothing changes).
+        """
+        try:
+            parsed = parse_call(call)
+            traits = self._trait_texts(parsed)
+        except InvalidCall:
+            self._publisher.reject()
+            raise
+        return self._apply(lambda: self._rules(parsed, traits))
+
+    def write_call(self, parsed: Call) -> int:
+        """Apply a call already validated by :func:`parse_call` (used by :class:`~cio_sync.Pipeline`)."""
+        return self._apply(lambda: self._rules(parsed, self._trait_texts(parsed)))
+
+    @staticmethod
+    def _trait_texts(call: Call) -> dict[str, str | None]:
+        traits = call.data.get("traits") if call.type == "identify" else None
+        if not traits:
+            return {}
+        return {str(name): attribute_text(value, str(name)) for name, value in traits.items()}
+
+    def _rules(self, call: Call, traits: dict[str, str | None]) -> list[Row]:
+        if call.type == "identify":
+            return self._identify(call, traits)
+        if call.type == "alias":
+            return self._alias(call)
+        # track, page, screen and group are events and relations: they change no person (docs/standard.md).
+        return []
+
+    # -- rows ----------------------------------------------------------------------------------------------------
+
+    def _people_row(self, person: Person) -> Row:
+        row = (self.workspace_id, person.cio_id, person.id, person.email, person.deleted, person.suppressed,
+               person.created_at, person.updated_at)
+        return "people", _PEOPLE, row, 48 + len(person.cio_id) + len(person.id or "") + len(person.email or "")
+
+    def _attribute_row(self, person: Person, name: str, value: str | None, at: int) -> Row:
+        row = (self.workspace_id, person.cio_id, person.id, name, value, at)
+        return "attributes", _ATTRIBUTES, row, 32 + len(person.cio_id) + len(name) + len(value or "")
+
+    def _touch(self, person: Person) -> int:
+        """A change time for ``person``: now, and always after its previous change."""
+        person.updated_at = max(self.state.clock(), person.updated_at + 1)
+        return person.updated_at
+
+    def _set_traits(self, person: Person, traits: Mapping[str, str | None], at: int, *,
+                    only_new: bool = False) -> list[Row]:
+        rows = []
+        attrs = self.state.attrs(person)
+        for name, text in traits.items():
+            old = attrs.get(name)
+            if only_new and old is not None:
+                continue
+            if text is None:
+                if old is not None:
+                    self.state.remove_attr(person, name)
+                    rows.append(self._attribute_row(person, name, None, at))
+            elif text != old:
+                self.state.set_attr(person, name, text)
+                rows.append(self._attribute_row(person, name, text, at))
+        return rows
+
+    def _person_for(self, user_id: str, *, create: bool) -> tuple[Person | None, list[Row]]:
+        person = self.state.person(user_id)
+        if person is not None or not create:
+            return person, []
+        at = self.state.clock()
+        person = self.state.create_person(user_id, at)
+        return person, [self._people_row(person)]
+
+    def _merge_anonymous(self, person: Person, anonymous_id: str, at: int, exclude: Iterable[str] = ()) -> list[Row]:
+        """Give ``person`` the traits kept for ``anonymous_id`` that it does not have, and link the id to it."""
+        owner, kept = self.state.anonymous(anonymous_id)
+        if owner == person.cio_id and not kept:
+            return []
+        skip = set(exclude)
+        rows = self._set_traits(person, {k: v for k, v in kept.items() if k not in skip}, at, only_new=True)
+        self.state.save_anonymous(anonymous_id, person.cio_id, {})
+        return rows
+
+    def _identify(self, call: Call, traits: dict[str, str | None]) -> list[Row]:
+        data = call.data
+        user_id, anonymous_id = data.get("userId"), data.get("anonymousId")
+        if not user_id:
+            assert anonymous_id
+            owner, kept = self.state.anonymous(anonymous_id)
+            person = self.state.person_by_cio_id(owner) if owner else None
+            if person is None or person.deleted:
+                # Anonymous: keep the traits until the profile is identified (nothing to emit yet).
+                merged = {**kept, **traits}
+                self.state.save_anonymous(anonymous_id, None, {k: v for k, v in merged.items() if v is not None})
+                return []
+            if person.suppressed:
+                return []
+            return self._sync_email(person, self._set_traits(person, traits, self.state.clock()))
+        person, rows = self._person_for(user_id, create=True)
+        assert person is not None
+        if person.suppressed:
+            return []
+        at = self.state.clock()
+        if anonymous_id:
+            rows += self._merge_anonymous(person, anonymous_id, at, exclude=traits)
+        rows += self._set_traits(person, traits, at)
+        return self._sync_email(person, rows)
+
+    def _sync_email(self, person: Person, rows: list[Row]) -> list[Row]:
+        """``email_addr`` follows the person's ``email`` attribute; when it changes the people row is emitted (the
+        row of a person created in this same step is refreshed instead, so a new person has one people row)."""
+        email = self.state.attrs(person).get("email")
+        if email == person.email:
+            return rows
+        person.email = email
+        self._touch(person)
+        self.state.save_person(person)
+        created = [i for i, r in enumerate(rows) if r[0] == "people" and r[2][1] == person.cio_id]
+        if created:
+            rows[created[0]] = self._people_row(person)
+        else:
+            rows.append(self._people_row(person))
+        return rows
+
+    def _alias(self, call: Call) -> list[Row]:
+        user_id, previous_id = call.data["userId"], call.data["previousId"]
+        target = self.state.person(user_id)
+        source = self.state.person(previous_id) if previous_id != user_id else None
+        if source is not None and target is None:
+            # The person known as previousId is now known as userId: same person, new external id.
+            self.state.forget_id(previous_id)
+            source.id = user_id
+            self._touch(source)
+            self.state.save_person(source)
+            return [self._people_row(source)]
+        if source is not None and target is not None:
+            return self._merge_people(target, source)
+        target, rows = self._person_for(user_id, create=True)
+        assert target is not None
+        if target.suppressed:
+            return rows
+        rows += self._merge_anonymous(target, previous_id, self.state.clock())
+        return self._sync_email(target, rows)
+
+    def _merge_people(self, primary: Person, secondary: Person) -> list[Row]:
+        """Merge ``secondary`` into ``primary``: primary keeps its values and gains the attributes it lacks; the
+        secondary person is deleted."""
+        at = self.state.clock()
+        rows = self._set_traits(primary, dict(self.state.attrs(secondary)), at, only_new=True)
+        rows = self._sync_email(primary, rows)
+        secondary.deleted = True
+        self._touch(secondary)
+        self.state.save_person(secondary)
+        rows.append(self._people_row(secondary))
+        return rows
+
+    # -- the person lifecycle ------------------------------------------------------------------------------------
+
+    def _find(self, external_id: str | None, cio_id: str | None) -> Person:
+        if (external_id is None) == (cio_id is None):
+            raise ValueError("name the person by exactly one of id (their external id) or cio_id")
+        person = self.state.person(external_id) if external_id is not None else self.state.person_by_cio_id(
+            str(cio_id))
+        if person is None or person.deleted:
+            which = f"id {external_id!r}" if external_id is not None else f"cio_id {cio_id!r}"
+            raise UnknownPerson(f"no person with {which} in workspace {self.workspace_id}")
+        return person
+
+    def _set_flag(self, external_id: str | None, cio_id: str | None, flag: str, value: bool) -> int:
+        def change() -> list[Row]:
+            person = self._find(external_id, cio_id)
+            if getattr(person, flag) == value:
+                return []
+            setattr(person, flag, value)
+            self._touch(person)
+            self.state.save_person(person)
+            return [self._people_row(person)]
+
+        return self._apply(change)
+
+    def delete_person(self, id: str | None = None, *, cio_id: str | None = None) -> int:
+        """Delete a person (by external ``id`` or ``cio_id``): emits their ``people`` row with ``deleted`` true. A
+        later identify with the same id creates a new person. Raises :class:`~cio_sync.UnknownPerson`."""
+        return self._set_flag(id, cio_id, "deleted", True)
+
+    def suppress_person(self, id: str | None = None, *, cio_id: str | None = None) -> int:
+        """Suppress a person: emits their ``people`` row with ``suppressed`` true; identify calls for them change
+        nothing until they are unsuppressed."""
+        return self._set_flag(id, cio_id, "suppressed", True)
+
+    def unsuppress_person(self, id: str | None = None, *, cio_id: str | None = None) -> int:
+        """Unsuppress a person: emits their ``people`` row with ``suppressed`` false."""
+        return self._set_flag(id, cio_id, "suppressed", False)
+
+    def person(self, id: str | None = None, *, cio_id: str | None = None) -> dict[str, Any]:
+        """A person as the workspace knows them now: ids, email, flags and attributes (values as stored)."""
+        with self._publisher.lock:
+            person = self._find(id, cio_id)
+            return {"cio_id": person.cio_id, "id": person.id, "email": person.email,
+                    "suppressed": person.suppressed, "attributes": dict(self.state.attrs(person))}
+
+    # -- records -------------------------------------------------------------------------------------------------
+
+    def record(self, table: str, row: Mapping[str, Any]) -> int:
+        """Record one row of a campaign, journey or message table; return how many rows it emitted (0 or 1).
+
+        Tables: campaigns, actions, broadcasts, subjects, outputs, deliveries, delivery_contents, metrics. The row
+        is checked against the table's fixed schema: an unknown table, an unknown or missing column, or a value of
+        the wrong type raises :class:`~cio_sync.InvalidRecord` naming the table and column. A person reference
+        takes either id; the other is filled from the workspace. ``created_at``/``updated_at`` default to now and
+        ``seq_num`` to the sink's next number. Campaigns, actions and broadcasts emit a row only when the definition
+        changed, with ``version`` going up by one.
+        """
+        try:
+            values = check_record(table, row)
+        except InvalidRecord:
+            self._publisher.reject()
+            raise
+        schema = STANDARD_SCHEMAS[table]
+        return self._apply(lambda: self._record_rows(table, schema, values))
+
+    def record_many(self, table: str, rows: Iterable[Mapping[str, Any]]) -> int:
+        """Record many rows of one table; every valid row is kept, and if some were not,
+        :class:`~cio_sync.InvalidRecords` lists them (each error with its ``index``) after the others are in."""
+        errors: list[InvalidRecord] = []
+        emitted = 0
+        for index, row in enumerate(rows):
+            try:
+                emitted += self.record(table, row)
+            except InvalidRecord as exc:
+                exc.index = index
+                errors.append(exc)
+        if errors:
+            raise InvalidRecords(errors, emitted=emitted)
+        return emitted
+
+    def _record_rows(self, table: str, schema: pa.Schema, values: dict[str, Any]) -> list[Row]:
+        state = self.state
+        now = state.clock()
+        if "internal_customer_id" in values:
+            self._fill_person(values)
+        for column in ("created_at", "updated_at"):
+            if column in values and values[column] is None:
+                values[column] = now
+        if "seq_num" in values and values["seq_num"] is None:
+            values["seq_num"] = state.next_seq_num()
+        key_column = DEFINITION_KEYS.get(table)
+        if key_column is not None:
+            what = {k: v for k, v in values.items() if k not in _NOT_DEFINITION}
+            digest = hashlib.sha256(orjson.dumps(what, option=orjson.OPT_SORT_KEYS)).hexdigest()
+            key = values[key_column]
+            known = state.definition(table, key)
+            if known is not None and known.digest == digest:
+                return []
+            version = known.version + 1 if known is not None else 1
+            created = known.created_at if known is not None else values["created_at"]
+            state.save_definition(table, key, Definition(digest, version, created))
+            values["created_at"] = created
+            if "version" in schema.names:
+                values["version"] = version
+        row = (self.workspace_id, *(values[name] for name in schema.names[1:]))
+        size = 16 + sum(len(v) if isinstance(v, str) else 8 for v in row)
+        return [(table, schema, row, size)]
+
+    def _fill_person(self, values: dict[str, Any]) -> None:
+        internal, external = values.get("internal_customer_id"), values.get("external_customer_id")
+        if internal is None and external is not None:
+            person = self.state.person(external)
+            values["internal_customer_id"] = person.cio_id if person is not None else None
+        elif external is None and internal is not None:
+            person = self.state.person_by_cio_id(internal)
+            values["external_customer_id"] = person.id if person is not None else None
+

@@ -1,0 +1,408 @@
+"""Workspace state for the Standard sink: people, their attributes, definitions, and the outbox of rows to publish.
+
+The embedded default is one SQLite file (``state="workspace.sqlite"``); ``state=None`` keeps the same tables in an
+in-memory SQLite database, for notebooks and tests. State knows no storage: it never touches a bucket.
+
+Consistency: a change to the state and the rows it produces are written in one SQLite transaction (a transactional
+outbox). Rows leave the outbox only after their file is published; a batch's file name and bytes are committed
+before the upload, so after a crash the same file is published again under the same name (and recognised if it had
+landed). A crash therefore loses neither a change nor its rows, and never emits a change twice; what it can lose is
+the tail of calls not yet committed (``commit_every``), and then it loses their state change and their rows
+together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any, Final
+
+import orjson
+import pyarrow as pa
+
+from cio_sync._errors import StateError
+from cio_sync._publisher import Batch, Buffered
+from cio_sync._schemas import STANDARD_SCHEMAS, STANDARD_VERSION
+
+STATE_FORMAT: Final = 1
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS people (
+    cio_id TEXT PRIMARY KEY,
+    id TEXT,
+    email TEXT,
+    deleted INTEGER NOT NULL DEFAULT 0,
+    suppressed INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS people_by_id ON people (id) WHERE deleted = 0;
+CREATE TABLE IF NOT EXISTS attributes (
+    cio_id TEXT NOT NULL, name TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (cio_id, name)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS anonymous (
+    anonymous_id TEXT PRIMARY KEY, cio_id TEXT, traits TEXT
+);
+CREATE TABLE IF NOT EXISTS definitions (
+    kind TEXT NOT NULL, id INTEGER NOT NULL, digest TEXT NOT NULL, version INTEGER NOT NULL,
+    created_at INTEGER NOT NULL, PRIMARY KEY (kind, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, tbl TEXT NOT NULL, row BLOB NOT NULL, size INTEGER NOT NULL,
+    batch INTEGER
+);
+CREATE INDEX IF NOT EXISTS outbox_by_batch ON outbox (batch, tbl);
+CREATE TABLE IF NOT EXISTS batches (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, tbl TEXT NOT NULL, rows INTEGER NOT NULL, name TEXT, data BLOB
+);
+"""
+
+
+@dataclass(slots=True)
+class Person:
+    """One person of the workspace. ``attrs`` (name -> value text) is loaded on first use."""
+
+    cio_id: str
+    id: str | None
+    email: str | None
+    deleted: bool
+    suppressed: bool
+    created_at: int
+    updated_at: int
+    attrs: dict[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Definition:
+    digest: str
+    version: int
+    created_at: int
+
+
+def now_micros() -> int:
+    return time.time_ns() // 1000
+
+
+class WorkspaceState:
+    """People, attributes, definitions and the outbox, in SQLite. Not thread-safe: the sink serialises calls."""
+
+    def __init__(self, path: str | os.PathLike[str] | None, *, workspace_id: int, cache_size: int = 200_000) -> None:
+        self.path = None if path is None else os.fspath(path)
+        self.workspace_id = workspace_id
+        self._lock_file: IO[str] | None = None
+        if self.path is not None:
+            self._lock_file = self._take_lock(self.path)
+        self._in_tx = False
+        try:
+            self._db = sqlite3.connect(self.path or ":memory:", isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a commit survives a crash of the process; the OS crashing may lose the last ones.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            self._check_meta()
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            raise StateError(f"cannot use workspace state {self.path}: {exc}") from exc
+        except BaseException:
+            self.close()
+            raise
+        self._cache: dict[str, Person] = {}
+        self._cache_size = cache_size
+        self._seq_num = int(self._meta("seq_num") or 0)
+        self._seq_dirty = False
+        self._clock = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _take_lock(path: str) -> IO[str]:
+        lock = open(path + ".lock", "a+")  # noqa: SIM115 - held open for the state's life
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            raise StateError(
+                f"workspace state {path} is in use by another sink or process; one state file serves one sink"
+            ) from None
+        return lock
+
+    def _meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _check_meta(self) -> None:
+        fmt = self._meta("format")
+        if fmt is None:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("INSERT INTO meta VALUES (?, ?)", [
+                ("format", str(STATE_FORMAT)), ("workspace_id", str(self.workspace_id)),
+                ("schema_version", str(STANDARD_VERSION)), ("seq_num", "0"),
+            ])
+            self._db.execute("COMMIT")
+            return
+        if int(fmt) != STATE_FORMAT:
+            raise StateError(f"workspace state {self.path} has format {fmt}; this cio_sync reads {STATE_FORMAT}")
+        stored = int(self._meta("workspace_id") or -1)
+        if stored != self.workspace_id:
+            raise StateError(f"workspace state {self.path} belongs to workspace {stored}, not {self.workspace_id}")
+
+    def close(self) -> None:
+        db: sqlite3.Connection | None = getattr(self, "_db", None)
+        if db is not None:
+            with contextlib.suppress(Exception):
+                self.commit()
+            with contextlib.suppress(Exception):
+                db.close()
+        if self._lock_file is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+    # -- transactions --------------------------------------------------------------------------------------------
+
+    def _tx(self) -> sqlite3.Connection:
+        if not self._in_tx:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._in_tx = True
+        return self._db
+
+    def commit(self) -> None:
+        """Make every change so far durable, with the rows it produced."""
+        if not self._in_tx:
+            return
+        if self._seq_dirty:
+            self._db.execute("UPDATE meta SET value = ? WHERE key = 'seq_num'", (str(self._seq_num),))
+            self._seq_dirty = False
+        self._db.execute("COMMIT")
+        self._in_tx = False
+
+    def savepoint(self) -> None:
+        """Start one step (a call or a record) that is kept whole or undone whole."""
+        self._tx().execute("SAVEPOINT step")
+
+    def release_savepoint(self) -> None:
+        self._db.execute("RELEASE step")
+
+    def rollback_savepoint(self) -> None:
+        """Undo the current step; the in-memory view is dropped and reread from the database."""
+        self._db.execute("ROLLBACK TO step")
+        self._db.execute("RELEASE step")
+        self._cache.clear()
+
+    def rollback(self) -> None:
+        """Forget the changes since the last commit (and the cache, which may hold them)."""
+        if self._in_tx:
+            self._db.execute("ROLLBACK")
+            self._in_tx = False
+        self._cache.clear()
+        self._seq_num = int(self._meta("seq_num") or 0)
+        self._seq_dirty = False
+
+    # -- time and numbers ----------------------------------------------------------------------------------------
+
+    def clock(self) -> int:
+        """Now in microseconds, strictly increasing across calls."""
+        self._clock = max(now_micros(), self._clock + 1)
+        return self._clock
+
+    def next_seq_num(self) -> int:
+        self._tx()
+        self._seq_num += 1
+        self._seq_dirty = True
+        return self._seq_num
+
+    # -- people --------------------------------------------------------------------------------------------------
+
+    def _remember(self, person: Person) -> Person:
+        if person.id is not None:
+            if len(self._cache) >= self._cache_size:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[person.id] = person
+        return person
+
+    @staticmethod
+    def _person(row: tuple[Any, ...]) -> Person:
+        return Person(row[0], row[1], row[2], bool(row[3]), bool(row[4]), row[5], row[6])
+
+    def person(self, external_id: str) -> Person | None:
+        """The live (not deleted) person with this external id."""
+        cached = self._cache.get(external_id)
+        if cached is not None:
+            return cached
+        row = self._db.execute(
+            "SELECT cio_id, id, email, deleted, suppressed, created_at, updated_at FROM people "
+            "WHERE id = ? AND deleted = 0", (external_id,)).fetchone()
+        return None if row is None else self._remember(self._person(row))
+
+    def person_by_cio_id(self, cio_id: str) -> Person | None:
+        """The person with this internal id, deleted or not."""
+        for person in self._cache.values():
+            if person.cio_id == cio_id:
+                return person
+        row = self._db.execute(
+            "SELECT cio_id, id, email, deleted, suppressed, created_at, updated_at FROM people WHERE cio_id = ?",
+            (cio_id,)).fetchone()
+        if row is None:
+            return None
+        person = self._person(row)
+        return self._remember(person) if not person.deleted else person
+
+    def create_person(self, external_id: str | None, at: int) -> Person:
+        """A new person with a fresh internal id (``cio_id``), stable forever after."""
+        person = Person(secrets.token_hex(8), external_id, None, False, False, at, at, {})
+        self._tx().execute(
+            "INSERT INTO people (cio_id, id, email, deleted, suppressed, created_at, updated_at) "
+            "VALUES (?, ?, ?, 0, 0, ?, ?)", (person.cio_id, external_id, None, at, at))
+        return self._remember(person)
+
+    def save_person(self, person: Person) -> None:
+        """Store the person's id, email, flags and times."""
+        self._tx().execute(
+            "UPDATE people SET id = ?, email = ?, deleted = ?, suppressed = ?, updated_at = ? WHERE cio_id = ?",
+            (person.id, person.email, int(person.deleted), int(person.suppressed), person.updated_at,
+             person.cio_id))
+        if person.deleted and person.id is not None:
+            self._cache.pop(person.id, None)
+
+    def forget_id(self, external_id: str) -> None:
+        self._cache.pop(external_id, None)
+
+    def attrs(self, person: Person) -> dict[str, str]:
+        if person.attrs is None:
+            person.attrs = dict(self._db.execute(
+                "SELECT name, value FROM attributes WHERE cio_id = ?", (person.cio_id,)).fetchall())
+        return person.attrs
+
+    def set_attr(self, person: Person, name: str, value: str) -> None:
+        self.attrs(person)[name] = value
+        self._tx().execute("INSERT OR REPLACE INTO attributes (cio_id, name, value) VALUES (?, ?, ?)",
+                           (person.cio_id, name, value))
+
+    def remove_attr(self, person: Person, name: str) -> None:
+        self.attrs(person).pop(name, None)
+        self._tx().execute("DELETE FROM attributes WHERE cio_id = ? AND name = ?", (person.cio_id, name))
+
+    # -- anonymous profiles --------------------------------------------------------------------------------------
+
+    def anonymous(self, anonymous_id: str) -> tuple[str | None, dict[str, Any]]:
+        """The person an anonymous id was merged into (if any) and the traits kept for it while anonymous."""
+        row = self._db.execute("SELECT cio_id, traits FROM anonymous WHERE anonymous_id = ?",
+                               (anonymous_id,)).fetchone()
+        if row is None:
+            return None, {}
+        return row[0], (orjson.loads(row[1]) if row[1] else {})
+
+    def save_anonymous(self, anonymous_id: str, cio_id: str | None, traits: dict[str, Any]) -> None:
+        self._tx().execute("INSERT OR REPLACE INTO anonymous (anonymous_id, cio_id, traits) VALUES (?, ?, ?)",
+                           (anonymous_id, cio_id, orjson.dumps(traits).decode() if traits else None))
+
+    # -- definitions ---------------------------------------------------------------------------------------------
+
+    def definition(self, kind: str, key: int) -> Definition | None:
+        row = self._db.execute("SELECT digest, version, created_at FROM definitions WHERE kind = ? AND id = ?",
+                               (kind, key)).fetchone()
+        return None if row is None else Definition(row[0], row[1], row[2])
+
+    def save_definition(self, kind: str, key: int, definition: Definition) -> None:
+        self._tx().execute(
+            "INSERT OR REPLACE INTO definitions (kind, id, digest, version, created_at) VALUES (?, ?, ?, ?, ?)",
+            (kind, key, definition.digest, definition.version, definition.created_at))
+
+    # -- the outbox (used by SqliteOutbox) -----------------------------------------------------------------------
+
+    def outbox_add(self, table: str, row: bytes, size: int) -> None:
+        self._tx().execute("INSERT INTO outbox (tbl, row, size) VALUES (?, ?, ?)", (table, row, size))
+
+    def outbox_counts(self) -> Iterator[tuple[str, int, int]]:
+        yield from self._db.execute(
+            "SELECT tbl, count(*), coalesce(sum(size), 0) FROM outbox WHERE batch IS NULL GROUP BY tbl")
+
+    def outbox_cut(self, table: str) -> tuple[int, list[bytes]]:
+        db = self._tx()
+        cursor = db.execute("INSERT INTO batches (tbl, rows) VALUES (?, 0)", (table,))
+        batch_id = int(cursor.lastrowid or 0)
+        db.execute("UPDATE outbox SET batch = ? WHERE batch IS NULL AND tbl = ?", (batch_id, table))
+        rows = [r[0] for r in db.execute("SELECT row FROM outbox WHERE batch = ? ORDER BY seq", (batch_id,))]
+        db.execute("UPDATE batches SET rows = ? WHERE id = ?", (len(rows), batch_id))
+        self.commit()
+        return batch_id, rows
+
+    def outbox_batches(self) -> list[tuple[int, str, int, str | None, bytes | None]]:
+        return [tuple(r) for r in self._db.execute(
+            "SELECT id, tbl, rows, name, data FROM batches ORDER BY id")]
+
+    def outbox_batch_rows(self, batch_id: int) -> list[bytes]:
+        return [r[0] for r in self._db.execute("SELECT row FROM outbox WHERE batch = ? ORDER BY seq", (batch_id,))]
+
+    def outbox_named(self, batch_id: int, name: str, data: bytes) -> None:
+        self._tx().execute("UPDATE batches SET name = ?, data = ? WHERE id = ?", (name, data, batch_id))
+        self.commit()
+
+    def outbox_published(self, batch_id: int) -> None:
+        db = self._tx()
+        db.execute("DELETE FROM outbox WHERE batch = ?", (batch_id,))
+        db.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
+        self.commit()
+
+
+class SqliteOutbox:
+    """A :class:`~cio_sync._publisher.RowStore` over the workspace state's outbox: rows are durable once committed
+    with the state change that produced them, and survive restarts until their file is published."""
+
+    def __init__(self, state: WorkspaceState) -> None:
+        self._state = state
+        self._buffered: dict[str, list[Any]] = {}  # table -> [rows, bytes, since]
+        for table, rows, size in state.outbox_counts():
+            self._buffered[table] = [rows, size, time.monotonic()]
+
+    def append(self, table: str, schema: pa.Schema, row: tuple[Any, ...], size: int) -> Buffered:
+        self._state.outbox_add(table, orjson.dumps(row), size)
+        counts = self._buffered.get(table)
+        if counts is None or counts[0] == 0:
+            counts = self._buffered[table] = [0, 0, time.monotonic()]
+        counts[0] += 1
+        counts[1] += size
+        return Buffered(counts[0], counts[1], counts[2])
+
+    def tables(self) -> list[str]:
+        return [t for t, c in self._buffered.items() if c[0]]
+
+    def cut(self, table: str) -> Batch | None:
+        counts = self._buffered.get(table)
+        if counts is None or counts[0] == 0:
+            return None
+        batch_id, rows = self._state.outbox_cut(table)
+        counts[0] = counts[1] = 0
+        if not rows:
+            return None
+        return Batch(table, len(rows), [orjson.loads(r) for r in rows], STANDARD_SCHEMAS[table], key=batch_id)
+
+    def pending(self) -> list[Batch]:
+        batches = []
+        for batch_id, table, rows, name, data in self._state.outbox_batches():
+            if name is not None and data is not None:
+                batches.append(Batch(table, rows, None, STANDARD_SCHEMAS[table], name=name, encoded=data,
+                                     key=batch_id))
+            else:
+                decoded = [orjson.loads(r) for r in self._state.outbox_batch_rows(batch_id)]
+                batches.append(Batch(table, len(decoded), decoded, STANDARD_SCHEMAS[table], key=batch_id))
+        return batches
+
+    def named(self, batch: Batch) -> None:
+        assert batch.name is not None
+        assert batch.encoded is not None
+        self._state.outbox_named(batch.key, batch.name, batch.encoded)
+
+    def published(self, batch: Batch) -> None:
+        self._state.outbox_published(batch.key)
+
+    def buffered(self) -> dict[str, Buffered]:
+        return {t: Buffered(c[0], c[1], c[2]) for t, c in self._buffered.items() if c[0]}
