@@ -57,6 +57,28 @@ def sink_run(fmt: str, as_bytes: bool = False) -> Callable[[list[Any], Path], No
     return run
 
 
+def standard_run(commit_every: int) -> Callable[[list[Any], Path], None]:
+    def run(calls: list[Any], folder: Path) -> None:
+        with cio_sync.StandardSink(str(folder / "bucket"), workspace_id=1, state=folder / "state.sqlite",
+                                   flush_interval=None, max_rows=None, max_bytes=None,
+                                   commit_every=commit_every) as sink:
+            for call in calls:
+                sink.write(call)
+
+    return run
+
+
+def identify_calls(count: int) -> list[dict[str, Any]]:
+    """Identify calls from the sample traffic, about five per person, so many change something and many do not."""
+    calls = []
+    for call in sample_calls(count * 7, seed=43, people=max(1, count // 5)):
+        if call["type"] == "identify":
+            calls.append({**call, "userId": call.get("userId") or call["anonymousId"]})
+            if len(calls) == count:
+                break
+    return calls
+
+
 def measure(name: str, fn: Callable[[list[Any], Path], None], calls: list[Any], repeat: int) -> dict[str, Any]:
     rates = []
     for _ in range(repeat):
@@ -77,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=100_000, help="calls per run (default 100000)")
     parser.add_argument("--repeat", type=int, default=3, help="repetitions of each case (default 3)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for the JSON")
+    parser.add_argument("--identify-calls", type=int, default=20_000,
+                        help="identify calls for the StandardSink cases (default 20000)")
     args = parser.parse_args(argv)
 
     calls = list(sample_calls(args.calls, seed=42))
@@ -87,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         ("AdvancedSink parquet, JSON bytes in", sink_run("parquet", True), as_bytes),
         ("AdvancedSink csv, dicts in", sink_run("csv"), calls),
         ("AdvancedSink json, dicts in", sink_run("json"), calls),
+    ]
+    identifies = identify_calls(args.identify_calls)
+    standard_cases = [
+        ("StandardSink identify, SQLite, commit_every=1", standard_run(1), identifies),
+        ("StandardSink identify, SQLite, commit_every=1000", standard_run(1000), identifies),
     ]
     results = []
     # Interleave repetitions across cases so that a noisy moment hurts all of them alike.
@@ -103,17 +132,25 @@ def main(argv: list[str] | None = None) -> int:
     baseline = results[0]["median"]
     print(f"{args.calls:,} sample calls, {args.repeat} runs each, local disk, Python {platform.python_version()}, "
           f"pyarrow {pa.__version__}")
-    print(f"{'case':<42} {'min':>10} {'median':>10} {'max':>10}  {'ratio to raw pyarrow':>20}")
+    print(f"{'case':<48} {'min':>10} {'median':>10} {'max':>10}  {'ratio to raw pyarrow':>20}")
     for r in results:
         r["ratio_to_raw_pyarrow"] = r["median"] / baseline
-        print(f"{r['name']:<42} {r['min']:>10,.0f} {r['median']:>10,.0f} {r['max']:>10,.0f}  "
+        print(f"{r['name']:<48} {r['min']:>10,.0f} {r['median']:>10,.0f} {r['max']:>10,.0f}  "
               f"{r['ratio_to_raw_pyarrow']:>19.2f}x")
+    standard = []
+    for name, fn, data in standard_cases:
+        standard.append(measure(name, fn, data, args.repeat))
+    print(f"\n{len(identifies):,} identify calls for {max(1, len(identifies) // 5):,} people, SQLite state on local "
+          f"disk (calls/s, no baseline)")
+    for r in standard:
+        print(f"{r['name']:<48} {r['min']:>10,.0f} {r['median']:>10,.0f} {r['max']:>10,.0f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     path = out / f"bench-{stamp}.json"
     path.write_text(json.dumps({"calls": args.calls, "repeat": args.repeat, "python": sys.version,
-                                "machine": platform.machine(), "cpus": os.cpu_count(), "results": results},
+                                "machine": platform.machine(), "cpus": os.cpu_count(), "results": results,
+                                "standard": standard},
                                indent=2))
     print(f"saved {path}")
     return 0

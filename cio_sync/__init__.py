@@ -26,6 +26,7 @@ from cio_sync._errors import (
     UnknownPerson,
 )
 from cio_sync._formats import CsvFormat, Format, JsonLinesFormat, ParquetFormat, get_format, register_format
+from cio_sync._pipeline import Pipeline
 from cio_sync._publisher import SinkStats
 from cio_sync._standard import StandardSink
 from cio_sync._writer import FsspecWriter, RetryPolicy, Writer, WrittenFile
@@ -46,6 +47,7 @@ __all__ = [
     "JsonLinesFormat",
     "MissingBackend",
     "ParquetFormat",
+    "Pipeline",
     "PublishConflict",
     "RetryPolicy",
     "SinkClosed",

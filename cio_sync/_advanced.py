@@ -8,7 +8,7 @@ from typing import Any, Final
 
 from fsspec import AbstractFileSystem
 
-from cio_sync._calls import call_document, call_row, parse_call
+from cio_sync._calls import Call, call_document, call_row, parse_call
 from cio_sync._counters import Counters
 from cio_sync._errors import ConfigError, InvalidCall
 from cio_sync._formats import Format, get_format
@@ -86,6 +86,11 @@ class AdvancedSink(BaseSink):
             on_publish=on_publish,
         )
 
+    @property
+    def writes_documents(self) -> bool:
+        """Whether calls are kept as JSON documents (the JSON format) rather than as rows of columns."""
+        return self._documents
+
     def __repr__(self) -> str:
         return (
             f"AdvancedSink({self.writer.url!r}, format={self.format.name!r}, destination_id={self.destination_id}, "
@@ -105,6 +110,14 @@ class AdvancedSink(BaseSink):
         """
         try:
             parsed = parse_call(call, row=not self._documents)
+        except InvalidCall:
+            self._publisher.reject()
+            raise
+        return self.write_call(parsed)
+
+    def write_call(self, parsed: Call) -> str:
+        """Buffer a call already validated by ``parse_call`` (used by :class:`~cio_sync.Pipeline`)."""
+        try:
             if self._documents:
                 document = call_document(parsed)
                 row: tuple[Any, ...] = (document,)

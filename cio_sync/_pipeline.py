@@ -1,0 +1,83 @@
+"""Both modes from one stream of calls: each call is validated once and given to every sink."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any, Self
+
+from cio_sync._advanced import AdvancedSink
+from cio_sync._calls import Call, call_document, call_row, parse_call
+from cio_sync._errors import ConfigError, InvalidCall
+from cio_sync._sink import BaseSink
+from cio_sync._standard import StandardSink
+from cio_sync._writer import WrittenFile
+
+
+class Pipeline(BaseSink):
+    """Give each call to an Advanced sink (kept as sent) and a Standard sink (what it changed), as Customer.io does
+    for a workspace with both integrations.
+
+    A call is validated once: one rejected by validation reaches neither sink (``InvalidCall`` is raised), and the
+    two sinks see the same ``messageId`` and ``receivedAt``. Either sink may be left out.
+    """
+
+    def __init__(self, *, advanced: AdvancedSink | None = None, standard: StandardSink | None = None) -> None:
+        if advanced is None and standard is None:
+            raise ConfigError("a Pipeline needs an advanced sink, a standard sink, or both")
+        self.advanced = advanced
+        self.standard = standard
+
+    def __repr__(self) -> str:
+        return f"Pipeline(advanced={self.advanced!r}, standard={self.standard!r})"
+
+    @property
+    def sinks(self) -> list[AdvancedSink | StandardSink]:
+        return [s for s in (self.advanced, self.standard) if s is not None]
+
+    def write(self, call: Any) -> str:
+        """Validate ``call`` once and give it to each sink; return its ``messageId``."""
+        wants_row = self.advanced is not None and not self.advanced.writes_documents
+        try:
+            parsed: Call = parse_call(call, row=wants_row)
+            # Checks that only encoding can make (a value JSON cannot hold) happen before either sink sees it.
+            if self.advanced is not None:
+                call_document(parsed) if self.advanced.writes_documents else call_row(parsed)
+            if self.standard is not None:
+                self.standard._trait_texts(parsed)
+        except InvalidCall:
+            for sink in self.sinks:
+                sink._publisher.reject()
+            raise
+        if self.standard is not None:
+            self.standard.write_call(parsed)
+        if self.advanced is not None:
+            self.advanced.write_call(parsed)
+        return parsed.message_id
+
+    def flush(self) -> list[WrittenFile]:
+        """Flush both sinks; the files of both."""
+        return [f for sink in self.sinks for f in sink.flush()]
+
+    def close(self) -> list[WrittenFile]:
+        """Close both sinks (each is closed even if the other fails)."""
+        files: list[WrittenFile] = []
+        error: BaseException | None = None
+        for sink in self.sinks:
+            try:
+                files += sink.close()
+            except BaseException as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+        return files
+
+    @property
+    def closed(self) -> bool:
+        return all(sink.closed for sink in self.sinks)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
