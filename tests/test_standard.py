@@ -115,7 +115,7 @@ def expected_changes(calls: list[dict[str, Any]]) -> tuple[list[tuple[str, str, 
 
 
 def test_identify_calls_emit_exactly_the_changes(storage: Storage, scratch: Path) -> None:
-    people = 1000 if storage.kind != "s3" else 300
+    people = 1000
     calls = identify_calls(people)
     emitted = []
     with sink_for(storage, commit_every=100) as sink:
