@@ -11,10 +11,11 @@ import itertools
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 import pytest
@@ -23,6 +24,7 @@ from fsspec import AbstractFileSystem
 from tests import servers
 
 _bucket_ids = itertools.count(1)
+T = TypeVar("T")
 
 
 @dataclass
@@ -67,15 +69,44 @@ class Storage:
         return dest
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[servers.S3Server]:
+def pytest_configure(config: pytest.Config) -> None:
+    for kind, server in (("gcs", "fake-gcs-server"), ("azure", "Azurite")):
+        config.addinivalue_line("markers", f"{kind}: needs the {server} {kind} emulator (started by the test session)")
+    # aiohttp (under gcsfs and adlfs) advises its callers about any request body over 1 MiB given as bytes, which is
+    # what fsspec's pipe_file hands them; a ResourceWarning that Python ignores by default, not a fault of ours.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:Sending a large body directly with raw bytes:ResourceWarning:aiohttp.payload"
+    )
+
+
+def _serve(what: str, server: Callable[[], AbstractContextManager[T]]) -> Iterator[T]:
+    """Run ``server`` for the whole session; without its binary, skip locally but fail loudly in CI."""
     try:
-        with servers.seaweedfs() as server:
-            yield server
+        context = server()
+        running = context.__enter__()
     except RuntimeError as exc:
         if os.environ.get("CI"):
             raise
-        pytest.skip(f"SeaweedFS unavailable: {exc}")
+        pytest.skip(f"{what} unavailable: {exc}")
+    try:
+        yield running
+    finally:
+        context.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[servers.S3Server]:
+    yield from _serve("SeaweedFS", servers.seaweedfs)
+
+
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator[servers.GCSServer]:
+    yield from _serve("fake-gcs-server", servers.fake_gcs_server)
+
+
+@pytest.fixture(scope="session")
+def azure_server() -> Iterator[servers.AzureServer]:
+    yield from _serve("Azurite", servers.azurite)
 
 
 def _memory() -> Storage:
@@ -99,18 +130,54 @@ def local_storage(tmp_path: Path) -> Storage:
 @pytest.fixture
 def s3_storage(request: pytest.FixtureRequest) -> Storage:
     server: servers.S3Server = request.getfixturevalue("s3_server")
-    bucket = f"cio-sync-{next(_bucket_ids)}-{uuid.uuid4().hex[:8]}"
+    bucket = _new_bucket()
     storage = Storage("s3", f"s3://{bucket}/prefix", dict(server.storage_options))
     storage.fs.mkdir(bucket)
     return storage
 
 
-STORAGE_KINDS = ["memory", "local", pytest.param("s3", marks=pytest.mark.s3)]
+def _new_bucket() -> str:
+    # Valid as an S3 and GCS bucket and an Azure container: 3-63 lowercase letters, digits and dashes.
+    return f"cio-sync-{next(_bucket_ids)}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def gcs_storage(request: pytest.FixtureRequest) -> Storage:
+    server: servers.GCSServer = request.getfixturevalue("gcs_server")
+    bucket = _new_bucket()
+    storage = Storage("gcs", f"gs://{bucket}/prefix", dict(server.storage_options))
+    storage.fs.mkdir(bucket)
+    return storage
+
+
+@pytest.fixture
+def azure_storage(request: pytest.FixtureRequest) -> Storage:
+    server: servers.AzureServer = request.getfixturevalue("azure_server")
+    container = _new_bucket()
+    storage = Storage("azure", f"az://{container}/prefix", dict(server.storage_options))
+    storage.fs.mkdir(container)
+    return storage
+
+
+#: The object stores, each behind a real server (or its emulator) started by the test session.
+OBJECT_STORE_KINDS = [
+    pytest.param("s3", marks=pytest.mark.s3),
+    pytest.param("gcs", marks=pytest.mark.gcs),
+    pytest.param("azure", marks=pytest.mark.azure),
+]
+STORAGE_KINDS = ["memory", "local", *OBJECT_STORE_KINDS]
 
 
 @pytest.fixture(params=STORAGE_KINDS)
 def storage(request: pytest.FixtureRequest) -> Storage:
     """Every storage the contract holds on; a test using it runs once per storage."""
+    result: Storage = request.getfixturevalue(f"{request.param}_storage")
+    return result
+
+
+@pytest.fixture(params=OBJECT_STORE_KINDS)
+def object_storage(request: pytest.FixtureRequest) -> Storage:
+    """Every object store (S3, GCS, Azure); a test using it runs once per object store."""
     result: Storage = request.getfixturevalue(f"{request.param}_storage")
     return result
 
