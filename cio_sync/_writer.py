@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Any, Final, Literal, Protocol, TypeVar, runtime_checkable
 
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
@@ -103,6 +103,16 @@ class RetryPolicy:
 
 Outcome = Literal["conflict", "maybe-conflict", "permanent", "transient"]
 
+#: Network failures that backends raise outside the OSError tree, by class (matched by name so that cio_sync
+#: imports neither): azure-core's, under adlfs, once its own retries are spent, and aiohttp's lost connections and
+#: cut-off bodies, under gcsfs.
+_TRANSIENT_CLASSES: Final = frozenset({
+    "azure.core.exceptions.ServiceRequestError",
+    "azure.core.exceptions.ServiceResponseError",
+    "aiohttp.client_exceptions.ClientConnectionError",
+    "aiohttp.client_exceptions.ClientPayloadError",
+})
+
 
 def classify(exc: BaseException) -> Outcome:
     """What a storage exception means for a retry."""
@@ -115,6 +125,8 @@ def classify(exc: BaseException) -> Outcome:
         # (shared/TESTING.md); it is checked, not assumed.
         return "maybe-conflict"
     if isinstance(exc, ConnectionError | TimeoutError | asyncio.TimeoutError):
+        return "transient"
+    if any(f"{c.__module__}.{c.__qualname__}" in _TRANSIENT_CLASSES for c in type(exc).__mro__):
         return "transient"
     status = getattr(exc, "code", None) or getattr(exc, "status", None) or getattr(exc, "status_code", None)
     if isinstance(status, int) and 100 <= status < 600:

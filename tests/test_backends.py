@@ -12,10 +12,12 @@ import os
 import subprocess
 import sys
 import textwrap
+import uuid
 from typing import Any
 
 import pytest
 from fsspec import AbstractFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
 
 import cio_sync
 from cio_sync import FsspecWriter, RetryPolicy
@@ -174,6 +176,47 @@ def test_azure_errors_never_show_the_account_key(azure_storage: Storage) -> None
     for shown in (str(caught.value), repr(writer)):
         assert wrong_key not in shown
         assert wrong_key[:20] not in shown
+
+
+def _network_failures() -> list[Any]:
+    """What gcsfs (aiohttp) and adlfs (azure-core) raise when the network fails, outside the OSError tree."""
+    import aiohttp
+    from azure.core.exceptions import ServiceRequestError, ServiceResponseError
+
+    return [
+        pytest.param(ServiceRequestError("connection refused"), id="azure-request"),
+        pytest.param(ServiceResponseError("connection reset while reading the response"), id="azure-response"),
+        pytest.param(aiohttp.ServerDisconnectedError(), id="aiohttp-disconnected"),
+        pytest.param(aiohttp.ClientPayloadError("response payload is not completed"), id="aiohttp-payload"),
+    ]
+
+
+class _FailingOnce(MemoryFileSystem):
+    """A memory filesystem whose first pipe_file raises ``failure`` after the bytes landed (the worst case)."""
+
+    protocol = ("failing-once",)
+
+    def __init__(self, failure: BaseException) -> None:
+        super().__init__(skip_instance_cache=True)
+        self.failure: BaseException | None = failure
+
+    def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
+        super().pipe_file(path, value, mode=mode, **kwargs)
+        failure, self.failure = self.failure, None
+        if failure is not None:
+            raise failure
+
+
+@pytest.mark.parametrize("failure", _network_failures())
+def test_network_failures_of_the_gcs_and_azure_clients_are_retried_without_writing_twice(
+    failure: BaseException,
+) -> None:
+    fs = _FailingOnce(failure)
+    writer = FsspecWriter(f"/net-{uuid.uuid4().hex}", filesystem=fs, retry=NO_WAIT)
+    written = writer.publish("f.parquet", b"data", table="t", rows=1)
+    assert written.bytes == 4
+    assert fs.cat_file(f"{writer.root}/f.parquet") == b"data"
+    assert fs.ls(writer.root, detail=False) == [f"{writer.root}/f.parquet"]
 
 
 _WITHOUT_BACKENDS = textwrap.dedent(
