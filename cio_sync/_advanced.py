@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, Final
 
 from fsspec import AbstractFileSystem
 
-from cio_sync._calls import Call, call_document, call_row, parse_call
+from cio_sync._calls import Call, call_document, call_row, parse_call, to_micros
 from cio_sync._counters import Counters
 from cio_sync._errors import ConfigError, InvalidCall
 from cio_sync._formats import Format, get_format
-from cio_sync._publisher import Publisher
+from cio_sync._publisher import MANIFESTS_FOLDER, ManifestSpec, Publisher
 from cio_sync._schemas import CALL_SCHEMAS, CALL_TYPES, DOCUMENT_SCHEMA
 from cio_sync._sink import BaseSink, check_int, make_writer
+from cio_sync._spool import AvroSpool
 from cio_sync._writer import RetryPolicy, Writer, WrittenFile
 
 #: Default action id of each call type: one per type, so each type has its own run of positions.
@@ -24,6 +26,7 @@ DEFAULT_ACTION_IDS: Final[Mapping[str, int]] = MappingProxyType(
 
 DEFAULT_MAX_ROWS: Final = 500_000
 DEFAULT_MAX_BYTES: Final = 64 * 1024 * 1024
+DEFAULT_MAX_BUFFER_BYTES: Final = 256 * 1024 * 1024
 
 
 class AdvancedSink(BaseSink):
@@ -41,6 +44,14 @@ class AdvancedSink(BaseSink):
     (``None`` turns the timer off) and early when one call type buffers ``max_rows`` rows or ``max_bytes`` bytes.
     ``compression`` is the Parquet codec (default zstd). ``on_publish`` is called with each
     :class:`~cio_sync.WrittenFile` as it lands (from whichever thread published it).
+
+    Reliability (docs/reliability.md): with ``spool_dir``, every accepted call is appended to a local Avro spool
+    before ``write`` returns and survives a crash (``spool_sync``: "always", "interval" or "os"). All rows held in
+    memory are bounded by ``max_buffer_bytes``: past it the sink publishes early, and if storage does not take the
+    files it spills them to the spool (``when_full="spill"``, the default with a spool) or waits
+    (``"block"``, up to ``block_timeout`` seconds, then raises ``BufferFull``). ``manifests`` writes a manifest
+    per sync under ``_manifests/``. ``csv_neutralize_formulas`` prefixes CSV cells that a spreadsheet would run as a
+    formula.
     """
 
     def __init__(
@@ -58,6 +69,14 @@ class AdvancedSink(BaseSink):
         compression: str | None = None,
         retry: RetryPolicy | None = None,
         on_publish: Callable[[WrittenFile], None] | None = None,
+        spool_dir: str | os.PathLike[str] | None = None,
+        spool_sync: str = "always",
+        spool_sync_interval: float = 0.2,
+        max_buffer_bytes: int | None = DEFAULT_MAX_BUFFER_BYTES,
+        when_full: str | None = None,
+        block_timeout: float | None = None,
+        manifests: bool = True,
+        csv_neutralize_formulas: bool = False,
     ) -> None:
         self.destination_id = check_int("destination_id", destination_id)
         ids = dict(DEFAULT_ACTION_IDS)
@@ -68,13 +87,24 @@ class AdvancedSink(BaseSink):
         if len(set(ids.values())) != len(ids):
             raise ConfigError(f"action_ids must differ between call types; got {ids}")
         self.action_ids: Mapping[str, int] = MappingProxyType(ids)
-        options = {"compression": compression} if compression is not None else {}
+        options: dict[str, Any] = {"compression": compression} if compression is not None else {}
         if options and not (isinstance(format, str) and format.lower() == "parquet"):
             raise ConfigError("compression applies to the parquet format only (or configure your Format object)")
+        if csv_neutralize_formulas:
+            if not (isinstance(format, str) and format.lower() == "csv"):
+                raise ConfigError("csv_neutralize_formulas applies to the csv format only")
+            options["neutralize_formulas"] = True
         self.format = get_format(format, **options)
         self._documents = bool(getattr(self.format, "accepts_documents", False))
         writer = make_writer(target, filesystem=filesystem, storage_options=storage_options, retry=retry)
         self._counters = Counters(writer)
+        schema_of = (lambda table: DOCUMENT_SCHEMA) if self._documents else CALL_SCHEMAS.__getitem__
+        self.spool = None if spool_dir is None else AvroSpool(spool_dir, schema_of=schema_of, sync=spool_sync,
+                                                               sync_interval=spool_sync_interval)
+        manifest = None
+        if manifests:
+            header = {"mode": "advanced", "destination_id": self.destination_id, "format": self.format.name}
+            manifest = ManifestSpec(self._manifest_name, header, "received_at")
         self._publisher = Publisher(
             label=f"AdvancedSink({writer.url!r})",
             writer=writer,
@@ -84,7 +114,15 @@ class AdvancedSink(BaseSink):
             max_rows=max_rows,
             max_bytes=max_bytes,
             on_publish=on_publish,
+            store=self.spool,
+            max_buffer_bytes=max_buffer_bytes,
+            when_full=when_full or ("spill" if self.spool is not None else "block"),
+            block_timeout=block_timeout,
+            manifest=manifest,
         )
+        if self._publisher.stats().batches_pending:
+            # Calls spooled before a crash: publish them first, under the names they were given.
+            self._publisher.publish_ready()
 
     @property
     def writes_documents(self) -> bool:
@@ -96,6 +134,16 @@ class AdvancedSink(BaseSink):
             f"AdvancedSink({self.writer.url!r}, format={self.format.name!r}, destination_id={self.destination_id}, "
             f"closed={self.closed})"
         )
+
+    def _manifest_name(self) -> str:
+        sequence = self._counters.claim(f"manifest.{self.destination_id}")
+        return f"{MANIFESTS_FOLDER}/advanced.{self.destination_id}.{sequence}.json"
+
+    def close(self) -> list[WrittenFile]:
+        files = self._publisher.close()
+        if self.spool is not None:
+            self.spool.close()
+        return files
 
     def _name_for(self, call_type: str) -> str:
         action_id = self.action_ids[call_type]
@@ -129,5 +177,5 @@ class AdvancedSink(BaseSink):
         except InvalidCall:
             self._publisher.reject()
             raise
-        self._publisher.add(parsed.type, schema, row, size)
+        self._publisher.add(parsed.type, schema, row, size, to_micros(parsed.received_at))
         return parsed.message_id

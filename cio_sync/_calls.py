@@ -85,6 +85,15 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def to_micros(moment: datetime) -> int:
+    """An aware datetime as integer microseconds since the epoch (UTC), as timestamp columns store it."""
+    delta = moment - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
 def load_json(payload: str | bytes | bytearray | memoryview, what: str = "call") -> Any:
     """Parse JSON text with orjson, turning any failure into :class:`InvalidCall`.
 
@@ -166,7 +175,7 @@ def _scan(data: dict[str, Any], call_type: str, times: dict[str, datetime],
             continue
         if code == _RECEIVED:
             if build:
-                append(times["receivedAt"])
+                append(to_micros(times["receivedAt"]))
             continue
         if value is None:
             if build:
@@ -186,6 +195,7 @@ def _scan(data: dict[str, Any], call_type: str, times: dict[str, datetime],
                 size += len(value)
         elif code == _TIME:
             value = times[name] = parse_time(value, name)
+            value = to_micros(value)
             size += 8
         elif code == _TEXT:
             if isinstance(value, bool) or not isinstance(value, str | int | float):

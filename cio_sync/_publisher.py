@@ -15,6 +15,7 @@ A sink hands rows (tuples in its table's fixed column order) to a :class:`Publis
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import logging
 import math
@@ -25,9 +26,10 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, Protocol
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, Protocol
 
+import orjson
 import pyarrow as pa
 
 from cio_sync._errors import CioSyncError, ConfigError, PublishConflict, SinkClosed
@@ -38,6 +40,8 @@ log = logging.getLogger("cio_sync.sink")
 
 #: Where rows that could not be encoded are kept, under the sink's root, with the reason.
 DEAD_LETTERS_FOLDER = "_cio_sync/dead_letters"
+#: Where the manifest of each sync goes, under the sink's root.
+MANIFESTS_FOLDER = "_manifests"
 #: Published files remembered for the next ``flush()`` to return.
 _MAX_UNREPORTED = 100_000
 #: New names tried for one batch whose names were taken by files that are not its own.
@@ -60,6 +64,8 @@ class SinkStats:
     oldest_buffered_age: float | None
     last_error: str | None
     rows_dead_lettered: int = 0
+    #: Bytes of rows held in memory, buffered or waiting to be published (what ``max_buffer_bytes`` bounds).
+    bytes_in_memory: int = 0
 
 
 @dataclass(eq=False)
@@ -77,6 +83,13 @@ class Batch:
     key: Any = None
     #: Set once an upload of ``encoded`` under ``name`` may have happened (an earlier try, or an earlier process).
     attempted: bool = False
+    #: Approximate bytes the batch holds in memory (what the memory budget counts).
+    nbytes: int = 0
+    #: Earliest and latest row time (µs): receivedAt for calls, the change time for workspace rows.
+    first_time: int | None = None
+    last_time: int | None = None
+    #: SHA-256 of ``encoded``, for the manifest.
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,8 +104,9 @@ class Buffered:
 class RowStore(Protocol):
     """Where a sink's rows wait until they are published. Calls are serialised by the :class:`Publisher`."""
 
-    def append(self, table: str, schema: pa.Schema, row: tuple[Any, ...], size: int) -> Buffered:
-        """Keep one row of ``table``; return what the table now buffers."""
+    def append(self, table: str, schema: pa.Schema, row: tuple[Any, ...], size: int,
+               at: int | None = None) -> Buffered:
+        """Keep one row of ``table`` (``at``: its time in µs, for the manifest); return what the table buffers."""
         ...
 
     def tables(self) -> list[str]:
@@ -119,15 +133,25 @@ class RowStore(Protocol):
         """What each table buffers now."""
         ...
 
+    def release(self, batch: Batch) -> None:
+        """Let go of a pending batch's rows in memory if they can be read back (:meth:`load`); else do nothing."""
+        ...
+
+    def load(self, batch: Batch) -> None:
+        """Read back what :meth:`release` let go of."""
+        ...
+
 
 class _TableRows:
-    __slots__ = ("nbytes", "rows", "schema", "since")
+    __slots__ = ("first", "last", "nbytes", "rows", "schema", "since")
 
     def __init__(self, schema: pa.Schema) -> None:
         self.schema = schema
         self.rows: list[tuple[Any, ...]] = []
         self.nbytes = 0
         self.since = 0.0
+        self.first: int | None = None
+        self.last: int | None = None
 
 
 def rows_to_table(rows: list[tuple[Any, ...]] | list[list[Any]], schema: pa.Schema) -> pa.Table:
@@ -143,12 +167,17 @@ class MemoryRowStore:
     def __init__(self) -> None:
         self._tables: dict[str, _TableRows] = {}
 
-    def append(self, table: str, schema: pa.Schema, row: tuple[Any, ...], size: int) -> Buffered:
+    def append(self, table: str, schema: pa.Schema, row: tuple[Any, ...], size: int,
+               at: int | None = None) -> Buffered:
         rows = self._tables.get(table)
         if rows is None:
             rows = self._tables[table] = _TableRows(schema)
         if not rows.rows:
             rows.since = time.monotonic()
+            rows.first = rows.last = at
+        elif at is not None:
+            rows.first = at if rows.first is None or at < rows.first else rows.first
+            rows.last = at if rows.last is None or at > rows.last else rows.last
         rows.rows.append(row)
         rows.nbytes += size
         return Buffered(len(rows.rows), rows.nbytes, rows.since)
@@ -160,7 +189,8 @@ class MemoryRowStore:
         rows = self._tables.get(table)
         if rows is None or not rows.rows:
             return None
-        batch = Batch(table, len(rows.rows), rows.rows, rows.schema)
+        batch = Batch(table, len(rows.rows), rows.rows, rows.schema, nbytes=rows.nbytes, first_time=rows.first,
+                      last_time=rows.last)
         rows.rows = []
         rows.nbytes = 0
         return batch
@@ -176,6 +206,12 @@ class MemoryRowStore:
 
     def buffered(self) -> dict[str, Buffered]:
         return {t: Buffered(len(r.rows), r.nbytes, r.since) for t, r in self._tables.items() if r.rows}
+
+    def release(self, batch: Batch) -> None:
+        pass  # memory is all there is
+
+    def load(self, batch: Batch) -> None:
+        pass
 
 
 @dataclass(eq=False)
@@ -203,6 +239,26 @@ def _flush_open_publishers() -> None:
             log.exception("could not publish buffered rows of %s at exit", publisher.label)
 
 
+@dataclass(frozen=True)
+class ManifestSpec:
+    """How a sink's manifests are named and what they say about the sink (see docs/manifests.md)."""
+
+    #: Returns the name (under the sink's root) of the next manifest; names never repeat.
+    name_for: Callable[[], str]
+    #: Fields about the sink written at the top of every manifest (mode, destination or workspace id).
+    header: dict[str, Any]
+    #: What the files' time range is: ``"received_at"`` (Advanced) or ``"changed_at"`` (Standard).
+    time_label: str
+
+
+WHEN_FULL: Final = ("block", "spill")
+
+
+class BufferFull(CioSyncError):
+    """The sink's memory budget is used up, storage is not taking files, and ``block_timeout`` ran out; the call
+    was not accepted."""
+
+
 class Publisher:
     """Buffers rows per table in a :class:`RowStore` and publishes them as files through ``format`` and ``writer``."""
 
@@ -218,15 +274,23 @@ class Publisher:
         max_bytes: int | None,
         store: RowStore | None = None,
         on_publish: Callable[[WrittenFile], None] | None = None,
+        max_buffer_bytes: int | None = None,
+        when_full: str = "block",
+        block_timeout: float | None = None,
+        manifest: ManifestSpec | None = None,
     ) -> None:
         if flush_interval is not None and (
             isinstance(flush_interval, bool) or not isinstance(flush_interval, int | float)
             or not math.isfinite(flush_interval) or flush_interval <= 0
         ):
             raise ConfigError(f"flush_interval must be a positive number of seconds or None; got {flush_interval!r}")
-        for name, value in (("max_rows", max_rows), ("max_bytes", max_bytes)):
+        for name, value in (("max_rows", max_rows), ("max_bytes", max_bytes), ("max_buffer_bytes", max_buffer_bytes)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{name} must be an integer of at least 1, or None; got {value!r}")
+        if when_full not in WHEN_FULL:
+            raise ConfigError(f"when_full must be one of {', '.join(WHEN_FULL)}; got {when_full!r}")
+        if block_timeout is not None and not (isinstance(block_timeout, int | float) and block_timeout >= 0):
+            raise ConfigError(f"block_timeout must be seconds >= 0 or None; got {block_timeout!r}")
         self.label = label
         self.writer = writer
         self.format = format
@@ -234,10 +298,15 @@ class Publisher:
         self.flush_interval = flush_interval
         self.max_rows = max_rows
         self.max_bytes = max_bytes
+        self.max_buffer_bytes = max_buffer_bytes
+        self.when_full = when_full
+        self.block_timeout = block_timeout
+        self.manifest = manifest
         self.store: RowStore = store if store is not None else MemoryRowStore()
         self._pending: deque[Batch] = deque(self.store.pending())
         for batch in self._pending:
-            batch.attempted = True
+            batch.attempted = batch.attempted or batch.name is not None
+        self._memory = sum(b.nbytes for b in self._pending)
         self._counts = _Counts()
         self._on_publish = on_publish
         self._unreported: deque[WrittenFile] = deque(maxlen=_MAX_UNREPORTED)
@@ -273,41 +342,71 @@ class Publisher:
         with self.lock:
             self._counts.accepted += 1
 
-    def append(self, table: str, schema: pa.Schema, row: tuple[Any, ...], size: int) -> bool:
-        """Buffer one row of ``table``; if the table reached ``max_rows`` or ``max_bytes``, cut it into a batch and
-        return True: the caller then calls :meth:`publish_ready` (outside any transaction of its own)."""
+    def make_room(self) -> None:
+        """Before accepting a call: if the memory budget is used up, publish early; if storage does not take the
+        files, spill them to the spool (``when_full="spill"``) or wait for storage (``"block"``), and after
+        ``block_timeout`` raise :class:`BufferFull` rather than drop anything."""
+        if self.max_buffer_bytes is None or self._memory < self.max_buffer_bytes:
+            return
         with self.lock:
-            self.check_open()
-            now = self.store.append(table, schema, row, size)
-            full = (self.max_rows is not None and now.rows >= self.max_rows) or (
-                self.max_bytes is not None and now.nbytes >= self.max_bytes
-            )
-            if full:
+            for table in self.store.tables():
                 self._cut(table)
-            return full
+        self.publish_ready()
+        if self._memory < self.max_buffer_bytes:
+            return
+        if self.when_full == "spill":
+            with self.lock:
+                for batch in self._pending:
+                    if batch.data is not None or batch.encoded is not None:
+                        self.store.release(batch)
+                        if batch.data is None and batch.encoded is None:
+                            self._memory -= batch.nbytes
+            if self._memory < self.max_buffer_bytes:
+                return
+        deadline = None if self.block_timeout is None else time.monotonic() + self.block_timeout
+        pause = 0.05
+        while self._memory >= self.max_buffer_bytes:
+            self.check_open()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise BufferFull(
+                    f"{self.label}: {self._memory:,} bytes wait to be published (max_buffer_bytes="
+                    f"{self.max_buffer_bytes:,}) and storage is not taking files: {self._counts.last_error}"
+                )
+            time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic())))
+            pause = min(pause * 2, 5.0)
+            self.publish_ready()
 
-    def append_rows(self, rows: list[tuple[str, pa.Schema, tuple[Any, ...], int]]) -> bool:
-        """Buffer the rows one call or record produced, then cut the tables they filled (never in between, so a
-        durable store commits a call's rows whole). Returns True if something was cut: then call
-        :meth:`publish_ready` once outside any transaction of your own."""
+    def _is_full(self, now: Buffered) -> bool:
+        return (self.max_rows is not None and now.rows >= self.max_rows) or (
+            self.max_bytes is not None and now.nbytes >= self.max_bytes
+        )
+
+    def append_rows(self, rows: list[tuple[str, pa.Schema, tuple[Any, ...], int, int | None]]) -> bool:
+        """Buffer the rows one call or record produced (table, schema, row, size, time), then cut the tables they
+        filled (never in between, so a durable store keeps a call's rows whole). Returns True if something was cut:
+        then call :meth:`publish_ready` once, outside any transaction of your own."""
         with self.lock:
             self.check_open()
             full: set[str] = set()
-            for table, schema, row, size in rows:
-                now = self.store.append(table, schema, row, size)
-                if (self.max_rows is not None and now.rows >= self.max_rows) or (
-                    self.max_bytes is not None and now.nbytes >= self.max_bytes
-                ):
+            for table, schema, row, size, at in rows:
+                if self._is_full(self.store.append(table, schema, row, size, at)):
                     full.add(table)
+                self._memory += size
             for table in full:
                 self._cut(table)
             return bool(full)
 
-    def add(self, table: str, schema: pa.Schema, row: tuple[Any, ...], size: int) -> None:
+    def add(self, table: str, schema: pa.Schema, row: tuple[Any, ...], size: int, at: int | None = None) -> None:
         """Buffer one row of one accepted call, publishing early if its table is full."""
+        self.make_room()
         with self.lock:
-            full = self.append(table, schema, row, size)
+            self.check_open()
+            now = self.store.append(table, schema, row, size, at)
+            self._memory += size
             self._counts.accepted += 1
+            full = self._is_full(now)
+            if full:
+                self._cut(table)
         if full:
             self.publish_ready()
 
@@ -340,10 +439,16 @@ class Publisher:
             return files
 
     def _publish_pending(self) -> None:
-        """Publish queued batches in order. A table whose batch fails keeps its later batches queued behind it
-        (files of a table must land in order); other tables go on. The first failure is raised at the end."""
+        """Publish queued batches in order, then the manifest of what landed, then let the batches go.
+
+        A table whose batch fails keeps its later batches queued behind it (files of a table land in order); other
+        tables go on. Batches leave the store only after the manifest that lists them was published, so a crash or
+        a failure in between publishes them again (recognised, not duplicated) with the next manifest. The first
+        failure is raised at the end.
+        """
         failed: set[str] = set()
         first_error: CioSyncError | None = None
+        landed: list[tuple[Batch, WrittenFile | None]] = []
         with self._publish_lock:
             with self.lock:
                 queue = list(self._pending)
@@ -351,16 +456,25 @@ class Publisher:
                 if batch.table in failed:
                     continue
                 try:
-                    written = self._publish_one(batch)
+                    landed.append((batch, self._publish_one(batch)))
                 except CioSyncError as exc:
                     failed.add(batch.table)
                     first_error = first_error or exc
                     with self.lock:
                         self._counts.last_error = str(exc)
-                    continue
+            files = [(b, w) for b, w in landed if w is not None]
+            if files and self.manifest is not None:
+                try:
+                    self._publish_manifest(files)
+                except CioSyncError as exc:
+                    with self.lock:
+                        self._counts.last_error = str(exc)
+                    raise exc from (first_error if first_error is not exc else None)
+            for batch, written in landed:
                 with self.lock:
                     self.store.published(batch)
                     self._pending.remove(batch)
+                    self._memory -= batch.nbytes if (batch.data is not None or batch.encoded is not None) else 0
                     if written is not None:
                         self._record(written)
         if first_error is not None:
@@ -382,6 +496,8 @@ class Publisher:
 
     def _publish_one(self, batch: Batch) -> WrittenFile | None:
         """Encode, name and upload one batch; ``None`` if its rows could not be encoded and went to dead letters."""
+        if batch.data is None and batch.encoded is None:
+            self.store.load(batch)  # spilled: read back from the spool
         if batch.encoded is None:
             try:
                 assert batch.data is not None
@@ -391,6 +507,8 @@ class Publisher:
                 self._dead_letter(batch, exc)
                 return None
             batch.data = None
+        if batch.sha256 is None:
+            batch.sha256 = hashlib.sha256(batch.encoded).hexdigest()
         for _ in range(_MAX_RENAMES):
             if batch.name is None:
                 batch.name = self._name_for(batch.table)
@@ -407,6 +525,29 @@ class Publisher:
                 batch.name = None
                 batch.attempted = False
         raise CioSyncError(f"{self.label}: gave up after {_MAX_RENAMES} names that were already taken")
+
+    def _publish_manifest(self, files: list[tuple[Batch, WrittenFile]]) -> None:
+        assert self.manifest is not None
+        label = self.manifest.time_label
+
+        def when(micros: int | None) -> str | None:
+            if micros is None:
+                return None
+            moment = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)
+            return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+        entries = [{
+            "name": w.name, "table": w.table, "rows": w.rows, "bytes": w.bytes, "sha256": b.sha256,
+            f"min_{label}": when(b.first_time), f"max_{label}": when(b.last_time),
+        } for b, w in files]
+        name = self.manifest.name_for()
+        document = {
+            "manifest_version": 1, **self.manifest.header, "name": name,
+            "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "files": entries, "rows": sum(w.rows for _, w in files),
+        }
+        self.writer.publish(name, orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n", table="_manifest",
+                            rows=len(entries))
 
     def _dead_letter(self, batch: Batch, exc: BaseException) -> None:
         """Keep rows that cannot be encoded under ``_cio_sync/dead_letters/`` with the reason, never drop them."""
@@ -473,4 +614,5 @@ class Publisher:
                 oldest_buffered_age=(now - min(since)) if since else None,
                 last_error=counts.last_error,
                 rows_dead_lettered=counts.dead_letters,
+                bytes_in_memory=self._memory,
             )

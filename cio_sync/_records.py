@@ -7,12 +7,11 @@ This module knows no sink and no state: it turns ``(table, row)`` into typed val
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any, Final
 
 import pyarrow as pa
 
-from cio_sync._calls import dump_json, load_json, parse_time
+from cio_sync._calls import dump_json, load_json, parse_time, to_micros
 from cio_sync._errors import InvalidCall, InvalidRecord
 from cio_sync._schemas import STANDARD_SCHEMAS, is_json_text
 
@@ -48,15 +47,6 @@ METRICS: Final = frozenset({
 SINK_COLUMNS: Final = frozenset({"workspace_id", "version"})
 PERSON_COLUMNS: Final = ("internal_customer_id", "external_customer_id")
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-
-
-def to_micros(moment: datetime) -> int:
-    """An aware datetime as integer microseconds since the epoch (UTC)."""
-    delta = moment.astimezone(UTC) - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _type_of(value: Any) -> str:

@@ -22,14 +22,15 @@ from cio_sync._calls import JSON_OPTIONS, Call, parse_call
 from cio_sync._counters import Counters
 from cio_sync._errors import InvalidCall, InvalidRecord, InvalidRecords, UnknownPerson
 from cio_sync._formats import ParquetFormat
-from cio_sync._publisher import Publisher
+from cio_sync._publisher import MANIFESTS_FOLDER, ManifestSpec, Publisher
 from cio_sync._records import DEFINITION_KEYS, check_record
 from cio_sync._schemas import STANDARD_SCHEMAS, STANDARD_VERSION
 from cio_sync._sink import BaseSink, check_int, make_writer
 from cio_sync._state import Definition, Person, SqliteOutbox, WorkspaceState
 from cio_sync._writer import RetryPolicy, Writer, WrittenFile
 
-Row = tuple[str, pa.Schema, tuple[Any, ...], int]
+#: One row a step produced: table, schema, values, approximate size, change time (µs).
+Row = tuple[str, pa.Schema, tuple[Any, ...], int, int | None]
 
 DEFAULT_MAX_ROWS: Final = 500_000
 DEFAULT_MAX_BYTES: Final = 64 * 1024 * 1024
@@ -83,6 +84,10 @@ class StandardSink(BaseSink):
         retry: RetryPolicy | None = None,
         on_publish: Callable[[WrittenFile], None] | None = None,
         commit_every: int = 1,
+        max_buffer_bytes: int | None = 256 * 1024 * 1024,
+        when_full: str = "spill",
+        block_timeout: float | None = None,
+        manifests: bool = True,
     ) -> None:
         self.workspace_id = check_int("workspace_id", workspace_id)
         self.commit_every = check_int("commit_every", commit_every, minimum=1)
@@ -101,6 +106,12 @@ class StandardSink(BaseSink):
                 max_bytes=max_bytes,
                 store=SqliteOutbox(self.state),
                 on_publish=on_publish,
+                max_buffer_bytes=max_buffer_bytes,
+                when_full=when_full,
+                block_timeout=block_timeout,
+                manifest=ManifestSpec(self._manifest_name, {
+                    "mode": "standard", "workspace_id": self.workspace_id, "schema_version": STANDARD_VERSION,
+                }, "changed_at") if manifests else None,
             )
         except BaseException:
             self.state.close()
@@ -120,6 +131,11 @@ class StandardSink(BaseSink):
         sequence = self._counters.claim(key, at_least=time.time_ns() // 1000)
         return f"{key}_{sequence}.parquet"
 
+    def _manifest_name(self) -> str:
+        key = f"manifest_v{STANDARD_VERSION}_{self.workspace_id}"
+        sequence = self._counters.claim(key, at_least=time.time_ns() // 1000)
+        return f"{MANIFESTS_FOLDER}/{key}_{sequence}.json"
+
     def close(self) -> list[WrittenFile]:
         files = self._publisher.close()
         self.state.close()
@@ -131,6 +147,7 @@ class StandardSink(BaseSink):
         """Run ``produce`` (which changes the state and returns the rows of the change) as one step: its state
         changes and rows are kept together or not at all."""
         publisher, state = self._publisher, self.state
+        publisher.make_room()
         with publisher.lock:
             publisher.check_open()
             state.savepoint()
@@ -199,11 +216,12 @@ class StandardSink(BaseSink):
     def _people_row(self, person: Person) -> Row:
         row = (self.workspace_id, person.cio_id, person.id, person.email, person.deleted, person.suppressed,
                person.created_at, person.updated_at)
-        return "people", _PEOPLE, row, 48 + len(person.cio_id) + len(person.id or "") + len(person.email or "")
+        size = 48 + len(person.cio_id) + len(person.id or "") + len(person.email or "")
+        return "people", _PEOPLE, row, size, person.updated_at
 
     def _attribute_row(self, person: Person, name: str, value: str | None, at: int) -> Row:
         row = (self.workspace_id, person.cio_id, person.id, name, value, at)
-        return "attributes", _ATTRIBUTES, row, 32 + len(person.cio_id) + len(name) + len(value or "")
+        return "attributes", _ATTRIBUTES, row, 32 + len(person.cio_id) + len(name) + len(value or ""), at
 
     def _touch(self, person: Person) -> int:
         """A change time for ``person``: now, and always after its previous change."""
@@ -424,7 +442,7 @@ class StandardSink(BaseSink):
                 values["version"] = version
         row = (self.workspace_id, *(values[name] for name in schema.names[1:]))
         size = 16 + sum(len(v) if isinstance(v, str) else 8 for v in row)
-        return [(table, schema, row, size)]
+        return [(table, schema, row, size, now)]
 
     def _fill_person(self, values: dict[str, Any]) -> None:
         internal, external = values.get("internal_customer_id"), values.get("external_customer_id")

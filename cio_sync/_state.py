@@ -56,11 +56,12 @@ CREATE TABLE IF NOT EXISTS definitions (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, tbl TEXT NOT NULL, row BLOB NOT NULL, size INTEGER NOT NULL,
-    batch INTEGER
+    at INTEGER, batch INTEGER
 );
 CREATE INDEX IF NOT EXISTS outbox_by_batch ON outbox (batch, tbl);
 CREATE TABLE IF NOT EXISTS batches (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, tbl TEXT NOT NULL, rows INTEGER NOT NULL, name TEXT, data BLOB
+    id INTEGER PRIMARY KEY AUTOINCREMENT, tbl TEXT NOT NULL, rows INTEGER NOT NULL, name TEXT, data BLOB,
+    nbytes INTEGER NOT NULL DEFAULT 0, first_at INTEGER, last_at INTEGER
 );
 """
 
@@ -318,26 +319,34 @@ class WorkspaceState:
 
     # -- the outbox (used by SqliteOutbox) -----------------------------------------------------------------------
 
-    def outbox_add(self, table: str, row: bytes, size: int) -> None:
-        self._tx().execute("INSERT INTO outbox (tbl, row, size) VALUES (?, ?, ?)", (table, row, size))
+    def outbox_add(self, table: str, row: bytes, size: int, at: int | None) -> None:
+        self._tx().execute("INSERT INTO outbox (tbl, row, size, at) VALUES (?, ?, ?, ?)", (table, row, size, at))
 
     def outbox_counts(self) -> Iterator[tuple[str, int, int]]:
         yield from self._db.execute(
             "SELECT tbl, count(*), coalesce(sum(size), 0) FROM outbox WHERE batch IS NULL GROUP BY tbl")
 
-    def outbox_cut(self, table: str) -> tuple[int, list[bytes]]:
+    def outbox_cut(self, table: str) -> tuple[int, list[bytes], int, int | None, int | None]:
+        """Close the table's open rows into a new batch; its id, rows, bytes and time range."""
         db = self._tx()
         cursor = db.execute("INSERT INTO batches (tbl, rows) VALUES (?, 0)", (table,))
         batch_id = int(cursor.lastrowid or 0)
         db.execute("UPDATE outbox SET batch = ? WHERE batch IS NULL AND tbl = ?", (batch_id, table))
         rows = [r[0] for r in db.execute("SELECT row FROM outbox WHERE batch = ? ORDER BY seq", (batch_id,))]
-        db.execute("UPDATE batches SET rows = ? WHERE id = ?", (len(rows), batch_id))
+        nbytes, first, last = db.execute(
+            "SELECT coalesce(sum(size), 0), min(at), max(at) FROM outbox WHERE batch = ?", (batch_id,)).fetchone()
+        db.execute("UPDATE batches SET rows = ?, nbytes = ?, first_at = ?, last_at = ? WHERE id = ?",
+                   (len(rows), nbytes, first, last, batch_id))
         self.commit()
-        return batch_id, rows
+        return batch_id, rows, int(nbytes), first, last
 
-    def outbox_batches(self) -> list[tuple[int, str, int, str | None, bytes | None]]:
+    def outbox_batches(self) -> list[tuple[Any, ...]]:
         return [tuple(r) for r in self._db.execute(
-            "SELECT id, tbl, rows, name, data FROM batches ORDER BY id")]
+            "SELECT id, tbl, rows, name, data, nbytes, first_at, last_at FROM batches ORDER BY id")]
+
+    def outbox_encoded(self, batch_id: int) -> bytes:
+        row = self._db.execute("SELECT data FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        return bytes(row[0])
 
     def outbox_batch_rows(self, batch_id: int) -> list[bytes]:
         return [r[0] for r in self._db.execute("SELECT row FROM outbox WHERE batch = ? ORDER BY seq", (batch_id,))]
@@ -363,8 +372,9 @@ class SqliteOutbox:
         for table, rows, size in state.outbox_counts():
             self._buffered[table] = [rows, size, time.monotonic()]
 
-    def append(self, table: str, schema: pa.Schema, row: tuple[Any, ...], size: int) -> Buffered:
-        self._state.outbox_add(table, orjson.dumps(row), size)
+    def append(self, table: str, schema: pa.Schema, row: tuple[Any, ...], size: int,
+               at: int | None = None) -> Buffered:
+        self._state.outbox_add(table, orjson.dumps(row), size, at)
         counts = self._buffered.get(table)
         if counts is None or counts[0] == 0:
             counts = self._buffered[table] = [0, 0, time.monotonic()]
@@ -379,22 +389,35 @@ class SqliteOutbox:
         counts = self._buffered.get(table)
         if counts is None or counts[0] == 0:
             return None
-        batch_id, rows = self._state.outbox_cut(table)
+        batch_id, rows, nbytes, first, last = self._state.outbox_cut(table)
         counts[0] = counts[1] = 0
         if not rows:
             return None
-        return Batch(table, len(rows), [orjson.loads(r) for r in rows], STANDARD_SCHEMAS[table], key=batch_id)
+        return Batch(table, len(rows), [orjson.loads(r) for r in rows], STANDARD_SCHEMAS[table], key=batch_id,
+                     nbytes=nbytes, first_time=first, last_time=last)
 
     def pending(self) -> list[Batch]:
         batches = []
-        for batch_id, table, rows, name, data in self._state.outbox_batches():
+        for batch_id, table, rows, name, data, nbytes, first, last in self._state.outbox_batches():
             if name is not None and data is not None:
                 batches.append(Batch(table, rows, None, STANDARD_SCHEMAS[table], name=name, encoded=data,
-                                     key=batch_id))
+                                     key=batch_id, attempted=True, nbytes=nbytes, first_time=first,
+                                     last_time=last))
             else:
                 decoded = [orjson.loads(r) for r in self._state.outbox_batch_rows(batch_id)]
-                batches.append(Batch(table, len(decoded), decoded, STANDARD_SCHEMAS[table], key=batch_id))
+                batches.append(Batch(table, len(decoded), decoded, STANDARD_SCHEMAS[table], key=batch_id,
+                                     nbytes=nbytes, first_time=first, last_time=last))
         return batches
+
+    def release(self, batch: Batch) -> None:
+        batch.data = None
+        batch.encoded = None
+
+    def load(self, batch: Batch) -> None:
+        if batch.name is not None:
+            batch.encoded = self._state.outbox_encoded(batch.key)
+        else:
+            batch.data = [orjson.loads(r) for r in self._state.outbox_batch_rows(batch.key)]
 
     def named(self, batch: Batch) -> None:
         assert batch.name is not None

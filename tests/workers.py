@@ -16,3 +16,33 @@ def write_tagged_calls(url: str, storage_options: dict[str, Any], fmt: str, work
             if i % 40 == 0:
                 sink.write({"type": "identify", "userId": f"u{i}", "messageId": f"w{worker}-id-{i}"})
     return count
+
+
+def crash_writer(url: str, storage_options_json: str, spool_dir: str, ack_path: str, first: int) -> None:
+    """Write track calls numbered from ``first`` forever, appending each messageId to ``ack_path`` once ``write()``
+    returned; publish often. The test kills this process with SIGKILL at a random moment."""
+    import json
+    import os
+
+    options = json.loads(storage_options_json)
+    sink = cio_sync.AdvancedSink(url, storage_options=options, spool_dir=spool_dir, spool_sync="os",
+                                 destination_id=9, flush_interval=0.05, max_rows=40)
+    fd = os.open(ack_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    i = first
+    while True:
+        message_id = f"m{i}"
+        sink.write({"type": "track" if i % 5 else "identify", "userId": f"u{i}", "event": "E",
+                    "messageId": message_id})
+        os.write(fd, (message_id + "\n").encode())  # unbuffered: what is here was accepted
+        i += 1
+        if i % 97 == 0:
+            sink.flush()
+
+
+def recover(url: str, storage_options_json: str, spool_dir: str, fmt: str = "parquet") -> None:
+    """Open the sink on the spool (publishing what it recovers) and close it cleanly."""
+    import json
+
+    sink = cio_sync.AdvancedSink(url, format=fmt, storage_options=json.loads(storage_options_json),
+                                 spool_dir=spool_dir, destination_id=9, flush_interval=None)
+    sink.close()
