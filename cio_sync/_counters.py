@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import threading
 from datetime import UTC, datetime
@@ -62,7 +63,9 @@ class Counters:
             last = self._last.get(key)
             value = max((last if last is not None else self.current(key)) + 1, at_least)
             while True:
-                marker = orjson.dumps({"claimed_at": datetime.now(UTC), "by": self._owner})
+                # A nonce makes every claim's bytes unique, so no one can take another claimer's marker for its own.
+                marker = orjson.dumps({"claimed_at": datetime.now(UTC), "by": self._owner,
+                                       "nonce": secrets.token_hex(8)})
                 try:
                     self._writer.publish(f"{folder}/{value:0{_WIDTH}d}", marker, table="_counter", rows=0)
                 except PublishConflict:

@@ -514,10 +514,13 @@ class Publisher:
                 batch.name = self._name_for(batch.table)
                 with self.lock:
                     self.store.named(batch)
-            resume, batch.attempted = batch.attempted, True
+            batch.attempted = True
             try:
+                # Always as a resume: the name is ours (claimed from the counter), so a file already under it
+                # with exactly these bytes is this batch landed by an earlier try, ours or the backend client's
+                # own retry after a lost response (botocore, gcsfs and azure-core all retry by themselves).
                 return self.writer.publish(batch.name, batch.encoded, table=batch.table, rows=batch.rows,
-                                           resume=resume)
+                                           resume=True)
             except PublishConflict as exc:
                 # The name holds someone else's file (counters lost, or files from another writer): leave it
                 # alone and publish these rows under the next name.

@@ -248,3 +248,13 @@ def test_whatever_is_accepted_is_published(fmt: str, calls: list[dict[str, Any]]
     files = sink.close()
     assert sum(f.rows for f in files) == accepted
     assert sink.stats.rows_dead_lettered == 0
+
+
+def test_a_backend_retry_that_finds_its_own_upload_does_not_publish_the_rows_twice() -> None:
+    fs = FlakyMemory(failures=["lands-then-exists"], data_only=True, skip_instance_cache=True)
+    sink = cio_sync.AdvancedSink(FsspecWriter("/own", filesystem=fs, retry=NO_WAIT), flush_interval=None)
+    sink.write({"type": "track", "userId": "1", "event": "E"})
+    [written] = sink.close()
+    assert written.name == "1.2.1.track.parquet"
+    data_files = [p for p in fs.find("/own") if "/_cio_sync/" not in p and "/_manifests/" not in p]
+    assert data_files == ["/own/1.2.1.track.parquet"]

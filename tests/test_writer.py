@@ -96,6 +96,9 @@ class FlakyMemory(MemoryFileSystem):
         super().pipe_file(path, value, mode=mode, **kwargs)
         if failure == "after":
             raise TimeoutError("read timed out")
+        if failure == "lands-then-exists":
+            # A client that retried by itself after a lost response, and found its own object.
+            raise FileExistsError(path)
         if failure == "after-then-einval":
             self.failures.insert(0, "einval-on-exists")
             raise TimeoutError("read timed out")
