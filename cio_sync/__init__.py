@@ -27,7 +27,7 @@ from cio_sync._errors import (
 )
 from cio_sync._formats import CsvFormat, Format, JsonLinesFormat, ParquetFormat, get_format, register_format
 from cio_sync._pipeline import Pipeline
-from cio_sync._publisher import SinkStats
+from cio_sync._publisher import BufferFull, SinkStats
 from cio_sync._standard import StandardSink
 from cio_sync._writer import FsspecWriter, RetryPolicy, Writer, WrittenFile
 
@@ -35,6 +35,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdvancedSink",
+    "BufferFull",
     "CioSyncError",
     "ConfigError",
     "CsvFormat",

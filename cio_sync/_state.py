@@ -337,7 +337,8 @@ class WorkspaceState:
             "SELECT coalesce(sum(size), 0), min(at), max(at) FROM outbox WHERE batch = ?", (batch_id,)).fetchone()
         db.execute("UPDATE batches SET rows = ?, nbytes = ?, first_at = ?, last_at = ? WHERE id = ?",
                    (len(rows), nbytes, first, last, batch_id))
-        self.commit()
+        # No commit here: a cut may happen inside a step (a call's savepoint); it becomes durable with the next
+        # commit, at the latest when the batch is named, before its upload.
         return batch_id, rows, int(nbytes), first, last
 
     def outbox_batches(self) -> list[tuple[Any, ...]]:
