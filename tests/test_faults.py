@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import uuid
@@ -100,10 +101,8 @@ def test_every_call_arrives_exactly_once_through_flaky_storage(tmp_path: Path, s
     for i, call in enumerate(calls):
         ids.append(sink.write(call))
         if i % 700 == 0:
-            try:
-                sink.flush()
-            except cio_sync.StorageError:
-                pass  # the rows stay queued; the next flush takes them
+            with contextlib.suppress(cio_sync.StorageError):
+                sink.flush()  # if it fails, the rows stay queued and the next flush takes them
     flush_until_done(sink)
     assert sum(fs.failures.values()) > 100, fs.failures  # the storage really was that bad
     rows = data_rows(fs, writer.root, tmp_path)
