@@ -45,6 +45,15 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def crash(session: nox.Session) -> None:
+    """The SIGKILL crash trials at length: 200 kills per storage instead of the default run's 20."""
+    session.install("-e", ".[test]")
+    trials = os.environ.get("CIO_SYNC_CRASH_TRIALS", "200")
+    session.run("pytest", "--timeout=7200", "tests/test_crash.py", "tests/test_faults.py", *session.posargs,
+                env={"CIO_SYNC_CRASH_TRIALS": trials, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"})
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff: lint and import order."""
     session.install("ruff>=0.6")

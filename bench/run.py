@@ -46,10 +46,12 @@ def raw_pyarrow(calls: list[dict[str, Any]], folder: Path) -> None:
     pq.write_table(table, folder / "raw.parquet", compression="zstd")
 
 
-def sink_run(fmt: str, as_bytes: bool = False) -> Callable[[list[Any], Path], None]:
+def sink_run(fmt: str, as_bytes: bool = False, spool: str | None = None) -> Callable[[list[Any], Path], None]:
     def run(calls: list[Any], folder: Path) -> None:
-        with cio_sync.AdvancedSink(str(folder), format=fmt, flush_interval=None, max_rows=None,
-                                   max_bytes=None) as sink:
+        spool_dir = folder / "spool" if spool else None
+        with cio_sync.AdvancedSink(str(folder / "bucket"), format=fmt, flush_interval=None, max_rows=None,
+                                   max_bytes=None, max_buffer_bytes=None, spool_dir=spool_dir,
+                                   spool_sync=spool or "always") as sink:
             for call in calls:
                 sink.write(call)
 
@@ -111,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         ("AdvancedSink parquet, JSON bytes in", sink_run("parquet", True), as_bytes),
         ("AdvancedSink csv, dicts in", sink_run("csv"), calls),
         ("AdvancedSink json, dicts in", sink_run("json"), calls),
+        ("AdvancedSink parquet, spool (sync os)", sink_run("parquet", spool="os"), calls),
+        ("AdvancedSink parquet, spool (sync interval)", sink_run("parquet", spool="interval"), calls),
+        ("AdvancedSink parquet, spool (sync always)", sink_run("parquet", spool="always"), calls),
     ]
     identifies = identify_calls(args.identify_calls)
     standard_cases = [

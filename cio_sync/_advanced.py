@@ -50,8 +50,9 @@ class AdvancedSink(BaseSink):
     memory are bounded by ``max_buffer_bytes``: past it the sink publishes early, and if storage does not take the
     files it spills them to the spool (``when_full="spill"``, the default with a spool) or waits
     (``"block"``, up to ``block_timeout`` seconds, then raises ``BufferFull``). ``manifests`` writes a manifest
-    per sync under ``_manifests/``. ``csv_neutralize_formulas`` prefixes CSV cells that a spreadsheet would run as a
-    formula.
+    per sync under ``_manifests/``. ``keep_rejected`` also keeps calls that validation refused, with the reason,
+    under ``_cio_sync/dead_letters/rejected/`` (written at each sync). ``csv_neutralize_formulas`` prefixes CSV
+    cells that a spreadsheet would run as a formula.
     """
 
     def __init__(
@@ -77,6 +78,7 @@ class AdvancedSink(BaseSink):
         block_timeout: float | None = None,
         manifests: bool = True,
         csv_neutralize_formulas: bool = False,
+        keep_rejected: bool = False,
     ) -> None:
         self.destination_id = check_int("destination_id", destination_id)
         ids = dict(DEFAULT_ACTION_IDS)
@@ -119,6 +121,7 @@ class AdvancedSink(BaseSink):
             when_full=when_full or ("spill" if self.spool is not None else "block"),
             block_timeout=block_timeout,
             manifest=manifest,
+            keep_rejected=keep_rejected,
         )
         if self._publisher.stats().batches_pending:
             # Calls spooled before a crash: publish them first, under the names they were given.
@@ -158,8 +161,8 @@ class AdvancedSink(BaseSink):
         """
         try:
             parsed = parse_call(call, row=not self._documents)
-        except InvalidCall:
-            self._publisher.reject()
+        except InvalidCall as exc:
+            self._publisher.reject(call, exc)
             raise
         return self.write_call(parsed)
 
@@ -174,8 +177,8 @@ class AdvancedSink(BaseSink):
             else:
                 row, size = call_row(parsed)
                 schema = CALL_SCHEMAS[parsed.type]
-        except InvalidCall:
-            self._publisher.reject()
+        except InvalidCall as exc:
+            self._publisher.reject(parsed.data, exc)
             raise
         self._publisher.add(parsed.type, schema, row, size, to_micros(parsed.received_at))
         return parsed.message_id

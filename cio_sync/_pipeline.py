@@ -44,9 +44,9 @@ class Pipeline(BaseSink):
                 call_document(parsed) if self.advanced.writes_documents else call_row(parsed)
             if self.standard is not None:
                 self.standard._trait_texts(parsed)
-        except InvalidCall:
+        except InvalidCall as exc:
             for sink in self.sinks:
-                sink._publisher.reject()
+                sink._publisher.reject(call, exc)
             raise
         if self.standard is not None:
             self.standard.write_call(parsed)

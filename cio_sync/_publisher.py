@@ -44,6 +44,8 @@ DEAD_LETTERS_FOLDER = "_cio_sync/dead_letters"
 MANIFESTS_FOLDER = "_manifests"
 #: Published files remembered for the next ``flush()`` to return.
 _MAX_UNREPORTED = 100_000
+#: Rejected calls kept in memory for the dead letters between two syncs (more are counted, not kept).
+_MAX_REJECTED_KEPT = 10_000
 #: New names tried for one batch whose names were taken by files that are not its own.
 _MAX_RENAMES = 20
 
@@ -278,6 +280,7 @@ class Publisher:
         when_full: str = "block",
         block_timeout: float | None = None,
         manifest: ManifestSpec | None = None,
+        keep_rejected: bool = False,
     ) -> None:
         if flush_interval is not None and (
             isinstance(flush_interval, bool) or not isinstance(flush_interval, int | float)
@@ -302,6 +305,8 @@ class Publisher:
         self.when_full = when_full
         self.block_timeout = block_timeout
         self.manifest = manifest
+        self.keep_rejected = keep_rejected
+        self._rejected: list[dict[str, Any]] = []
         self.store: RowStore = store if store is not None else MemoryRowStore()
         self._pending: deque[Batch] = deque(self.store.pending())
         for batch in self._pending:
@@ -333,9 +338,29 @@ class Publisher:
         if self._closed or self._closing:
             raise SinkClosed(f"{self.label} is closed; create a new sink to write more")
 
-    def reject(self) -> None:
+    def reject(self, given: Any = None, error: BaseException | None = None) -> None:
+        """Count a rejected call or record; with ``keep_rejected``, keep it and the reason for the dead letters."""
         with self.lock:
             self._counts.rejected += 1
+            if self.keep_rejected and error is not None and len(self._rejected) < _MAX_REJECTED_KEPT:
+                if isinstance(given, bytes | bytearray | memoryview):
+                    given = bytes(given).decode("utf-8", errors="backslashreplace")
+                self._rejected.append({"reason": str(error), "at": datetime.now(UTC).isoformat(), "input": given})
+
+    def _publish_rejected(self) -> None:
+        with self.lock:
+            rejected, self._rejected = self._rejected, []
+        if not rejected:
+            return
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        name = f"{DEAD_LETTERS_FOLDER}/rejected/{stamp}-{uuid.uuid4().hex[:12]}.jsonl"
+        lines = [json.dumps(r, default=repr, ensure_ascii=True) for r in rejected]
+        try:
+            self.writer.publish(name, ("\n".join(lines) + "\n").encode(), table="_rejected", rows=len(lines))
+        except CioSyncError:
+            with self.lock:
+                self._rejected = rejected + self._rejected
+            raise
 
     def accept(self) -> None:
         """Count one call or record accepted (whether or not it produced rows)."""
@@ -433,6 +458,7 @@ class Publisher:
                 for table in self.store.tables():
                     self._cut(table)
             self._publish_pending()
+            self._publish_rejected()
             with self.lock:
                 files = list(self._unreported)
                 self._unreported.clear()

@@ -88,6 +88,7 @@ class StandardSink(BaseSink):
         when_full: str = "spill",
         block_timeout: float | None = None,
         manifests: bool = True,
+        keep_rejected: bool = False,
     ) -> None:
         self.workspace_id = check_int("workspace_id", workspace_id)
         self.commit_every = check_int("commit_every", commit_every, minimum=1)
@@ -112,6 +113,7 @@ class StandardSink(BaseSink):
                 manifest=ManifestSpec(self._manifest_name, {
                     "mode": "standard", "workspace_id": self.workspace_id, "schema_version": STANDARD_VERSION,
                 }, "changed_at") if manifests else None,
+                keep_rejected=keep_rejected,
             )
         except BaseException:
             self.state.close()
@@ -187,8 +189,8 @@ class StandardSink(BaseSink):
         try:
             parsed = parse_call(call)
             traits = self._trait_texts(parsed)
-        except InvalidCall:
-            self._publisher.reject()
+        except InvalidCall as exc:
+            self._publisher.reject(call, exc)
             raise
         return self._apply(lambda: self._rules(parsed, traits))
 
@@ -395,8 +397,8 @@ class StandardSink(BaseSink):
         """
         try:
             values = check_record(table, row)
-        except InvalidRecord:
-            self._publisher.reject()
+        except InvalidRecord as exc:
+            self._publisher.reject({"table": table, "row": row}, exc)
             raise
         schema = STANDARD_SCHEMAS[table]
         return self._apply(lambda: self._record_rows(table, schema, values))

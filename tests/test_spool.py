@@ -216,3 +216,18 @@ def test_csv_formula_neutralising_is_opt_in(memory_storage: Storage) -> None:
     assert b"\"'+1\"" in fs.cat_file(safe)
     with pytest.raises(cio_sync.ConfigError):
         cio_sync.AdvancedSink("memory://x/z", format="json", csv_neutralize_formulas=True)
+
+
+def test_rejected_calls_can_be_kept_as_dead_letters(memory_storage: Storage) -> None:
+    with cio_sync.AdvancedSink(memory_storage.url, flush_interval=None, keep_rejected=True) as sink:
+        with pytest.raises(cio_sync.InvalidCall):
+            sink.write({"type": "track", "userId": 5, "event": "E"})
+        with pytest.raises(cio_sync.InvalidCall):
+            sink.write(b"{broken")
+        sink.write({"type": "track", "userId": "5", "event": "E"})
+    fs = memory_storage.fs
+    [letters] = fs.find(f"{memory_storage.root}/_cio_sync/dead_letters/rejected")
+    kept = [orjson.loads(line) for line in fs.cat_file(letters).splitlines()]
+    assert [k["input"] for k in kept] == [{"type": "track", "userId": 5, "event": "E"}, "{broken"]
+    assert "userId" in kept[0]["reason"]
+    assert len(memory_storage.data_files()) == 1
