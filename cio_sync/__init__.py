@@ -26,6 +26,7 @@ from cio_sync._errors import (
     UnknownPerson,
 )
 from cio_sync._formats import CsvFormat, Format, JsonLinesFormat, ParquetFormat, get_format, register_format
+from cio_sync._loader import LoadReport, inspect_prefix, load
 from cio_sync._pipeline import Pipeline
 from cio_sync._publisher import BufferFull, SinkStats
 from cio_sync._standard import StandardSink
@@ -46,6 +47,7 @@ __all__ = [
     "InvalidRecord",
     "InvalidRecords",
     "JsonLinesFormat",
+    "LoadReport",
     "MissingBackend",
     "ParquetFormat",
     "Pipeline",
@@ -61,5 +63,7 @@ __all__ = [
     "WrittenFile",
     "__version__",
     "get_format",
+    "inspect_prefix",
+    "load",
     "register_format",
 ]

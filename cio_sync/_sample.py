@@ -104,3 +104,52 @@ def sample_calls(count: int, *, seed: int = 0, people: int = 1000,
             call["traits"] = {"name": f"Account {person % 97}", "employees": rng.randint(1, 5000),
                               "industry": rng.choice(("Retail", "SaaS", "Média"))}
         yield call
+
+
+def sample_records(people: list[str], *, seed: int = 0,
+                   start: datetime | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Campaign, journey and message records for ``people`` (external ids): two campaigns with their email actions,
+    a newsletter, a journey per person, the emails sent, their content, and what happened to them (delivered,
+    opened, clicked, sometimes bounced or unsubscribed). Yields ``(table, row)`` for ``StandardSink.record``."""
+    rng = random.Random(seed)
+    moment = start or datetime(2026, 11, 1, tzinfo=UTC)
+    campaigns = [(1, "Onboarding", "segment"), (2, "Win-back", "event")]
+    for campaign_id, name, trigger in campaigns:
+        yield "campaigns", {"campaign_id": campaign_id, "name": name, "type": trigger, "state": "running"}
+        yield "actions", {"action_id": campaign_id * 10, "campaign_id": campaign_id, "action_type": "email",
+                          "name": f"{name} email"}
+        yield "actions", {"action_id": campaign_id * 10 + 1, "campaign_id": campaign_id, "action_type": "delay",
+                          "name": "Wait a day"}
+    yield "broadcasts", {"broadcast_id": 7, "name": "November newsletter", "type": "newsletter"}
+    yield "campaigns", {"campaign_id": 2, "name": "Win-back", "type": "event", "state": "paused"}  # version 2
+    for n, person in enumerate(people):
+        campaign_id, name, trigger = campaigns[n % 2]
+        moment += timedelta(seconds=rng.randint(1, 120))
+        subject = f"subject-{campaign_id}-{person}"
+        delivery = f"delivery-{campaign_id}-{person}"
+        yield "subjects", {"subject_name": subject, "external_customer_id": person, "campaign_id": campaign_id,
+                           "campaign_type": trigger, "started_campaign_at": moment}
+        yield "outputs", {"output_id": f"output-{delivery}", "subject_name": subject, "output_type": "email",
+                          "action_id": campaign_id * 10, "delivery_id": delivery, "draft": False,
+                          "link_tracked": True}
+        yield "deliveries", {"delivery_id": delivery, "external_customer_id": person, "subject_name": subject,
+                             "delivery_type": "email", "campaign_id": campaign_id, "action_id": campaign_id * 10}
+        yield "delivery_contents", {"delivery_id": delivery, "delivery_type": "email", "campaign_id": campaign_id,
+                                    "action_id": campaign_id * 10, "from": "team@example.com",
+                                    "recipients": f"{person}@example.com", "subject": f"{name}: hello",
+                                    "body_plain": "Hi!", "headers": {"X-Campaign": str(campaign_id)}}
+        events = ["sent", "delivered"]
+        roll = rng.random()
+        if roll < 0.05:
+            events = ["sent", "bounced"]
+        elif roll < 0.6:
+            events += ["opened"] + (["clicked"] if rng.random() < 0.4 else [])
+            if rng.random() < 0.05:
+                events.append("unsubscribed")
+        for k, metric in enumerate(events):
+            row: dict[str, Any] = {"event_id": f"event-{delivery}-{k}", "delivery_id": delivery, "metric": metric}
+            if metric == "clicked":
+                row |= {"link_id": 1, "link_url": "https://example.com/start"}
+            if metric == "bounced":
+                row["reason"] = "mailbox unavailable"
+            yield "metrics", row

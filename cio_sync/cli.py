@@ -14,7 +14,10 @@ from typing import Any
 
 from cio_sync._advanced import AdvancedSink
 from cio_sync._errors import CioSyncError
-from cio_sync._sample import sample_calls
+from cio_sync._loader import inspect_prefix, load
+from cio_sync._pipeline import Pipeline
+from cio_sync._sample import sample_calls, sample_records
+from cio_sync._standard import StandardSink
 from cio_sync._writer import WrittenFile
 
 FORMATS = ("parquet", "csv", "json")
@@ -22,51 +25,119 @@ FORMATS = ("parquet", "csv", "json")
 
 def _print_files(files: list[WrittenFile], out: Any) -> None:
     for f in sorted(files, key=lambda f: f.name):
-        print(f"  {f.name:<32} {f.rows:>7,} rows {f.bytes:>10,} bytes", file=out)
+        print(f"  {f.name:<48} {f.rows:>7,} rows {f.bytes:>10,} bytes", file=out)
 
 
-def _duckdb_summary(folder: Path, out: Any) -> None:
-    try:
-        import duckdb
-    except ImportError:
-        print("\n(install 'cio_sync[duckdb]' to see the files loaded into DuckDB)", file=out)
-        return
-    parquet = folder / "parquet"
-    con = duckdb.connect()
-    con.execute("SET TimeZone = 'UTC'")
-    print("\nLoaded into DuckDB (read_parquet over the Parquet files):", file=out)
-    for call_type in ("identify", "track", "page", "screen", "group", "alias"):
-        pattern = str(parquet / f"*.{call_type}.parquet")
-        if not list(parquet.glob(f"*.{call_type}.parquet")):
-            continue
-        count, first, last = con.execute(
-            f"SELECT count(*), min(receivedAt), max(receivedAt) FROM read_parquet('{pattern}')"
-        ).fetchone() or (0, None, None)
-        print(f"  {call_type:<9} {count:>7,} calls, received {first:%Y-%m-%d %H:%M:%S} .. {last:%H:%M:%S} UTC",
-              file=out)
-    top = con.execute(
-        f"SELECT event, count(*) AS n FROM read_parquet('{parquet / '*.track.parquet'}') "
-        "GROUP BY event ORDER BY n DESC, event LIMIT 3"
-    ).fetchall()
-    print("  top events: " + ", ".join(f"{event} ({n})" for event, n in top), file=out)
+def _summary(database: Path, out: Any) -> None:
+    import duckdb
+
+    con = duckdb.connect(str(database), read_only=True)
+    tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+
+    def count(table: str) -> int:
+        if table not in tables:
+            return 0
+        row = con.execute(f'SELECT count(*) FROM "{table}"').fetchone()
+        return int(row[0]) if row else 0
+
+    print(f"\nIn DuckDB ({database}):", file=out)
+    print(f"  people_current      {count('people_current'):>8,} people ({count('people'):,} change rows)", file=out)
+    print(f"  attributes_current  {count('attributes_current'):>8,} values ({count('attributes'):,} change rows)",
+          file=out)
+    print(f"  deliveries_current  {count('deliveries_current'):>8,} messages", file=out)
+    if "metrics_unique" in tables:
+        metrics = con.execute("SELECT metric, count(*) FROM metrics_unique GROUP BY metric ORDER BY 2 DESC").fetchall()
+        print("  metrics_unique      " + ", ".join(f"{m} {n:,}" for m, n in metrics), file=out)
+    raw = sorted(t for t in tables if t.startswith("raw_") and not t.endswith("_unique"))
+    print("  raw calls           " + ", ".join(f"{t.removeprefix('raw_')} {count(t):,}" for t in raw), file=out)
+    if "attributes_current" in tables:
+        plans = con.execute("SELECT attribute_value, count(*) FROM attributes_current WHERE attribute_name = 'plan' "
+                            "GROUP BY 1 ORDER BY 2 DESC LIMIT 4").fetchall()
+        print("  plans now           " + ", ".join(f"{p} {n:,}" for p, n in plans), file=out)
+    con.close()
 
 
 def demo(args: argparse.Namespace) -> int:
-    """Write sample calls in every format to a local folder and print what was written."""
+    """Both modes on sample traffic into a local folder, then loaded into DuckDB, with a summary."""
     folder = Path(args.folder).resolve()
     out = sys.stdout
-    calls = list(sample_calls(args.calls, seed=args.seed))
+    calls = list(sample_calls(args.calls, seed=args.seed, people=max(1, args.calls // 10)))
     print(f"Writing {len(calls):,} sample calls (identify, track, page, screen, group, alias) to {folder}", file=out)
     for fmt in FORMATS:
-        with AdvancedSink(str(folder / fmt), format=fmt, destination_id=args.destination_id,
+        if fmt == "parquet":
+            continue
+        with AdvancedSink(str(folder / "advanced" / fmt), format=fmt, destination_id=args.destination_id,
                           flush_interval=None) as sink:
             sink.write_many(calls)
             files = sink.flush()
-        print(f"\n{fmt}: {len(files)} files in {folder / fmt}", file=out)
+        print(f"\nAdvanced, {fmt}: {len(files)} files in {folder / 'advanced' / fmt}", file=out)
         _print_files(files, out)
-    _duckdb_summary(folder, out)
-    print(f"\nDone. Run it again and the positions continue; delete the data files after loading them, but keep "
-          f"{folder}/<format>/_cio_sync/ (the counters).", file=out)
+    advanced = AdvancedSink(str(folder / "advanced" / "parquet"), destination_id=args.destination_id,
+                            flush_interval=None)
+    standard = StandardSink(str(folder / "standard"), workspace_id=args.workspace_id,
+                            state=folder / "workspace.sqlite", flush_interval=None, commit_every=1000)
+    with Pipeline(advanced=advanced, standard=standard) as pipeline:
+        pipeline.write_many(calls)
+        people = sorted({c["userId"] for c in calls if c["type"] == "identify" and c.get("userId")})
+        for table, row in sample_records(people[: max(1, len(people) // 2)], seed=args.seed):
+            standard.record(table, row)
+        files = pipeline.flush()
+    print(f"\nBoth modes from one stream: Advanced Parquet in {folder / 'advanced' / 'parquet'}, Standard (the "
+          f"workspace's changes and campaign data) in {folder / 'standard'}", file=out)
+    _print_files(files, out)
+    try:
+        import duckdb  # noqa: F401
+    except ImportError:
+        print("\n(install 'cio_sync[duckdb]' to load the files into DuckDB)", file=out)
+        return 0
+    database = folder / "warehouse.duckdb"
+    for prefix in (folder / "advanced" / "parquet", folder / "standard"):
+        report = load(str(prefix), f"duckdb:///{database}")
+        print(f"\n{report}", file=out)
+    _summary(database, out)
+    print(f"\nDone. Query it: duckdb {database}  (or python -c \"import duckdb; "
+          f"print(duckdb.connect('{database}').sql('SELECT * FROM people_current LIMIT 5'))\")", file=out)
+    print("Run it again and positions and sequences continue; loaded files are not loaded twice.", file=out)
+    return 0
+
+
+def _options(pairs: list[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"cio-sync: error: --storage-option takes KEY=VALUE, got {pair!r}")
+        options[key] = value
+    return options
+
+
+def load_command(args: argparse.Namespace) -> int:
+    """Load a prefix into a warehouse."""
+    progress = None
+    if sys.stderr.isatty() and not args.quiet:
+        def progress(file: Any, rows: int) -> None:
+            print(f"\r  loaded {file.name} ({rows:,} rows)\033[K", end="", file=sys.stderr, flush=True)
+    report = load(args.source, args.into, storage_options=_options(args.storage_option),
+                  delete_after_load=args.delete_after_load, progress=progress)
+    if progress is not None:
+        print("\r\033[K", end="", file=sys.stderr)
+    print(report)
+    return 0
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    """Describe a prefix."""
+    found = inspect_prefix(args.prefix, storage_options=_options(args.storage_option))
+    tables = found["tables"]
+    if not tables:
+        print(f"{found['source']}: no cio_sync or Customer.io files")
+        return 0
+    print(f"{found['source']}:")
+    for name, t in sorted(tables.items()):
+        span = f"{t['first']:%Y-%m-%d %H:%M:%S} .. {t['last']:%Y-%m-%d %H:%M:%S} UTC" if t["first"] else "no rows"
+        gaps = f"; gaps at {', '.join(t['gaps'][:5])}" if t["gaps"] else ""
+        print(f"  {name:<20} {t['files']:>5} files {t['rows']:>10,} rows {t['bytes']:>12,} bytes  "
+              f"{'/'.join(t['formats'])}  {span}{gaps}")
     return 0
 
 
@@ -88,7 +159,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calls", type=int, default=10_000, help="how many calls to write (default: 10000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample traffic (default: 0)")
     p.add_argument("--destination-id", type=int, default=2184, help="destination id in file names (default 2184)")
+    p.add_argument("--workspace-id", type=int, default=111528, help="workspace id of the Standard files")
     p.set_defaults(handler=demo)
+
+    p = commands.add_parser(
+        "load", help="load a prefix into a warehouse, each file once",
+        description="Loads every file of SOURCE (written by either sink, or a Customer.io export) that was not "
+                    "loaded before into the target, in position/sequence order, each file in one transaction with "
+                    "its entry in _cio_sync_loaded; then builds the current-state views (people_current, "
+                    "attributes_current, deliveries_current, subjects_current, metrics_unique, raw_<type>_unique).",
+    )
+    p.add_argument("source", help="the prefix: s3://bucket/raw, gs://..., az://..., or a local folder")
+    p.add_argument("--into", default="duckdb:///cio_sync.duckdb",
+                   help="target: duckdb:///relative.duckdb or duckdb:////absolute.duckdb (default: "
+                        "duckdb:///cio_sync.duckdb)")
+    p.add_argument("--delete-after-load", action="store_true",
+                   help="delete each file once its rows are committed (and manifests whose files are all loaded); "
+                        "the _cio_sync/ counters stay")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option for the storage backend, e.g. endpoint_url=http://127.0.0.1:9000 (repeatable)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    p.set_defaults(handler=load_command)
+
+    p = commands.add_parser(
+        "inspect", help="show what a prefix holds",
+        description="Lists the tables of PREFIX with their files, rows, bytes, formats, time range, and gaps in "
+                    "positions.",
+    )
+    p.add_argument("prefix", help="the prefix: s3://bucket/raw, gs://..., az://..., or a local folder")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option for the storage backend (repeatable)")
+    p.set_defaults(handler=inspect_command)
     return parser
 
 

@@ -6,30 +6,44 @@ import subprocess
 import sys
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from cio_sync.cli import main
 from tests.helpers import parse_advanced_name
 
 
-def test_demo_writes_every_format_and_prints_what_it_wrote(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", str(tmp_path / "demo"), "--calls", "500"]) == 0
+def test_demo_writes_both_modes_and_loads_them_into_duckdb(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", str(tmp_path / "demo"), "--calls", "600"]) == 0
     out = capsys.readouterr().out
     for fmt in ("parquet", "csv", "json"):
-        names = sorted(p.name for p in (tmp_path / "demo" / fmt).iterdir() if p.is_file())
+        names = sorted(p.name for p in (tmp_path / "demo" / "advanced" / fmt).iterdir() if p.is_file())
         assert {parse_advanced_name(n)["type"] for n in names} == {"identify", "track", "page", "screen", "group",
                                                                     "alias"}
         for name in names:
             assert name in out
-    assert "Loaded into DuckDB" in out
-    assert "track" in out
+    standard = {p.name.split("_v1_")[0] for p in (tmp_path / "demo" / "standard").iterdir() if p.is_file()}
+    assert {"people", "attributes", "campaigns", "deliveries", "metrics"} <= standard
+    con = duckdb.connect(str(tmp_path / "demo" / "warehouse.duckdb"), read_only=True)
+    for table in ("people_current", "attributes_current", "deliveries_current", "metrics_unique", "raw_track"):
+        row = con.execute(f"SELECT count(*) FROM {table}").fetchone()
+        assert row is not None
+        assert row[0] > 0, table
+    assert "people_current" in out
+    assert "metrics_unique" in out
 
 
-def test_running_the_demo_twice_continues_the_positions(tmp_path: Path) -> None:
+def test_running_the_demo_twice_continues_and_loads_only_the_new_files(tmp_path: Path) -> None:
     assert main(["demo", str(tmp_path), "--calls", "50"]) == 0
     assert main(["demo", str(tmp_path), "--calls", "50"]) == 0
-    positions = {parse_advanced_name(p.name)["position"] for p in (tmp_path / "csv").iterdir() if p.is_file()}
+    positions = {parse_advanced_name(p.name)["position"] for p in (tmp_path / "advanced" / "csv").iterdir()
+                 if p.is_file()}
     assert positions == {1, 2}
+    con = duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True)
+    row = con.execute("SELECT count(*), count(DISTINCT name) FROM _cio_sync_loaded").fetchone()
+    assert row is not None
+    assert row[0] == row[1]
 
 
 def test_help_explains_the_commands() -> None:
