@@ -11,6 +11,7 @@ Both publish through one :class:`Writer` over fsspec, so local disk, memory, S3,
 """
 
 from cio_sync._advanced import AdvancedSink
+from cio_sync._calls import Call, parse_call
 from cio_sync._errors import (
     CioSyncError,
     ConfigError,
@@ -29,6 +30,7 @@ from cio_sync._formats import CsvFormat, Format, JsonLinesFormat, ParquetFormat,
 from cio_sync._loader import LoadReport, inspect_prefix, load
 from cio_sync._pipeline import Pipeline
 from cio_sync._publisher import BufferFull, SinkStats
+from cio_sync._registry import open_sink, register_sink, sink_names
 from cio_sync._standard import StandardSink
 from cio_sync._writer import FsspecWriter, RetryPolicy, Writer, WrittenFile
 
@@ -37,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdvancedSink",
     "BufferFull",
+    "Call",
     "CioSyncError",
     "ConfigError",
     "CsvFormat",
@@ -65,5 +68,9 @@ __all__ = [
     "get_format",
     "inspect_prefix",
     "load",
+    "open_sink",
+    "parse_call",
     "register_format",
+    "register_sink",
+    "sink_names",
 ]
