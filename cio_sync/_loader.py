@@ -24,7 +24,7 @@ from fsspec import AbstractFileSystem
 from cio_sync._calls import parse_time, to_micros
 from cio_sync._errors import CioSyncError, ConfigError
 from cio_sync._schemas import CALL_COLUMNS, CALL_SCHEMAS, EXTRA_COLUMN, STANDARD_SCHEMAS, Kind
-from cio_sync._storage import display_url, resolve
+from cio_sync._storage import display_url, redact, resolve
 
 log = logging.getLogger("cio_sync.loader")
 
@@ -208,6 +208,84 @@ class _DuckDBTarget:
         self.con.close()
 
 
+_PG_TYPES: Final = {"string": "TEXT", "int64": "BIGINT", "bool": "BOOLEAN", "double": "DOUBLE PRECISION"}
+
+
+def _pg_type(kind: pa.DataType) -> str:
+    if pa.types.is_timestamp(kind):
+        return "TIMESTAMPTZ"
+    return _PG_TYPES.get(str(kind), "TEXT")
+
+
+def _pg_view(sql: str) -> str:
+    """A DuckDB QUALIFY view as PostgreSQL SQL (a window in a subquery)."""
+    select, _, qualify = sql.partition("QUALIFY")
+    window, _, rest = qualify.strip().partition(" = 1")
+    table = select.split("FROM", 1)[1].strip()
+    extra = rest.strip().removeprefix("AND").strip()
+    condition = f" AND {extra}" if extra else ""
+    return (f"SELECT * FROM (SELECT *, {window.strip()} AS _cio_sync_rank FROM {table}) ranked "
+            f"WHERE _cio_sync_rank = 1{condition}")
+
+
+class _PostgresTarget:
+    """Loads into PostgreSQL (psycopg 3): each file with COPY, in one transaction with its load-state row."""
+
+    def __init__(self, dsn: str) -> None:
+        try:
+            import psycopg
+        except ImportError as exc:
+            raise ConfigError("loading into PostgreSQL needs psycopg: pip install 'cio_sync[postgres]'") from exc
+        self.path = dsn
+        try:
+            # Autocommit, so that each ``transaction()`` block is a real transaction of its own.
+            self.con = psycopg.connect(dsn, autocommit=True)
+        except psycopg.Error as exc:
+            raise CioSyncError(f"cannot connect to PostgreSQL at {redact(dsn, ())}: "
+                               f"{redact(str(exc).strip(), ())}") from exc
+        with self.con.transaction():
+            self.con.execute(
+                f"CREATE TABLE IF NOT EXISTS {LOAD_STATE_TABLE} (source TEXT NOT NULL, name TEXT NOT NULL, "
+                "table_name TEXT NOT NULL, rows BIGINT NOT NULL, loaded_at TIMESTAMPTZ NOT NULL, "
+                "PRIMARY KEY (source, name))")
+
+    def loaded(self, source: str) -> set[str]:
+        rows = self.con.execute(f"SELECT name FROM {LOAD_STATE_TABLE} WHERE source = %s", [source]).fetchall()
+        return {r[0] for r in rows}
+
+    def load(self, source: str, file: SourceFile, table: pa.Table) -> None:
+        columns = ", ".join(f'"{f.name}" {_pg_type(f.type)}' for f in table.schema)
+        names = ", ".join(f'"{f.name}"' for f in table.schema)
+        with self.con.transaction():
+            self.con.execute(f'CREATE TABLE IF NOT EXISTS "{file.table}" ({columns})')
+            with self.con.cursor().copy(f'COPY "{file.table}" ({names}) FROM STDIN') as copy:
+                for row in table.to_pylist():
+                    copy.write_row(list(row.values()))
+            self.con.execute(f"INSERT INTO {LOAD_STATE_TABLE} VALUES (%s, %s, %s, %s, %s)",
+                             [source, file.name, file.table, table.num_rows, datetime.now(UTC)])
+
+    def build_views(self) -> list[str]:
+        tables = {r[0] for r in self.con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema() "
+            "AND table_type = 'BASE TABLE'").fetchall()}
+        made = []
+        with self.con.transaction():
+            for view, (table, sql) in VIEWS.items():
+                if table in tables:
+                    self.con.execute(f'DROP VIEW IF EXISTS "{view}"')
+                    self.con.execute(f'CREATE VIEW "{view}" AS {_pg_view(sql)}')
+                    made.append(view)
+            for table in sorted(t for t in tables if t.startswith("raw_")):
+                self.con.execute(f'DROP VIEW IF EXISTS "{table}_unique"')
+                self.con.execute(f'CREATE VIEW "{table}_unique" AS SELECT DISTINCT ON ("messageId") * FROM "{table}" '
+                                 'ORDER BY "messageId", "receivedAt"')
+                made.append(f"{table}_unique")
+        return made
+
+    def close(self) -> None:
+        self.con.close()
+
+
 def duckdb_path(into: str) -> str:
     """The database file a ``duckdb://`` URL names, as SQLAlchemy URLs do: ``duckdb:///relative.duckdb``,
     ``duckdb:////absolute/path.duckdb``, ``duckdb:///:memory:``. A plain path ending .duckdb or .db works too."""
@@ -216,10 +294,13 @@ def duckdb_path(into: str) -> str:
         return path or ":memory:"
     if into.endswith((".duckdb", ".db")) and "://" not in into:
         return into
-    raise ConfigError(f"unknown load target {into!r}; use duckdb:///relative.duckdb or duckdb:////absolute.duckdb")
+    raise ConfigError(f"unknown load target {redact(into, ())!r}; use duckdb:///relative.duckdb, "
+                      "duckdb:////absolute.duckdb or postgresql://user@host/database")
 
 
-def _target(into: str) -> _DuckDBTarget:
+def _target(into: str) -> _DuckDBTarget | _PostgresTarget:
+    if into.startswith(("postgresql://", "postgres://")):
+        return _PostgresTarget(into)
     return _DuckDBTarget(duckdb_path(into))
 
 
@@ -266,7 +347,8 @@ def load(
     """Load every file of ``source`` not loaded before into ``into``; build the current-state views.
 
     ``source`` is a prefix written by either sink (or a Customer.io export), as a URL or a path; ``into`` is
-    ``duckdb:///path.duckdb``. Files load in position / sequence order, each in one transaction with its entry in
+    ``duckdb:///path.duckdb`` or ``postgresql://user:password@host:port/database``.
+    Files load in position / sequence order, each in one transaction with its entry in
     ``_cio_sync_loaded``; a rerun loads nothing twice. Where the prefix has manifests (``_manifests/``), only
     files a manifest lists are loaded (the others belong to a sync still in progress) and their size and checksum
     are checked. With ``delete_after_load``, each file is deleted once its rows are committed, and each manifest
@@ -275,7 +357,7 @@ def load(
     fs, root = resolve(source, filesystem=filesystem, storage_options=storage_options)
     where = display_url(fs, root)
     target = _target(into)
-    report = LoadReport(where, into)
+    report = LoadReport(where, redact(into, ()))
     try:
         listed, manifest_paths = manifests(fs, root)
         done = target.loaded(where)

@@ -9,6 +9,7 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import itertools
 import shutil
+import subprocess
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -180,6 +181,17 @@ def object_storage(request: pytest.FixtureRequest) -> Storage:
     """Every object store (S3, GCS, Azure); a test using it runs once per object store."""
     result: Storage = request.getfixturevalue(f"{request.param}_storage")
     return result
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[servers.PostgresServer]:
+    try:
+        with servers.postgres() as server:
+            yield server
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"PostgreSQL unavailable: {exc}")
 
 
 @pytest.fixture

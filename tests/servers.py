@@ -251,3 +251,65 @@ def azurite() -> Iterator[AzureServer]:
     finally:
         server.stop()
         shutil.rmtree(data, ignore_errors=True)
+
+
+@dataclass
+class PostgresServer:
+    dsn: str
+    server: Server
+
+
+def postgres_binary(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    return str(candidates[-1]) if candidates else None
+
+
+@contextlib.contextmanager
+def postgres() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL (Debian's package) on 127.0.0.1, trust auth, run as the ``postgres`` user when we are
+    root (the server refuses to run as root)."""
+    initdb, server_bin = postgres_binary("initdb"), postgres_binary("postgres")
+    if initdb is None or server_bin is None:
+        raise RuntimeError("PostgreSQL is not installed: apt-get install postgresql")
+    data = Path(tempfile.mkdtemp(prefix="cio-sync-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        import pwd
+
+        user = pwd.getpwnam("postgres")
+        os.chown(data, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    subprocess.run([*as_user, initdb, "-D", str(data / "db"), "--auth=trust", "-U", "postgres", "-E", "UTF8"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    port = free_port()
+    argv = [*as_user, server_bin, "-D", str(data / "db"), "-p", str(port), "-k", str(data),
+            "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"]
+    workdir_owner = data
+    server = _start_postgres(argv, port, workdir_owner)
+    try:
+        yield PostgresServer(f"postgresql://postgres@127.0.0.1:{port}/postgres", server)
+    finally:
+        server.stop()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def _start_postgres(argv: list[str], port: int, data: Path) -> Server:
+    log_path = data / "server.log"
+    with open(log_path, "wb") as log, open(os.devnull, "rb") as devnull:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=devnull,
+                                   start_new_session=True, cwd=data)
+    server = Server("postgres", process, log_path, data)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"postgres exited with {process.returncode}:\n{server.log_tail()}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                time.sleep(0.2)
+                return server
+        time.sleep(0.1)
+    server.stop()
+    raise RuntimeError(f"postgres did not listen on {port}:\n{server.log_tail()}")

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import duckdb
@@ -18,13 +19,45 @@ from tests.conftest import Storage
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class Warehouse:
+    """A load target for the tests: DuckDB in a file, or a fresh database on the test PostgreSQL server."""
+
+    def __init__(self, into: str, kind: str) -> None:
+        self.into = into
+        self.kind = kind
+
+    def rows(self, sql: str) -> list[tuple[object, ...]]:
+        if self.kind == "duckdb":
+            con = duckdb.connect(self.into.removeprefix("duckdb:///"), read_only=True)
+            try:
+                return [tuple(r) for r in con.execute(sql).fetchall()]
+            finally:
+                con.close()
+        import psycopg
+
+        with psycopg.connect(self.into) as con:
+            return [tuple(r) for r in con.execute(sql.replace("::JSON::VARCHAR", "::JSON::TEXT")).fetchall()]
+
+    def count(self, sql: str) -> int:
+        [(n,)] = self.rows(sql)
+        return int(n)  # type: ignore[call-overload]
+
+
+@pytest.fixture(params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
+def warehouse(request: pytest.FixtureRequest, tmp_path: Path) -> Warehouse:
+    if request.param == "duckdb":
+        return Warehouse(f"duckdb:///{tmp_path}/warehouse.duckdb", "duckdb")
+    import psycopg
+
+    server = request.getfixturevalue("postgres_server")
+    name = f"w_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server.dsn, autocommit=True) as con:
+        con.execute(f"CREATE DATABASE {name}")
+    return Warehouse(server.dsn.rsplit("/", 1)[0] + f"/{name}", "postgres")
+
+
 def count(db: Path, sql: str) -> int:
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        row = con.execute(sql).fetchone()
-        return int(row[0]) if row else 0
-    finally:
-        con.close()
+    return Warehouse(f"duckdb:///{db}", "duckdb").count(sql)
 
 
 def write_both(storage: Storage, calls: int = 1_000) -> tuple[str, str, list[str]]:
@@ -42,25 +75,25 @@ def write_both(storage: Storage, calls: int = 1_000) -> tuple[str, str, list[str
     return raw, ws, ids
 
 
-def test_both_modes_load_once_into_tables_and_views(storage: Storage, tmp_path: Path) -> None:
+def test_both_modes_load_once_into_tables_and_views(storage: Storage, warehouse: Warehouse) -> None:
     raw, ws, ids = write_both(storage)
-    db = tmp_path / "w.duckdb"
-    into = f"duckdb:///{db}"
+    into = warehouse.into
     first = [cio_sync.load(p, into, storage_options=storage.storage_options) for p in (raw, ws)]
     assert first[0].rows_loaded == len(ids)
     again = [cio_sync.load(p, into, storage_options=storage.storage_options) for p in (raw, ws)]
     assert [r.files_loaded for r in again] == [0, 0]
     assert [r.files_already_loaded for r in again] == [r.files_loaded for r in first]
-    raw_total = sum(count(db, f"SELECT count(*) FROM raw_{t}") for t in
+    count = warehouse.count
+    raw_total = sum(count(f"SELECT count(*) FROM raw_{t}") for t in
                     ("identify", "track", "page", "screen", "group", "alias"))
     assert raw_total == len(ids)
-    assert count(db, "SELECT count(DISTINCT \"messageId\") FROM raw_track_unique") == count(
-        db, "SELECT count(*) FROM raw_track_unique")
-    assert count(db, "SELECT count(*) FROM people_current") > 0
-    assert count(db, "SELECT count(*) FROM attributes_current WHERE attribute_value IS NULL") == 0
-    assert count(db, "SELECT count(*) FROM deliveries_current") == 30
-    assert count(db, "SELECT count(*) FROM metrics_unique") == count(db, "SELECT count(DISTINCT event_id) FROM metrics")
-    assert count(db, "SELECT count(*) FROM _cio_sync_loaded") == sum(r.files_loaded for r in first)
+    assert count('SELECT count(DISTINCT "messageId") FROM raw_track_unique') == count(
+        "SELECT count(*) FROM raw_track_unique")
+    assert count("SELECT count(*) FROM people_current") > 0
+    assert count("SELECT count(*) FROM attributes_current WHERE attribute_value IS NULL") == 0
+    assert count("SELECT count(*) FROM deliveries_current") == 30
+    assert count("SELECT count(*) FROM metrics_unique") == count("SELECT count(DISTINCT event_id) FROM metrics")
+    assert count("SELECT count(*) FROM _cio_sync_loaded") == sum(r.files_loaded for r in first)
 
 
 @pytest.mark.parametrize("fmt", ["csv", "json"])
@@ -79,24 +112,24 @@ def test_csv_and_json_load_the_same_rows_as_parquet(memory_storage: Storage, tmp
     assert len(left) > 100
 
 
-def test_delete_after_load_empties_the_prefix_and_keeps_the_counters(storage: Storage, tmp_path: Path) -> None:
+def test_delete_after_load_empties_the_prefix_and_keeps_the_counters(storage: Storage,
+                                                                    warehouse: Warehouse) -> None:
     raw, ws, ids = write_both(storage, calls=400)
-    db = tmp_path / "w.duckdb"
     for prefix in (raw, ws):
-        cio_sync.load(prefix, f"duckdb:///{db}", storage_options=storage.storage_options, delete_after_load=True)
+        cio_sync.load(prefix, warehouse.into, storage_options=storage.storage_options, delete_after_load=True)
     fs = storage.fs
     for prefix in ("raw", "ws"):
         fs.invalidate_cache()
         left = [p for p in fs.find(f"{storage.root}/{prefix}") if "/_cio_sync/" not in p]
         assert left == []
-    assert count(db, "SELECT count(*) FROM raw_track") + count(db, "SELECT count(*) FROM raw_identify") > 0
-    raw_total = sum(count(db, f"SELECT count(*) FROM raw_{t}") for t in
+    raw_total = sum(warehouse.count(f"SELECT count(*) FROM raw_{t}") for t in
                     ("identify", "track", "page", "screen", "group", "alias"))
     assert raw_total == len(ids)
+    assert warehouse.count("SELECT count(*) FROM people_current") > 0
     # The writers' counters survive, so new files never reuse a loaded name.
     with cio_sync.AdvancedSink(raw, storage_options=storage.storage_options, flush_interval=None) as sink:
         sink.write({"type": "track", "userId": "1", "event": "E"})
-    report = cio_sync.load(raw, f"duckdb:///{db}", storage_options=storage.storage_options)
+    report = cio_sync.load(raw, warehouse.into, storage_options=storage.storage_options)
     assert report.files_loaded == 1
 
 
@@ -130,12 +163,12 @@ def test_a_manifest_checksum_mismatch_stops_the_load(memory_storage: Storage, tm
         cio_sync.load(memory_storage.url, f"duckdb:///{tmp_path}/w.duckdb")
 
 
-def test_a_load_killed_midway_and_rerun_loads_each_file_once(local_storage: Storage, tmp_path: Path) -> None:
+def test_a_load_killed_midway_and_rerun_loads_each_file_once(local_storage: Storage,
+                                                            warehouse: Warehouse) -> None:
     with cio_sync.AdvancedSink(local_storage.url, flush_interval=None, max_rows=20) as sink:
         ids = [sink.write(c) for c in sample_calls(3_000, seed=2)]
-    db = tmp_path / "w.duckdb"
     code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); import cio_sync; "
-            f"cio_sync.load({local_storage.url!r}, 'duckdb:///{db}', "
+            f"cio_sync.load({local_storage.url!r}, {warehouse.into!r}, "
             f"progress=lambda f, n: (print(f.name, flush=True), time.sleep(0.01)))")
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert child.stdout is not None
@@ -145,13 +178,13 @@ def test_a_load_killed_midway_and_rerun_loads_each_file_once(local_storage: Stor
     child.wait()
     child.stdout.close()
     time.sleep(0.1)
-    partial = count(db, "SELECT count(*) FROM _cio_sync_loaded")
+    partial = warehouse.count("SELECT count(*) FROM _cio_sync_loaded")
     assert 0 < partial < len(local_storage.data_files())
-    cio_sync.load(local_storage.url, f"duckdb:///{db}")
-    loaded = sum(count(db, f"SELECT count(*) FROM raw_{t}") for t in
+    cio_sync.load(local_storage.url, warehouse.into)
+    loaded = sum(warehouse.count(f"SELECT count(*) FROM raw_{t}") for t in
                  ("identify", "track", "page", "screen", "group", "alias"))
     assert loaded == len(ids)
-    distinct = sum(count(db, f'SELECT count(DISTINCT "messageId") FROM raw_{t}') for t in
+    distinct = sum(warehouse.count(f'SELECT count(DISTINCT "messageId") FROM raw_{t}') for t in
                    ("identify", "track", "page", "screen", "group", "alias"))
     assert distinct == len(ids)
 
@@ -177,5 +210,9 @@ def test_the_load_and_inspect_commands(memory_storage: Storage, tmp_path: Path,
     assert "loaded 1 files" in capsys.readouterr().out
     assert main(["inspect", str(folder)]) == 0
     assert "raw_track" in capsys.readouterr().out
-    assert main(["load", str(folder), "--into", "postgres://nowhere"]) == 1
+    assert main(["load", str(folder), "--into", "mysql://nowhere"]) == 1
     assert "unknown load target" in capsys.readouterr().err
+    assert main(["load", str(folder), "--into", "postgresql://me:s3cret@127.0.0.1:1/db"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot connect to PostgreSQL" in err
+    assert "s3cret" not in err
