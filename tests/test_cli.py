@@ -60,3 +60,24 @@ def test_a_wrong_command_line_exits_with_2() -> None:
                             check=False)
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
+
+
+def test_replay_writes_a_file_of_calls_and_reports_bad_lines(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    calls = tmp_path / "calls.jsonl"
+    calls.write_text(
+        '{"type": "track", "userId": "1", "event": "A"}\n'
+        '{"type": "identify", "userId": "1", "traits": {"plan": "pro"}}\n'
+        '{"type": "track", "userId": 2}\n'
+        '{"batch": [{"type": "page", "userId": "1", "name": "Home"}], "sentAt": "2026-01-01T00:00:00Z"}\n'
+    )
+    out = tmp_path / "out"
+    assert main(["replay", str(calls), "--to", str(out), "--mode", "both", "--workspace-id", "5"]) == 1
+    captured = capsys.readouterr()
+    assert "replayed 3 calls" in captured.out
+    assert "1 rejected" in captured.out
+    assert "line 3" in captured.err
+    advanced = sorted(p.name for p in (out / "advanced").iterdir() if p.is_file())
+    assert [parse_advanced_name(n)["type"] for n in advanced] == ["identify", "track", "page"]
+    standard = sorted(p.name.split("_v1_")[0] for p in (out / "standard").iterdir() if p.is_file())
+    assert standard == ["attributes", "people"]
