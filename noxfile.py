@@ -1,4 +1,4 @@
-"""Development tasks: ``nox -s tests lint typecheck examples bench``."""
+"""Development tasks: ``nox -s tests lint typecheck docs examples bench crash``."""
 
 from __future__ import annotations
 
@@ -78,6 +78,13 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package and this noxfile."""
     session.install("-e", ".", "mypy>=1.11", "nox")
     session.run("mypy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation with mkdocs; any warning (a broken link, a page left out) fails the build."""
+    session.install("mkdocs>=1.6")
+    session.run("mkdocs", "build", "--strict")
 
 
 @nox.session
