@@ -36,6 +36,8 @@ STANDARD_NAME: Final = re.compile(
     r"^(?P<table>[a-z_]+)_v(?P<version>\d+)_(?P<workspace>\d+)_(?P<sequence>\d+)\.parquet$"
 )
 LOAD_STATE_TABLE: Final = "_cio_sync_loaded"
+#: Data-set names of Customer.io's own exports that differ from the table names here.
+_EXPORT_TABLES: Final = {"content": "delivery_contents", "contents": "delivery_contents"}
 #: Current-state views over the change logs (name -> SQL), created when their tables exist.
 VIEWS: Final[Mapping[str, tuple[str, str]]] = {
     "people_current": ("people", """
@@ -96,9 +98,11 @@ def classify(name: str) -> SourceFile | None:
                                   int(match["position"]))
         return SourceFile(order, name, f"raw_{match['type']}", "advanced", match["ext"])
     match = STANDARD_NAME.match(name)
-    if match and match["table"] in STANDARD_SCHEMAS:
-        order = ("standard", match["table"], int(match["sequence"]))
-        return SourceFile(order, name, match["table"], "standard", "parquet")
+    if match:
+        table = _EXPORT_TABLES.get(match["table"], match["table"])
+        if table in STANDARD_SCHEMAS:
+            order = ("standard", table, int(match["sequence"]))
+            return SourceFile(order, name, table, "standard", "parquet")
     return None
 
 
@@ -126,12 +130,33 @@ def _advanced_row(doc: dict[str, Any], call_type: str) -> dict[str, Any]:
     return row
 
 
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with the columns of ``schema`` first, in its types where they convert (a column missing from the
+    file, e.g. in another schema version or export, is null); columns the schema does not know are kept after."""
+    columns, fields = [], []
+    for wanted in schema:
+        if wanted.name in table.column_names:
+            column = table.column(wanted.name)
+            try:
+                column = column.cast(wanted.type)
+                fields.append(wanted)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                fields.append(pa.field(wanted.name, column.type))
+        else:
+            column = pa.nulls(table.num_rows, wanted.type)
+            fields.append(wanted)
+        columns.append(column)
+    for name in table.column_names:
+        if name not in schema.names:
+            columns.append(table.column(name))
+            fields.append(table.schema.field(name))
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
+
+
 def read_file(data: bytes, source: SourceFile) -> pa.Table:
     """The rows of one file as an Arrow table under the table's fixed schema."""
     if source.mode == "standard":
-        table = pq.read_table(pa.BufferReader(data))
-        schema = STANDARD_SCHEMAS[source.table]
-        return table.select(schema.names).cast(schema)
+        return conform(pq.read_table(pa.BufferReader(data)), STANDARD_SCHEMAS[source.table])
     call_type = source.table.removeprefix("raw_")
     schema = CALL_SCHEMAS[call_type]
     if source.ext == "parquet":
@@ -151,7 +176,7 @@ def read_file(data: bytes, source: SourceFile) -> pa.Table:
     else:
         rows = [_advanced_row(orjson.loads(line), call_type) for line in data.splitlines() if line.strip()]
         table = pa.Table.from_pylist(rows, schema=schema)
-    return table.select(schema.names).cast(schema)
+    return conform(table, schema)
 
 
 class _DuckDBTarget:
@@ -180,6 +205,13 @@ class _DuckDBTarget:
         try:
             self.con.register("incoming", table)
             self.con.execute(f'CREATE TABLE IF NOT EXISTS "{file.table}" AS SELECT * FROM incoming LIMIT 0')
+            have = {r[0] for r in self.con.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [file.table]).fetchall()}
+            for column in table.schema:
+                if column.name not in have:
+                    kind = self.con.execute(f'SELECT typeof("{column.name}") FROM incoming LIMIT 1').fetchall()
+                    sql_type = kind[0][0] if kind and kind[0][0] != "NULL" else "VARCHAR"
+                    self.con.execute(f'ALTER TABLE "{file.table}" ADD COLUMN "{column.name}" {sql_type}')
             self.con.execute(f'INSERT INTO "{file.table}" BY NAME SELECT * FROM incoming')
             self.con.execute(f"INSERT INTO {LOAD_STATE_TABLE} VALUES (?, ?, ?, ?, ?)",
                              [source, file.name, file.table, table.num_rows, datetime.now(UTC)])
@@ -258,6 +290,9 @@ class _PostgresTarget:
         names = ", ".join(f'"{f.name}"' for f in table.schema)
         with self.con.transaction():
             self.con.execute(f'CREATE TABLE IF NOT EXISTS "{file.table}" ({columns})')
+            for column in table.schema:
+                self.con.execute(f'ALTER TABLE "{file.table}" ADD COLUMN IF NOT EXISTS "{column.name}" '
+                                 f"{_pg_type(column.type)}")
             with self.con.cursor().copy(f'COPY "{file.table}" ({names}) FROM STDIN') as copy:
                 for row in table.to_pylist():
                     copy.write_row(list(row.values()))

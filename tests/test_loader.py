@@ -216,3 +216,26 @@ def test_the_load_and_inspect_commands(memory_storage: Storage, tmp_path: Path,
     err = capsys.readouterr().err
     assert "cannot connect to PostgreSQL" in err
     assert "s3cret" not in err
+
+
+def test_customer_io_named_exports_of_other_versions_load(memory_storage: Storage, warehouse: Warehouse) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs = memory_storage.fs
+    root = memory_storage.root
+
+    def put(name: str, table: pa.Table) -> None:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        fs.pipe_file(f"{root}/{name}", sink.getvalue().to_pybytes())
+
+    # The export's "content" data set, and a v2 of deliveries with a column this contract does not have.
+    put("content_v1_42_1700000000000001.parquet", pa.table({
+        "workspace_id": [42], "delivery_id": ["d1"], "subject": ["Hi"], "created_at": pa.array([1], pa.int64())}))
+    put("deliveries_v2_42_1700000000000002.parquet", pa.table({
+        "workspace_id": [42], "delivery_id": ["d1"], "delivery_type": ["email"], "new_column": ["x"]}))
+    report = cio_sync.load(memory_storage.url, warehouse.into)
+    assert report.tables == {"delivery_contents": 1, "deliveries": 1}
+    assert warehouse.rows("SELECT delivery_id, new_column FROM deliveries") == [("d1", "x")]
+    assert warehouse.rows("SELECT subject FROM delivery_contents") == [("Hi",)]
