@@ -9,6 +9,11 @@ before the upload, so after a crash the same file is published again under the s
 landed). A crash therefore loses neither a change nor its rows, and never emits a change twice; what it can lose is
 the tail of calls not yet committed (``commit_every``), and then it loses their state change and their rows
 together.
+
+Write-behind: a step's statements are staged in Python lists and reach SQLite with ``executemany``, at commit or just
+before a read of the table they change (a read never misses a staged change). A step whose statements had to reach
+SQLite before it ended runs under a savepoint, so a failing step is still undone whole: its staged statements are
+dropped, and the in-memory cache with them.
 """
 
 from __future__ import annotations
@@ -66,6 +71,26 @@ CREATE TABLE IF NOT EXISTS batches (
 """
 
 
+#: Indices of the per-table staging lists; statements on different tables never constrain each other.
+_PEOPLE, _ATTRIBUTES, _ANONYMOUS, _DEFINITIONS, _OUTBOX = range(5)
+_TABLES: Final = 5
+_INSERT_PERSON: Final = ("INSERT INTO people (cio_id, id, email, deleted, suppressed, created_at, updated_at) "
+                         "VALUES (?, ?, ?, 0, 0, ?, ?)")
+_INSERT_PERSON_ROW: Final = ("INSERT INTO people (cio_id, id, email, deleted, suppressed, created_at, updated_at) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?)")
+_FORGET_PERSON_ID: Final = "UPDATE people SET id = NULL WHERE cio_id = ?"
+_UPDATE_PERSON: Final = ("UPDATE people SET id = ?, email = ?, deleted = ?, suppressed = ?, updated_at = ? "
+                         "WHERE cio_id = ?")
+_PERSON_BY_ID: Final = ("SELECT cio_id, id, email, deleted, suppressed, created_at, updated_at FROM people "
+                        "WHERE id = ? AND deleted = 0")
+_SET_ATTRIBUTE: Final = "INSERT OR REPLACE INTO attributes (cio_id, name, value) VALUES (?, ?, ?)"
+_REMOVE_ATTRIBUTE: Final = "DELETE FROM attributes WHERE cio_id = ? AND name = ?"
+_SAVE_ANONYMOUS: Final = "INSERT OR REPLACE INTO anonymous (anonymous_id, cio_id, traits) VALUES (?, ?, ?)"
+_SAVE_DEFINITION: Final = ("INSERT OR REPLACE INTO definitions (kind, id, digest, version, created_at) "
+                           "VALUES (?, ?, ?, ?, ?)")
+_ADD_ROW: Final = "INSERT INTO outbox (tbl, row, size, at) VALUES (?, ?, ?, ?)"
+
+
 @dataclass(slots=True)
 class Person:
     """One person of the workspace. ``attrs`` (name -> value text) is loaded on first use."""
@@ -116,6 +141,18 @@ class WorkspaceState:
             raise
         self._cache: dict[str, Person] = {}
         self._cache_size = cache_size
+        # Write-behind: the statements of the steps since the last commit, per table, in order; applied with
+        # executemany before anything reads that table and at commit (see _apply_staged).
+        self._staged: tuple[list[tuple[str, tuple[Any, ...]]], ...] = tuple([] for _ in range(_TABLES))
+        self._marks: list[int] | None = None  # where the current step's statements start, per table
+        self._step_savepoint = False  # the current step's statements reached the database under a savepoint
+        # What the staged statements touch, so that a read of the database can tell whether it must apply them
+        # first: people with staged changes (by cio_id) and whether each of them is in the cache under its current
+        # id; people with staged attribute changes; anonymous ids with their staged value.
+        self._staged_people: set[str] = set()
+        self._people_cached = True
+        self._staged_attributes: set[str] = set()
+        self._staged_anonymous: dict[str, tuple[str | None, dict[str, Any]]] = {}
         self._seq_num = int(self._meta("seq_num") or 0)
         self._seq_dirty = False
         self._clock = 0
@@ -175,31 +212,130 @@ class WorkspaceState:
             self._in_tx = True
         return self._db
 
+    def _stage(self, table: int, sql: str, params: tuple[Any, ...]) -> None:
+        self._staged[table].append((sql, params))
+
+    @staticmethod
+    def _run(db: sqlite3.Connection, table: int, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        """Apply staged statements of one table with a few executemany calls, to the same end as running them in
+        order."""
+        if not statements:
+            return
+        if table == _ATTRIBUTES:
+            # Only the last change of each (person, attribute) matters, and attributes constrain nothing else.
+            final: dict[tuple[str, str], str | None] = {}
+            for sql, params in statements:
+                final[params[0], params[1]] = params[2] if sql is _SET_ATTRIBUTE else None
+            db.executemany(_REMOVE_ATTRIBUTE, [key for key, value in final.items() if value is None])
+            db.executemany(_SET_ATTRIBUTE, [(*key, value) for key, value in final.items() if value is not None])
+        elif table == _PEOPLE:
+            # Each person's final row. People already stored first lose their external id, so that no
+            # intermediate state can hold one id twice among live people (the unique index), then get their final
+            # row; new people are inserted last. The final state holds each live id once, as the steps left it.
+            new: dict[str, list[Any]] = {}
+            changed: dict[str, tuple[Any, ...]] = {}
+            for sql, params in statements:
+                if sql is _INSERT_PERSON:
+                    cio_id, external_id, at = params[0], params[1], params[3]
+                    new[cio_id] = [cio_id, external_id, None, 0, 0, at, at]
+                else:
+                    cio_id = params[5]
+                    row = new.get(cio_id)
+                    if row is None:
+                        changed[cio_id] = params
+                    else:
+                        row[1], row[2], row[3], row[4], row[6] = params[:5]
+            if changed:
+                db.executemany(_FORGET_PERSON_ID, [(cio_id,) for cio_id in changed])
+                db.executemany(_UPDATE_PERSON, list(changed.values()))
+            db.executemany(_INSERT_PERSON_ROW, list(new.values()))
+        else:
+            db.executemany(statements[0][0], [params for _, params in statements])
+
+    def _apply_staged(self, table: int | None = None) -> None:
+        """Write the staged statements of ``table`` (or of all tables) to the database, inside the transaction.
+
+        Within a step, the step's own statements go under a SQLite savepoint (opened here, the first time they are
+        needed, after every earlier step's statements are written), so that failing the step can still undo them.
+        """
+        tables = range(_TABLES) if table is None else (table,)
+        if not any(self._staged[t] for t in tables):
+            return
+        db = self._tx()
+        marks = self._marks
+        if marks is not None and not self._step_savepoint and any(
+                len(self._staged[t]) > marks[t] for t in tables):
+            # The step's statements must reach the database: first every earlier step's, then a savepoint.
+            for t in range(_TABLES):
+                self._run(db, t, self._staged[t][:marks[t]])
+                del self._staged[t][:marks[t]]
+                marks[t] = 0
+            db.execute("SAVEPOINT step")
+            self._step_savepoint = True
+        for t in tables:
+            statements = self._staged[t]
+            if statements:
+                self._run(db, t, statements)
+                statements.clear()
+                if marks is not None:
+                    marks[t] = 0
+            self._forget_staged(t)
+
+    def _forget_staged(self, table: int) -> None:
+        if table == _PEOPLE:
+            self._staged_people.clear()
+            self._people_cached = True
+        elif table == _ATTRIBUTES:
+            self._staged_attributes.clear()
+        elif table == _ANONYMOUS:
+            self._staged_anonymous.clear()
+
     def commit(self) -> None:
         """Make every change so far durable, with the rows it produced."""
+        self._apply_staged()
+        if self._seq_dirty:
+            self._tx().execute("UPDATE meta SET value = ? WHERE key = 'seq_num'", (str(self._seq_num),))
+            self._seq_dirty = False
         if not self._in_tx:
             return
-        if self._seq_dirty:
-            self._db.execute("UPDATE meta SET value = ? WHERE key = 'seq_num'", (str(self._seq_num),))
-            self._seq_dirty = False
         self._db.execute("COMMIT")
         self._in_tx = False
 
     def savepoint(self) -> None:
         """Start one step (a call or a record) that is kept whole or undone whole."""
-        self._tx().execute("SAVEPOINT step")
+        self._marks = [len(statements) for statements in self._staged]
+        self._step_savepoint = False
 
     def release_savepoint(self) -> None:
-        self._db.execute("RELEASE step")
+        if self._step_savepoint:
+            self._db.execute("RELEASE step")
+        self._marks = None
+        self._step_savepoint = False
 
     def rollback_savepoint(self) -> None:
         """Undo the current step; the in-memory view is dropped and reread from the database."""
-        self._db.execute("ROLLBACK TO step")
-        self._db.execute("RELEASE step")
+        if self._step_savepoint:
+            self._db.execute("ROLLBACK TO step")
+            self._db.execute("RELEASE step")
+        if self._marks is not None:
+            for statements, mark in zip(self._staged, self._marks, strict=True):
+                del statements[mark:]
+        self._marks = None
+        self._step_savepoint = False
         self._cache.clear()
+        # The indexes of the staged statements may name the step's changes: apply the earlier steps' statements
+        # (rare: only when a step fails) so that the database alone is the truth again.
+        self._apply_staged()
+        for t in range(_TABLES):
+            self._forget_staged(t)
 
     def rollback(self) -> None:
         """Forget the changes since the last commit (and the cache, which may hold them)."""
+        for t, statements in enumerate(self._staged):
+            statements.clear()
+            self._forget_staged(t)
+        self._marks = None
+        self._step_savepoint = False
         if self._in_tx:
             self._db.execute("ROLLBACK")
             self._in_tx = False
@@ -215,7 +351,6 @@ class WorkspaceState:
         return self._clock
 
     def next_seq_num(self) -> int:
-        self._tx()
         self._seq_num += 1
         self._seq_dirty = True
         return self._seq_num
@@ -225,7 +360,9 @@ class WorkspaceState:
     def _remember(self, person: Person) -> Person:
         if person.id is not None:
             if len(self._cache) >= self._cache_size:
-                self._cache.pop(next(iter(self._cache)))
+                evicted = self._cache.pop(next(iter(self._cache)))
+                if evicted.cio_id in self._staged_people:
+                    self._people_cached = False
             self._cache[person.id] = person
         return person
 
@@ -238,9 +375,13 @@ class WorkspaceState:
         cached = self._cache.get(external_id)
         if cached is not None:
             return cached
-        row = self._db.execute(
-            "SELECT cio_id, id, email, deleted, suppressed, created_at, updated_at FROM people "
-            "WHERE id = ? AND deleted = 0", (external_id,)).fetchone()
+        if not self._people_cached:
+            self._apply_staged(_PEOPLE)
+        row = self._db.execute(_PERSON_BY_ID, (external_id,)).fetchone()
+        if row is not None and row[0] in self._staged_people:
+            # The database's row is older than a staged change of that person (a rename or a deletion).
+            self._apply_staged(_PEOPLE)
+            row = self._db.execute(_PERSON_BY_ID, (external_id,)).fetchone()
         return None if row is None else self._remember(self._person(row))
 
     def person_by_cio_id(self, cio_id: str) -> Person | None:
@@ -248,6 +389,8 @@ class WorkspaceState:
         for person in self._cache.values():
             if person.cio_id == cio_id:
                 return person
+        if cio_id in self._staged_people:
+            self._apply_staged(_PEOPLE)
         row = self._db.execute(
             "SELECT cio_id, id, email, deleted, suppressed, created_at, updated_at FROM people WHERE cio_id = ?",
             (cio_id,)).fetchone()
@@ -259,42 +402,51 @@ class WorkspaceState:
     def create_person(self, external_id: str | None, at: int) -> Person:
         """A new person with a fresh internal id (``cio_id``), stable forever after."""
         person = Person(secrets.token_hex(8), external_id, None, False, False, at, at, {})
-        self._tx().execute(
-            "INSERT INTO people (cio_id, id, email, deleted, suppressed, created_at, updated_at) "
-            "VALUES (?, ?, ?, 0, 0, ?, ?)", (person.cio_id, external_id, None, at, at))
+        self._stage(_PEOPLE, _INSERT_PERSON, (person.cio_id, external_id, None, at, at))
+        self._staged_people.add(person.cio_id)
+        if external_id is None:
+            self._people_cached = False
         return self._remember(person)
 
     def save_person(self, person: Person) -> None:
         """Store the person's id, email, flags and times."""
-        self._tx().execute(
-            "UPDATE people SET id = ?, email = ?, deleted = ?, suppressed = ?, updated_at = ? WHERE cio_id = ?",
-            (person.id, person.email, int(person.deleted), int(person.suppressed), person.updated_at,
-             person.cio_id))
-        if person.deleted and person.id is not None:
-            self._cache.pop(person.id, None)
+        self._stage(_PEOPLE, _UPDATE_PERSON, (person.id, person.email, int(person.deleted), int(person.suppressed),
+                                              person.updated_at, person.cio_id))
+        self._staged_people.add(person.cio_id)
+        if person.deleted or person.id is None:
+            if person.id is not None:
+                self._cache.pop(person.id, None)
+        elif self._cache.get(person.id) is not person:
+            self._remember(person)  # known under a new id (a rename)
 
     def forget_id(self, external_id: str) -> None:
         self._cache.pop(external_id, None)
 
     def attrs(self, person: Person) -> dict[str, str]:
         if person.attrs is None:
+            if person.cio_id in self._staged_attributes:
+                self._apply_staged(_ATTRIBUTES)
             person.attrs = dict(self._db.execute(
                 "SELECT name, value FROM attributes WHERE cio_id = ?", (person.cio_id,)).fetchall())
         return person.attrs
 
     def set_attr(self, person: Person, name: str, value: str) -> None:
         self.attrs(person)[name] = value
-        self._tx().execute("INSERT OR REPLACE INTO attributes (cio_id, name, value) VALUES (?, ?, ?)",
-                           (person.cio_id, name, value))
+        self._stage(_ATTRIBUTES, _SET_ATTRIBUTE, (person.cio_id, name, value))
+        self._staged_attributes.add(person.cio_id)
 
     def remove_attr(self, person: Person, name: str) -> None:
         self.attrs(person).pop(name, None)
-        self._tx().execute("DELETE FROM attributes WHERE cio_id = ? AND name = ?", (person.cio_id, name))
+        self._stage(_ATTRIBUTES, _REMOVE_ATTRIBUTE, (person.cio_id, name))
+        self._staged_attributes.add(person.cio_id)
 
     # -- anonymous profiles --------------------------------------------------------------------------------------
 
     def anonymous(self, anonymous_id: str) -> tuple[str | None, dict[str, Any]]:
         """The person an anonymous id was merged into (if any) and the traits kept for it while anonymous."""
+        staged = self._staged_anonymous.get(anonymous_id)
+        if staged is not None:
+            return staged[0], dict(staged[1])
         row = self._db.execute("SELECT cio_id, traits FROM anonymous WHERE anonymous_id = ?",
                                (anonymous_id,)).fetchone()
         if row is None:
@@ -302,32 +454,35 @@ class WorkspaceState:
         return row[0], (orjson.loads(row[1]) if row[1] else {})
 
     def save_anonymous(self, anonymous_id: str, cio_id: str | None, traits: dict[str, Any]) -> None:
-        self._tx().execute("INSERT OR REPLACE INTO anonymous (anonymous_id, cio_id, traits) VALUES (?, ?, ?)",
-                           (anonymous_id, cio_id, orjson.dumps(traits).decode() if traits else None))
+        self._stage(_ANONYMOUS, _SAVE_ANONYMOUS,
+                    (anonymous_id, cio_id, orjson.dumps(traits).decode() if traits else None))
+        self._staged_anonymous[anonymous_id] = (cio_id, dict(traits))
 
     # -- definitions ---------------------------------------------------------------------------------------------
 
     def definition(self, kind: str, key: int) -> Definition | None:
+        self._apply_staged(_DEFINITIONS)
         row = self._db.execute("SELECT digest, version, created_at FROM definitions WHERE kind = ? AND id = ?",
                                (kind, key)).fetchone()
         return None if row is None else Definition(row[0], row[1], row[2])
 
     def save_definition(self, kind: str, key: int, definition: Definition) -> None:
-        self._tx().execute(
-            "INSERT OR REPLACE INTO definitions (kind, id, digest, version, created_at) VALUES (?, ?, ?, ?, ?)",
-            (kind, key, definition.digest, definition.version, definition.created_at))
+        self._stage(_DEFINITIONS, _SAVE_DEFINITION,
+                    (kind, key, definition.digest, definition.version, definition.created_at))
 
     # -- the outbox (used by SqliteOutbox) -----------------------------------------------------------------------
 
     def outbox_add(self, table: str, row: bytes, size: int, at: int | None) -> None:
-        self._tx().execute("INSERT INTO outbox (tbl, row, size, at) VALUES (?, ?, ?, ?)", (table, row, size, at))
+        self._stage(_OUTBOX, _ADD_ROW, (table, row, size, at))
 
     def outbox_counts(self) -> Iterator[tuple[str, int, int]]:
+        self._apply_staged(_OUTBOX)
         yield from self._db.execute(
             "SELECT tbl, count(*), coalesce(sum(size), 0) FROM outbox WHERE batch IS NULL GROUP BY tbl")
 
     def outbox_cut(self, table: str) -> tuple[int, list[bytes], int, int | None, int | None]:
         """Close the table's open rows into a new batch; its id, rows, bytes and time range."""
+        self._apply_staged(_OUTBOX)
         db = self._tx()
         cursor = db.execute("INSERT INTO batches (tbl, rows) VALUES (?, 0)", (table,))
         batch_id = int(cursor.lastrowid or 0)

@@ -427,3 +427,78 @@ def test_a_crash_before_commit_loses_the_change_and_its_rows_together(memory_sto
     with sink_for(memory_storage, state=state) as again:
         assert again.write({"type": "identify", "userId": "1", "traits": {"a": 1}}) == 2
     assert len(tables(memory_storage, scratch)["attributes"]) == 1
+
+
+def lifecycle(sink: cio_sync.StandardSink) -> tuple[list[int], dict[str, Any]]:
+    """Renames, merges, deletions, re-identification and anonymous profiles, one after another; what each call
+    emitted and how the workspace ends up."""
+    emitted = [
+        sink.write({"type": "identify", "userId": "a", "traits": {"email": "a@x.com", "n": 1}}),
+        sink.write({"type": "identify", "userId": "b", "traits": {"n": 2, "gone": "soon"}}),
+        sink.write({"type": "identify", "anonymousId": "anon", "traits": {"ref": "ad"}}),
+        sink.write({"type": "alias", "userId": "a2", "previousId": "a"}),  # a is now known as a2
+        sink.write({"type": "identify", "userId": "a", "traits": {"n": 3}}),  # a new person called a
+        sink.write({"type": "identify", "userId": "b", "anonymousId": "anon", "traits": {"gone": None}}),
+        sink.write({"type": "alias", "userId": "b", "previousId": "a"}),  # merges the new a into b
+        sink.delete_person("a2"),
+        sink.write({"type": "identify", "userId": "a2", "traits": {"email": "again@x.com"}}),
+        sink.suppress_person("b"),
+        sink.write({"type": "identify", "userId": "b", "traits": {"n": 9}}),
+        sink.unsuppress_person("b"),
+    ]
+    people: dict[str, dict[str, Any] | None] = {}
+    for uid in ("a", "a2", "b"):
+        try:
+            person = sink.person(uid)
+        except cio_sync.UnknownPerson:
+            people[uid] = None
+        else:
+            people[uid] = {k: v for k, v in person.items() if k != "cio_id"}
+    return emitted, people
+
+
+def test_many_steps_between_commits_see_each_others_changes(memory_storage: Storage, tmp_path: Path) -> None:
+    with sink_for(memory_storage, state=tmp_path / "one.sqlite") as sink:
+        expected = lifecycle(sink)
+    with sink_for(memory_storage, state=tmp_path / "many.sqlite", commit_every=1000) as sink:
+        assert lifecycle(sink) == expected
+    with sink_for(memory_storage, state=tmp_path / "small.sqlite", commit_every=1000) as sink:
+        sink.state._cache_size = 1  # people fall out of the in-memory view between steps
+        assert lifecycle(sink) == expected
+    assert expected[1]["a"] is None
+    assert expected[1]["a2"] is not None
+
+
+def fail_in_the_middle(sink: cio_sync.StandardSink) -> None:
+    """Make the next call fail after it changed the person's attributes, before its step ends."""
+    def fail(*args: Any) -> Any:
+        del sink._sync_email
+        raise RuntimeError("failed in the middle of a step")
+
+    sink._sync_email = fail  # type: ignore[method-assign,assignment]
+
+
+@pytest.mark.parametrize("commit_every", [1, 1000])
+def test_a_step_failing_midway_leaves_neither_state_nor_rows(memory_storage: Storage, tmp_path: Path,
+                                                             scratch: Path, commit_every: int) -> None:
+    state = tmp_path / "ws.sqlite"
+    with sink_for(memory_storage, state=state, commit_every=commit_every) as sink:
+        assert sink.write({"type": "identify", "userId": "1", "traits": {"a": 1}}) == 2
+        fail_in_the_middle(sink)
+        with pytest.raises(RuntimeError):
+            sink.write({"type": "identify", "userId": "1", "traits": {"a": 2, "b": 1}})
+        fail_in_the_middle(sink)
+        with pytest.raises(RuntimeError):
+            sink.write({"type": "identify", "userId": "2", "traits": {"a": 2}})
+        assert sink.person("1")["attributes"] == {"a": "1"}
+        with pytest.raises(cio_sync.UnknownPerson):
+            sink.person("2")
+        assert sink.write({"type": "identify", "userId": "1", "traits": {"c": 3}}) == 1
+    with sink_for(memory_storage, state=state) as again:
+        assert again.person("1")["attributes"] == {"a": "1", "c": "3"}
+        with pytest.raises(cio_sync.UnknownPerson):
+            again.person("2")
+    found = tables(memory_storage, scratch)
+    assert [(r["attribute_name"], r["attribute_value"]) for r in found["attributes"]] == [("a", "1"), ("c", "3")]
+    assert [r["external_customer_id"] for r in found["people"]] == ["1"]
+
