@@ -24,7 +24,7 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, Final
 
@@ -35,7 +35,7 @@ from cio_sync._errors import StateError
 from cio_sync._publisher import Batch, Buffered
 from cio_sync._schemas import STANDARD_SCHEMAS, STANDARD_VERSION
 
-STATE_FORMAT: Final = 1
+STATE_FORMAT: Final = 2
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -61,7 +61,7 @@ CREATE TABLE IF NOT EXISTS definitions (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, tbl TEXT NOT NULL, row BLOB NOT NULL, size INTEGER NOT NULL,
-    at INTEGER, batch INTEGER
+    at INTEGER, batch INTEGER, rows INTEGER, last_at INTEGER
 );
 CREATE INDEX IF NOT EXISTS outbox_by_batch ON outbox (batch, tbl);
 CREATE TABLE IF NOT EXISTS batches (
@@ -88,7 +88,20 @@ _REMOVE_ATTRIBUTE: Final = "DELETE FROM attributes WHERE cio_id = ? AND name = ?
 _SAVE_ANONYMOUS: Final = "INSERT OR REPLACE INTO anonymous (anonymous_id, cio_id, traits) VALUES (?, ?, ?)"
 _SAVE_DEFINITION: Final = ("INSERT OR REPLACE INTO definitions (kind, id, digest, version, created_at) "
                            "VALUES (?, ?, ?, ?, ?)")
-_ADD_ROW: Final = "INSERT INTO outbox (tbl, row, size, at) VALUES (?, ?, ?, ?)"
+_ADD_ROW: Final = "INSERT INTO outbox (tbl, row, size, at) VALUES (?, ?, ?, ?)"  # staged only, see _run
+_ADD_ROWS: Final = "INSERT INTO outbox (tbl, row, size, at, last_at, rows) VALUES (?, ?, ?, ?, ?, ?)"
+_BATCH_ENTRIES: Final = "SELECT row, rows FROM outbox WHERE batch = ? ORDER BY seq"
+
+
+def _unpack(entries: Iterable[tuple[bytes, int | None]]) -> list[Any]:
+    """The rows of outbox entries, in order: an entry is one row (``rows`` null) or a JSON array of rows."""
+    found: list[Any] = []
+    for data, count in entries:
+        if count is None:
+            found.append(orjson.loads(data))
+        else:
+            found.extend(orjson.loads(data))
+    return found
 
 
 @dataclass(slots=True)
@@ -185,6 +198,15 @@ class WorkspaceState:
             ])
             self._db.execute("COMMIT")
             return
+        if int(fmt) == 1:
+            # Format 2 packs many rows of one table into one outbox entry (``rows`` of them, changed from ``at`` to
+            # ``last_at``); format 1 entries (one row each, ``rows`` null) stay readable as they are.
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("ALTER TABLE outbox ADD COLUMN rows INTEGER")
+            self._db.execute("ALTER TABLE outbox ADD COLUMN last_at INTEGER")
+            self._db.execute("UPDATE meta SET value = ? WHERE key = 'format'", (str(STATE_FORMAT),))
+            self._db.execute("COMMIT")
+            fmt = str(STATE_FORMAT)
         if int(fmt) != STATE_FORMAT:
             raise StateError(f"workspace state {self.path} has format {fmt}; this cio_sync reads {STATE_FORMAT}")
         stored = int(self._meta("workspace_id") or -1)
@@ -249,6 +271,21 @@ class WorkspaceState:
                 db.executemany(_FORGET_PERSON_ID, [(cio_id,) for cio_id in changed])
                 db.executemany(_UPDATE_PERSON, list(changed.values()))
             db.executemany(_INSERT_PERSON_ROW, list(new.values()))
+        elif table == _OUTBOX:
+            # One entry per table holding all its rows, in order: a few inserts instead of one per row.
+            packs: dict[str, list[Any]] = {}  # table -> [rows, size, first at, last at]
+            for _, (name, row, size, at) in statements:
+                pack = packs.get(name)
+                if pack is None:
+                    pack = packs[name] = [[], 0, at, at]
+                pack[0].append(row)
+                pack[1] += size
+                if at is not None:
+                    pack[2] = at if pack[2] is None or at < pack[2] else pack[2]
+                    pack[3] = at if pack[3] is None or at > pack[3] else pack[3]
+            db.executemany(_ADD_ROWS, [
+                (name, b"[" + b",".join(rows) + b"]", size, first, last, len(rows))
+                for name, (rows, size, first, last) in packs.items()])
         else:
             db.executemany(statements[0][0], [params for _, params in statements])
 
@@ -478,18 +515,20 @@ class WorkspaceState:
     def outbox_counts(self) -> Iterator[tuple[str, int, int]]:
         self._apply_staged(_OUTBOX)
         yield from self._db.execute(
-            "SELECT tbl, count(*), coalesce(sum(size), 0) FROM outbox WHERE batch IS NULL GROUP BY tbl")
+            "SELECT tbl, coalesce(sum(coalesce(rows, 1)), 0), coalesce(sum(size), 0) FROM outbox "
+            "WHERE batch IS NULL GROUP BY tbl")
 
-    def outbox_cut(self, table: str) -> tuple[int, list[bytes], int, int | None, int | None]:
-        """Close the table's open rows into a new batch; its id, rows, bytes and time range."""
+    def outbox_cut(self, table: str) -> tuple[int, list[Any], int, int | None, int | None]:
+        """Close the table's open rows into a new batch; its id, rows (decoded), bytes and time range."""
         self._apply_staged(_OUTBOX)
         db = self._tx()
         cursor = db.execute("INSERT INTO batches (tbl, rows) VALUES (?, 0)", (table,))
         batch_id = int(cursor.lastrowid or 0)
         db.execute("UPDATE outbox SET batch = ? WHERE batch IS NULL AND tbl = ?", (batch_id, table))
-        rows = [r[0] for r in db.execute("SELECT row FROM outbox WHERE batch = ? ORDER BY seq", (batch_id,))]
+        rows = _unpack(db.execute(_BATCH_ENTRIES, (batch_id,)))
         nbytes, first, last = db.execute(
-            "SELECT coalesce(sum(size), 0), min(at), max(at) FROM outbox WHERE batch = ?", (batch_id,)).fetchone()
+            "SELECT coalesce(sum(size), 0), min(at), max(coalesce(last_at, at)) FROM outbox WHERE batch = ?",
+            (batch_id,)).fetchone()
         db.execute("UPDATE batches SET rows = ?, nbytes = ?, first_at = ?, last_at = ? WHERE id = ?",
                    (len(rows), nbytes, first, last, batch_id))
         # No commit here: a cut may happen inside a step (a call's savepoint); it becomes durable with the next
@@ -504,8 +543,9 @@ class WorkspaceState:
         row = self._db.execute("SELECT data FROM batches WHERE id = ?", (batch_id,)).fetchone()
         return bytes(row[0])
 
-    def outbox_batch_rows(self, batch_id: int) -> list[bytes]:
-        return [r[0] for r in self._db.execute("SELECT row FROM outbox WHERE batch = ? ORDER BY seq", (batch_id,))]
+    def outbox_batch_rows(self, batch_id: int) -> list[Any]:
+        """The batch's rows, decoded."""
+        return _unpack(self._db.execute(_BATCH_ENTRIES, (batch_id,)))
 
     def outbox_named(self, batch_id: int, name: str, data: bytes) -> None:
         self._tx().execute("UPDATE batches SET name = ?, data = ? WHERE id = ?", (name, data, batch_id))
@@ -549,7 +589,7 @@ class SqliteOutbox:
         counts[0] = counts[1] = 0
         if not rows:
             return None
-        return Batch(table, len(rows), [orjson.loads(r) for r in rows], STANDARD_SCHEMAS[table], key=batch_id,
+        return Batch(table, len(rows), rows, STANDARD_SCHEMAS[table], key=batch_id,
                      nbytes=nbytes, first_time=first, last_time=last)
 
     def pending(self) -> list[Batch]:
@@ -560,7 +600,7 @@ class SqliteOutbox:
                                      key=batch_id, attempted=True, nbytes=nbytes, first_time=first,
                                      last_time=last))
             else:
-                decoded = [orjson.loads(r) for r in self._state.outbox_batch_rows(batch_id)]
+                decoded = self._state.outbox_batch_rows(batch_id)
                 batches.append(Batch(table, len(decoded), decoded, STANDARD_SCHEMAS[table], key=batch_id,
                                      nbytes=nbytes, first_time=first, last_time=last))
         return batches
@@ -573,7 +613,7 @@ class SqliteOutbox:
         if batch.name is not None:
             batch.encoded = self._state.outbox_encoded(batch.key)
         else:
-            batch.data = [orjson.loads(r) for r in self._state.outbox_batch_rows(batch.key)]
+            batch.data = self._state.outbox_batch_rows(batch.key)
 
     def named(self, batch: Batch) -> None:
         assert batch.name is not None

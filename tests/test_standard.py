@@ -502,3 +502,44 @@ def test_a_step_failing_midway_leaves_neither_state_nor_rows(memory_storage: Sto
     assert [(r["attribute_name"], r["attribute_value"]) for r in found["attributes"]] == [("a", "1"), ("c", "3")]
     assert [r["external_customer_id"] for r in found["people"]] == ["1"]
 
+
+
+STATE_FORMAT_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE people (cio_id TEXT PRIMARY KEY, id TEXT, email TEXT, deleted INTEGER NOT NULL DEFAULT 0,
+    suppressed INTEGER NOT NULL DEFAULT 0, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);
+CREATE UNIQUE INDEX people_by_id ON people (id) WHERE deleted = 0;
+CREATE TABLE attributes (cio_id TEXT NOT NULL, name TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (cio_id, name))
+    WITHOUT ROWID;
+CREATE TABLE anonymous (anonymous_id TEXT PRIMARY KEY, cio_id TEXT, traits TEXT);
+CREATE TABLE definitions (kind TEXT NOT NULL, id INTEGER NOT NULL, digest TEXT NOT NULL, version INTEGER NOT NULL,
+    created_at INTEGER NOT NULL, PRIMARY KEY (kind, id)) WITHOUT ROWID;
+CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, tbl TEXT NOT NULL, row BLOB NOT NULL,
+    size INTEGER NOT NULL, at INTEGER, batch INTEGER);
+CREATE INDEX outbox_by_batch ON outbox (batch, tbl);
+CREATE TABLE batches (id INTEGER PRIMARY KEY AUTOINCREMENT, tbl TEXT NOT NULL, rows INTEGER NOT NULL, name TEXT,
+    data BLOB, nbytes INTEGER NOT NULL DEFAULT 0, first_at INTEGER, last_at INTEGER);
+"""
+
+
+def test_a_state_of_the_previous_format_is_upgraded_and_its_rows_published(memory_storage: Storage, tmp_path: Path,
+                                                                          scratch: Path) -> None:
+    import sqlite3
+
+    state = tmp_path / "ws.sqlite"
+    db = sqlite3.connect(state)
+    db.executescript(STATE_FORMAT_1)
+    db.executemany("INSERT INTO meta VALUES (?, ?)", [("format", "1"), ("workspace_id", str(WORKSPACE)),
+                                                      ("schema_version", "1"), ("seq_num", "0")])
+    db.execute("INSERT INTO people VALUES ('c1', 'u1', NULL, 0, 0, 1000, 1000)")
+    db.execute("INSERT INTO attributes VALUES ('c1', 'plan', 'pro')")
+    db.execute("INSERT INTO outbox (tbl, row, size, at) VALUES ('attributes', ?, 40, 1000)",
+               (orjson.dumps([WORKSPACE, "c1", "u1", "plan", "pro", 1000]),))
+    db.commit()
+    db.close()
+    with sink_for(memory_storage, state=state, commit_every=1000) as sink:
+        assert sink.person("u1")["attributes"] == {"plan": "pro"}
+        assert sink.write({"type": "identify", "userId": "u1", "traits": {"plan": "max", "n": 1}}) == 2
+    found = tables(memory_storage, scratch)["attributes"]
+    assert [(r["attribute_name"], r["attribute_value"]) for r in found] == [("plan", "pro"), ("plan", "max"),
+                                                                            ("n", "1")]
