@@ -406,10 +406,10 @@ class Publisher:
             self.max_bytes is not None and now.nbytes >= self.max_bytes
         )
 
-    def append_rows(self, rows: list[tuple[str, pa.Schema, tuple[Any, ...], int, int | None]]) -> bool:
-        """Buffer the rows one call or record produced (table, schema, row, size, time), then cut the tables they
-        filled (never in between, so a durable store keeps a call's rows whole). Returns True if something was cut:
-        then call :meth:`publish_ready` once, outside any transaction of your own."""
+    def append_rows(self, rows: list[tuple[str, pa.Schema, tuple[Any, ...], int, int | None]]) -> set[str]:
+        """Buffer the rows one call or record produced (table, schema, row, size, time); return the tables they
+        filled. Cut those with :meth:`cut_tables` once the call's step is kept, so that a step undone after this
+        never leaves its rows in a batch, and a durable store keeps a call's rows whole."""
         with self.lock:
             self.check_open()
             full: set[str] = set()
@@ -417,9 +417,17 @@ class Publisher:
                 if self._is_full(self.store.append(table, schema, row, size, at)):
                     full.add(table)
                 self._memory += size
-            for table in full:
+            return full
+
+    def cut_tables(self, tables: set[str]) -> bool:
+        """Cut these tables' rows into batches. Returns True if something was cut: then call :meth:`publish_ready`
+        once, outside any transaction of your own."""
+        if not tables:
+            return False
+        with self.lock:
+            for table in tables:
                 self._cut(table)
-            return bool(full)
+        return True
 
     def add(self, table: str, schema: pa.Schema, row: tuple[Any, ...], size: int, at: int | None = None) -> None:
         """Buffer one row of one accepted call, publishing early if its table is full."""

@@ -155,12 +155,13 @@ class StandardSink(BaseSink):
             state.savepoint()
             try:
                 rows = produce()
-                cut = publisher.append_rows(rows)
+                full = publisher.append_rows(rows)
             except BaseException:
                 state.rollback_savepoint()
                 raise
             state.release_savepoint()
             publisher.accept()
+            cut = publisher.cut_tables(full)
             self._uncommitted += 1
             if self._uncommitted >= self.commit_every:
                 state.commit()

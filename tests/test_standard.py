@@ -543,3 +543,27 @@ def test_a_state_of_the_previous_format_is_upgraded_and_its_rows_published(memor
     found = tables(memory_storage, scratch)["attributes"]
     assert [(r["attribute_name"], r["attribute_value"]) for r in found] == [("plan", "pro"), ("plan", "max"),
                                                                             ("n", "1")]
+
+
+def test_a_step_failing_after_its_rows_filled_a_batch_leaves_neither_state_nor_rows(
+        memory_storage: Storage, tmp_path: Path, scratch: Path) -> None:
+    with sink_for(memory_storage, state=tmp_path / "ws.sqlite", commit_every=1000, max_rows=2) as sink:
+        assert sink.write({"type": "identify", "userId": "1", "traits": {"a": 1}}) == 2
+        publisher = sink._publisher
+        append_rows = publisher.append_rows
+
+        def fill_then_fail(rows: Any) -> set[str]:
+            append_rows(rows)  # the step's rows fill both tables' batches
+            raise RuntimeError("failed after the rows were buffered")
+
+        publisher.append_rows = fill_then_fail  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError):
+            sink.write({"type": "identify", "userId": "2", "traits": {"a": 2}})
+        publisher.append_rows = append_rows  # type: ignore[method-assign]
+        assert sink.write({"type": "identify", "userId": "1", "traits": {"b": 1}}) == 1
+        with pytest.raises(cio_sync.UnknownPerson):
+            sink.person("2")
+    found = tables(memory_storage, scratch)
+    assert all(r["external_customer_id"] == "1" for rows in found.values() for r in rows)
+    assert sorted((r["attribute_name"], r["attribute_value"]) for r in found["attributes"]) == [("a", "1"),
+                                                                                                ("b", "1")]
