@@ -144,7 +144,9 @@ class RowStore(Protocol):
         ...
 
 
-class _TableRows:
+class TableRows:
+    """The rows of one table not yet cut, with their size, age and time range (shared by the row stores)."""
+
     __slots__ = ("first", "last", "nbytes", "rows", "schema", "since")
 
     def __init__(self, schema: pa.Schema) -> None:
@@ -154,6 +156,28 @@ class _TableRows:
         self.since = 0.0
         self.first: int | None = None
         self.last: int | None = None
+
+    def add(self, row: tuple[Any, ...], size: int, at: int | None) -> Buffered:
+        if not self.rows:
+            self.since = time.monotonic()
+            self.first = self.last = at
+        elif at is not None:
+            self.first = at if self.first is None or at < self.first else self.first
+            self.last = at if self.last is None or at > self.last else self.last
+        self.rows.append(row)
+        self.nbytes += size
+        return self.buffered()
+
+    def buffered(self) -> Buffered:
+        return Buffered(len(self.rows), self.nbytes, self.since)
+
+    def take(self, table: str, key: Any = None) -> Batch:
+        """Everything buffered, as one batch; the buffer starts again empty."""
+        batch = Batch(table, len(self.rows), self.rows, self.schema, key=key, nbytes=self.nbytes,
+                      first_time=self.first, last_time=self.last)
+        self.rows = []
+        self.nbytes = 0
+        return batch
 
 
 def rows_to_table(rows: list[tuple[Any, ...]] | list[list[Any]], schema: pa.Schema) -> pa.Table:
@@ -167,22 +191,14 @@ class MemoryRowStore:
     """Rows kept in this process's memory: fast, and lost if the process dies before they are published."""
 
     def __init__(self) -> None:
-        self._tables: dict[str, _TableRows] = {}
+        self._tables: dict[str, TableRows] = {}
 
     def append(self, table: str, schema: pa.Schema, row: tuple[Any, ...], size: int,
                at: int | None = None) -> Buffered:
         rows = self._tables.get(table)
         if rows is None:
-            rows = self._tables[table] = _TableRows(schema)
-        if not rows.rows:
-            rows.since = time.monotonic()
-            rows.first = rows.last = at
-        elif at is not None:
-            rows.first = at if rows.first is None or at < rows.first else rows.first
-            rows.last = at if rows.last is None or at > rows.last else rows.last
-        rows.rows.append(row)
-        rows.nbytes += size
-        return Buffered(len(rows.rows), rows.nbytes, rows.since)
+            rows = self._tables[table] = TableRows(schema)
+        return rows.add(row, size, at)
 
     def tables(self) -> list[str]:
         return [t for t, r in self._tables.items() if r.rows]
@@ -191,11 +207,7 @@ class MemoryRowStore:
         rows = self._tables.get(table)
         if rows is None or not rows.rows:
             return None
-        batch = Batch(table, len(rows.rows), rows.rows, rows.schema, nbytes=rows.nbytes, first_time=rows.first,
-                      last_time=rows.last)
-        rows.rows = []
-        rows.nbytes = 0
-        return batch
+        return rows.take(table)
 
     def pending(self) -> list[Batch]:
         return []
@@ -207,7 +219,7 @@ class MemoryRowStore:
         pass
 
     def buffered(self) -> dict[str, Buffered]:
-        return {t: Buffered(len(r.rows), r.nbytes, r.since) for t, r in self._tables.items() if r.rows}
+        return {t: r.buffered() for t, r in self._tables.items() if r.rows}
 
     def release(self, batch: Batch) -> None:
         pass  # memory is all there is

@@ -28,7 +28,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -38,7 +38,7 @@ import pyarrow as pa
 from fastavro.write import Writer as AvroWriter
 
 from cio_sync._errors import ConfigError, StorageError
-from cio_sync._publisher import Batch, Buffered
+from cio_sync._publisher import Batch, Buffered, TableRows
 from cio_sync._schemas import is_document_schema
 
 log = logging.getLogger("cio_sync.spool")
@@ -87,11 +87,7 @@ class _Segment:
     path: Path
     file: IO[bytes]
     writer: AvroWriter
-    rows: list[tuple[Any, ...]] = field(default_factory=list)
-    nbytes: int = 0
-    since: float = 0.0
-    first_time: int | None = None
-    last_time: int | None = None
+    buffer: TableRows
 
 
 class AvroSpool:
@@ -146,7 +142,7 @@ class AvroSpool:
         if self._sync != "os":
             os.fsync(file.fileno())
             _fsync_dir(folder)
-        segment = self._open[table] = _Segment(generation, path, file, writer, since=time.monotonic())
+        segment = self._open[table] = _Segment(generation, path, file, writer, TableRows(self._schema_of(table)))
         return segment
 
     def append(self, table: str, schema: pa.Schema, row: tuple[Any, ...], size: int,
@@ -164,24 +160,18 @@ class AvroSpool:
         except OSError as exc:
             raise StorageError(f"could not append to the spool in {self.directory}: {exc}",
                                path=str(self.directory)) from exc
-        segment.rows.append(row)
-        segment.nbytes += size
-        if at is not None:
-            segment.first_time = at if segment.first_time is None else min(segment.first_time, at)
-            segment.last_time = at if segment.last_time is None else max(segment.last_time, at)
-        return Buffered(len(segment.rows), segment.nbytes, segment.since)
+        return segment.buffer.add(row, size, at)
 
     def tables(self) -> list[str]:
-        return [t for t, s in self._open.items() if s.rows]
+        return [t for t, s in self._open.items() if s.buffer.rows]
 
     def cut(self, table: str) -> Batch | None:
         segment = self._open.get(table)
-        if segment is None or not segment.rows:
+        if segment is None or not segment.buffer.rows:
             return None
         del self._open[table]
         self._close(segment)
-        return Batch(table, len(segment.rows), segment.rows, self._schema_of(table), key=segment.path,
-                     nbytes=segment.nbytes, first_time=segment.first_time, last_time=segment.last_time)
+        return segment.buffer.take(table, key=segment.path)
 
     def _close(self, segment: _Segment) -> None:
         segment.writer.flush()
@@ -229,7 +219,7 @@ class AvroSpool:
         return recovered
 
     def buffered(self) -> dict[str, Buffered]:
-        return {t: Buffered(len(s.rows), s.nbytes, s.since) for t, s in self._open.items() if s.rows}
+        return {t: s.buffer.buffered() for t, s in self._open.items() if s.buffer.rows}
 
     def close(self) -> None:
         for segment in self._open.values():

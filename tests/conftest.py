@@ -128,36 +128,33 @@ def local_storage(tmp_path: Path) -> Storage:
     return Storage("local", str(tmp_path / "bucket" / "prefix"))
 
 
-@pytest.fixture
-def s3_storage(request: pytest.FixtureRequest) -> Storage:
-    server: servers.S3Server = request.getfixturevalue("s3_server")
-    bucket = _new_bucket()
-    storage = Storage("s3", f"s3://{bucket}/prefix", dict(server.storage_options))
-    storage.fs.mkdir(bucket)
-    return storage
-
-
 def _new_bucket() -> str:
     # Valid as an S3 and GCS bucket and an Azure container: 3-63 lowercase letters, digits and dashes.
     return f"cio-sync-{next(_bucket_ids)}-{uuid.uuid4().hex[:8]}"
 
 
-@pytest.fixture
-def gcs_storage(request: pytest.FixtureRequest) -> Storage:
-    server: servers.GCSServer = request.getfixturevalue("gcs_server")
+def _object_store(request: pytest.FixtureRequest, kind: str, scheme: str) -> Storage:
+    """A fresh bucket (container) on the session's server for ``kind``, with a prefix in it."""
+    server = request.getfixturevalue(f"{kind}_server")
     bucket = _new_bucket()
-    storage = Storage("gcs", f"gs://{bucket}/prefix", dict(server.storage_options))
+    storage = Storage(kind, f"{scheme}://{bucket}/prefix", dict(server.storage_options))
     storage.fs.mkdir(bucket)
     return storage
 
 
 @pytest.fixture
+def s3_storage(request: pytest.FixtureRequest) -> Storage:
+    return _object_store(request, "s3", "s3")
+
+
+@pytest.fixture
+def gcs_storage(request: pytest.FixtureRequest) -> Storage:
+    return _object_store(request, "gcs", "gs")
+
+
+@pytest.fixture
 def azure_storage(request: pytest.FixtureRequest) -> Storage:
-    server: servers.AzureServer = request.getfixturevalue("azure_server")
-    container = _new_bucket()
-    storage = Storage("azure", f"az://{container}/prefix", dict(server.storage_options))
-    storage.fs.mkdir(container)
-    return storage
+    return _object_store(request, "azure", "az")
 
 
 #: The object stores, each behind a real server (or its emulator) started by the test session.
