@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, Final
 
 from fsspec import AbstractFileSystem
 
-from cio_sync._calls import Call, call_document, call_row, parse_call, to_micros
+from cio_sync._calls import Call, call_document, call_row, call_to_row, parse_call, to_micros
 from cio_sync._counters import Counters
 from cio_sync._errors import ConfigError, InvalidCall
 from cio_sync._formats import Format, get_format
@@ -159,12 +160,21 @@ class AdvancedSink(BaseSink):
         Raises :class:`~cio_sync.InvalidCall` naming the field and the reason if the call is bad; the sink keeps
         working and nothing else is affected.
         """
+        if self._documents:
+            try:
+                parsed = parse_call(call)
+            except InvalidCall as exc:
+                self._publisher.reject(call, exc)
+                raise
+            return self.write_call(parsed)
+        received = time.time_ns() // 1000
         try:
-            parsed = parse_call(call, row=not self._documents)
+            call_type, row, size = call_to_row(call, received)
         except InvalidCall as exc:
             self._publisher.reject(call, exc)
             raise
-        return self.write_call(parsed)
+        self._publisher.add(call_type, CALL_SCHEMAS[call_type], row, size, received)
+        return row[0]  # type: ignore[no-any-return]
 
     def write_call(self, parsed: Call) -> str:
         """Buffer a call already validated by ``parse_call`` (used by :class:`~cio_sync.Pipeline`)."""

@@ -13,15 +13,16 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, Final
 
 import orjson
+import pyarrow as pa
 
 from cio_sync._errors import InvalidCall
-from cio_sync._schemas import CALL_COLUMNS, CALL_TYPES, EXTRA_COLUMN, Kind
+from cio_sync._schemas import CALL_COLUMNS, CALL_TYPES, EXTRA_COLUMN, TIMESTAMP, Kind
 
 #: orjson options for everything we serialise: naive datetimes are UTC, UTC is written "Z", and non-string keys
 #: become strings (as the standard library's json module does).
@@ -156,58 +157,167 @@ _OTHER_OBJECTS: Final[dict[str, tuple[str, ...]]] = {
 }
 
 
-def _scan(data: dict[str, Any], call_type: str, times: dict[str, datetime],
-          build: bool) -> tuple[tuple[Any, ...] | None, int]:
-    """Check every column of ``call_type`` in ``data``; fill ``times``; if ``build``, return the row and its size."""
-    values: list[Any] = []
-    append = values.append
-    size = 0
+def _scan(data: dict[str, Any], call_type: str, times: dict[str, datetime]) -> None:
+    """Check every column of ``call_type`` in ``data`` and fill ``times`` with its timestamps parsed to UTC."""
     for name, code in _SPECS[call_type]:
         value = data.get(name)
-        if code == _EXTRA:
-            if build:
-                if data.keys() <= _KNOWN[call_type]:
-                    append(None)
-                else:
-                    text = dump_json({k: v for k, v in data.items() if k not in _KNOWN[call_type]}, EXTRA_COLUMN)
-                    size += len(text)
-                    append(text)
-            continue
-        if code == _RECEIVED:
-            if build:
-                append(to_micros(times["receivedAt"]))
-            continue
-        if value is None:
-            if build:
-                append(None)
+        if value is None or code in (_EXTRA, _RECEIVED):
             continue
         if code == _STRING:
-            if type(value) is not str and not isinstance(value, str):
+            if not isinstance(value, str):
                 raise InvalidCall(f"must be a string, got {_type_name(value)}", field=name)
             if not value.isascii():
                 _check_utf8(value, name)
-            size += len(value)
         elif code == _OBJECT:
             if not isinstance(value, dict):
                 raise InvalidCall(f"must be an object, got {_type_name(value)}", field=name)
-            if build:
-                value = dump_json(value, name)
-                size += len(value)
         elif code == _TIME:
-            value = times[name] = parse_time(value, name)
-            value = to_micros(value)
-            size += 8
+            times[name] = parse_time(value, name)
         elif code == _TEXT:
             if isinstance(value, bool) or not isinstance(value, str | int | float):
                 raise InvalidCall(f"must be a string or a number, got {_type_name(value)}", field=name)
-            value = _text(value, name)
-        if build:
-            append(value)
+            _text(value, name)
     for name in _OTHER_OBJECTS[call_type]:
         value = data.get(name)
         if value is not None and not isinstance(value, dict):
             raise InvalidCall(f"must be an object, got {_type_name(value)}", field=name)
-    return (tuple(values) if build else None), size
+
+
+# Row builders: one function per call type, generated from its columns (as ``dataclasses`` and ``namedtuple``
+# generate theirs), so that checking and building a row is straight-line code with no loop over columns and no
+# lookups of what kind a column is. Each returns ``(row, size)`` or raises :class:`InvalidCall`.
+
+
+def _not_string(value: Any, field: str) -> str:
+    if isinstance(value, str):
+        return str(value)
+    raise InvalidCall(f"must be a string, got {_type_name(value)}", field=field)
+
+
+def _not_object(value: Any, field: str) -> None:
+    if not isinstance(value, dict):
+        raise InvalidCall(f"must be an object, got {_type_name(value)}", field=field)
+
+
+def _unencodable(exc: Exception, field: str) -> InvalidCall:
+    return InvalidCall(f"cannot be written as JSON: {exc}", field=field)
+
+
+def _bad_time(value: Any, field: str) -> InvalidCall:
+    return InvalidCall(f"not an ISO-8601 timestamp: {_show(value)}", field=field)
+
+
+def _text_cell(value: Any, field: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise InvalidCall(f"must be a string or a number, got {_type_name(value)}", field=field)
+    return _text(value, field)
+
+
+def _extra_text(data: Mapping[str, Any], known: frozenset[str]) -> str:
+    return dump_json({k: v for k, v in data.items() if k not in known}, EXTRA_COLUMN).decode()
+
+
+def _head_condition(call_type: str, local: dict[str, str]) -> str:
+    """A Python expression true when :func:`check_head` would refuse the call (it is then called to say why)."""
+    def missing(name: str) -> str:
+        return f"{local[name]} is None or {local[name]} == ''"
+
+    if call_type == "alias":
+        parts = [missing("userId"), missing("previousId")]
+    else:
+        parts = [f"(not {local['userId']} and not {local['anonymousId']})"]
+    if call_type == "track":
+        parts.append(missing("event"))
+    elif call_type == "group":
+        parts.append(missing("groupId"))
+    parts.append(f"{local['messageId']} == ''")
+    return " or ".join(parts)
+
+
+def _compile_builder(call_type: str) -> Callable[[Mapping[str, Any], int], tuple[tuple[Any, ...], int]]:
+    specs = _SPECS[call_type]
+    local = {name: f"v{i}" for i, (name, _) in enumerate(specs)}
+    lines = [f"def build_{call_type}(data, received):", "    get = data.get", "    size = 0"]
+    lines += [f"    {local[n]} = get({n!r})" for n, code in specs if code not in (_RECEIVED, _EXTRA)]
+    lines += [f"    if {_head_condition(call_type, local)}:", "        check_head(data)",
+              "        raise AssertionError(data)"]
+    for name, code in specs:
+        v = local[name]
+        if code == _STRING:
+            lines += [f"    if {v} is not None:",
+                      f"        if type({v}) is not str:", f"            {v} = _not_string({v}, {name!r})",
+                      f"        if not {v}.isascii():", f"            _check_utf8({v}, {name!r})",
+                      f"        size += len({v})"]
+            if name == "messageId":
+                lines += ["    else:", f"        {v} = str(uuid4())"]
+        elif code == _OBJECT:
+            lines += [f"    if {v} is not None:",
+                      f"        if type({v}) is not dict:", f"            _not_object({v}, {name!r})",
+                      "        try:", f"            {v} = dumps({v}, option=JSON_OPTIONS).decode()",
+                      "        except (JSONEncodeError, TypeError) as exc:",
+                      f"            raise _unencodable(exc, {name!r}) from None",
+                      f"        size += len({v})"]
+        elif code == _TIME:
+            lines += [f"    if {v} is not None:",
+                      f"        if type({v}) is str:",
+                      "            try:", f"                year = fromisoformat({v}).year",
+                      "            except ValueError:", f"                raise _bad_time({v}, {name!r}) from None",
+                      "            if year == 1 or year == 9999:",
+                      f"                parse_time({v}, {name!r})",
+                      "        else:", f"            {v} = to_micros(parse_time({v}, {name!r}))",
+                      "        size += 8"]
+        elif code == _TEXT:
+            lines += [f"    if {v} is not None:",
+                      f"        if type({v}) is not str or not {v}.isascii():",
+                      f"            {v} = _text_cell({v}, {name!r})",
+                      f"        size += len({v})"]
+        elif code == _RECEIVED:
+            lines += [f"    {v} = received", "    size += 8"]
+        elif code == _EXTRA:
+            lines += ["    if data.keys() <= KNOWN:", f"        {v} = None", "    else:",
+                      f"        {v} = _extra_text(data, KNOWN)", f"        size += len({v})"]
+    for name in _OTHER_OBJECTS[call_type]:
+        lines += [f"    other = get({name!r})", "    if other is not None and type(other) is not dict:",
+                  f"        _not_object(other, {name!r})"]
+    lines.append(f"    return ({', '.join(local[n] for n, _ in specs)},), size")
+    namespace: dict[str, Any] = {
+        "check_head": check_head, "_not_string": _not_string, "_check_utf8": _check_utf8, "uuid4": uuid.uuid4,
+        "_not_object": _not_object, "dumps": orjson.dumps, "JSON_OPTIONS": JSON_OPTIONS,
+        "JSONEncodeError": orjson.JSONEncodeError, "_unencodable": _unencodable,
+        "fromisoformat": datetime.fromisoformat, "_bad_time": _bad_time, "parse_time": parse_time,
+        "to_micros": to_micros, "_text_cell": _text_cell, "_extra_text": _extra_text, "KNOWN": _KNOWN[call_type],
+    }
+    exec("\n".join(lines), namespace)
+    builder: Callable[[Mapping[str, Any], int], tuple[tuple[Any, ...], int]] = namespace[f"build_{call_type}"]
+    return builder
+
+
+def build_row(data: Mapping[str, Any], call_type: str, received: int) -> tuple[tuple[Any, ...], int]:
+    """Validate ``data`` (a call of ``call_type``) and return its row and approximate size in bytes.
+
+    The row holds the columns of ``call_type``'s schema in order: strings as sent, nested objects as compact JSON
+    text, ``receivedAt`` as ``received`` (microseconds), other timestamps as sent (ISO-8601 text, checked here and
+    converted column by column when the batch is encoded, see :func:`time_array`) or as microseconds when they were
+    given as ``datetime``. A missing ``messageId`` gets a new UUID.
+    """
+    return _BUILDERS[call_type](data, received)
+
+
+def time_array(values: list[Any] | tuple[Any, ...], name: str = "timestamp") -> pa.Array:
+    """A column of timestamps as UTC microseconds: cells are microseconds, ``datetime``, ISO-8601 text or None.
+
+    Text is converted by Arrow in one call; what Arrow does not read (no offset, week dates, ...) but Python's
+    ``datetime.fromisoformat`` does is converted value by value, with the same result.
+    """
+    first = next((v for v in values if v is not None), None)
+    try:
+        if isinstance(first, str):
+            return pa.array(values, pa.string()).cast(TIMESTAMP)
+        return pa.array(values, TIMESTAMP)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
+    return pa.array([v if v is None or type(v) is int else to_micros(parse_time(v, name)) for v in values],
+                    TIMESTAMP)
 
 
 def _require_id(data: Mapping[str, Any], field: str, call_type: str) -> None:
@@ -216,23 +326,17 @@ def _require_id(data: Mapping[str, Any], field: str, call_type: str) -> None:
         raise InvalidCall(f"is required for a {call_type} call", field=field)
 
 
-def parse_call(obj: Any, *, received_at: datetime | None = None, row: bool = False) -> Call:
-    """Validate one call given as a dict, JSON ``str`` or JSON ``bytes``; raise :class:`InvalidCall` if it is bad.
-
-    ``received_at`` is the acceptance time to record (default: now, UTC). A ``receivedAt`` sent by the caller is
-    replaced, as a collecting server does. With ``row=True`` the call's row (see :func:`call_row`) is built in the
-    same pass.
-    """
-    if isinstance(obj, dict):
-        data = dict(obj)
-    elif isinstance(obj, str | bytes | bytearray | memoryview):
+def _decoded(obj: Any) -> dict[str, Any]:
+    if isinstance(obj, str | bytes | bytearray | memoryview):
         parsed = load_json(obj)
         if not isinstance(parsed, dict):
             raise InvalidCall(f"must be a JSON object, got {_type_name(parsed)}")
-        data = parsed
-    else:
-        raise InvalidCall(f"must be a dict, a JSON str or JSON bytes, got {type(obj).__name__}")
+        return parsed
+    raise InvalidCall(f"must be a dict, a JSON str or JSON bytes, got {type(obj).__name__}")
 
+
+def check_head(data: Mapping[str, Any]) -> str:
+    """Check what every call needs (its type, the ids its type requires, a non-empty messageId); return the type."""
     call_type = data.get("type")
     if not isinstance(call_type, str) or call_type not in _TYPES:
         if call_type is None:
@@ -255,16 +359,50 @@ def parse_call(obj: Any, *, received_at: datetime | None = None, row: bool = Fal
         _require_id(data, "event", call_type)
     elif call_type == "group":
         _require_id(data, "groupId", call_type)
+    if data.get("messageId") == "":
+        raise InvalidCall("must not be empty (leave it out and the sink sets one)", field="messageId")
+    return call_type
 
+
+def call_to_row(obj: Any, received: int) -> tuple[str, tuple[Any, ...], int]:
+    """Validate one call (dict, JSON str or bytes) straight into its row: ``(type, row, size)``.
+
+    What :func:`parse_call` with ``row=True`` then :func:`call_row` give, without the :class:`Call` in between and
+    without copying a dict (the caller's object is read, never modified). ``received`` is the acceptance time in
+    microseconds. The Advanced sink's hot path.
+    """
+    data = obj if isinstance(obj, dict) else _decoded(obj)
+    call_type: Any = data.get("type")
+    try:
+        builder = _BUILDERS.get(call_type)
+    except TypeError:  # an unhashable "type"
+        builder = None
+    if builder is None or type(call_type) is not str:
+        call_type = check_head(data)
+        builder = _BUILDERS[call_type]
+    row, size = builder(data, received)
+    return call_type, row, size
+
+
+def parse_call(obj: Any, *, received_at: datetime | None = None, row: bool = False) -> Call:
+    """Validate one call given as a dict, JSON ``str`` or JSON ``bytes``; raise :class:`InvalidCall` if it is bad.
+
+    ``received_at`` is the acceptance time to record (default: now, UTC). A ``receivedAt`` sent by the caller is
+    replaced, as a collecting server does. With ``row=True`` the call's row (see :func:`call_row`) is built in the
+    same pass.
+    """
+    data = dict(obj) if isinstance(obj, dict) else _decoded(obj)
+    call_type = check_head(data)
     message_id = data.get("messageId")
     if message_id is None:
         data["messageId"] = str(uuid.uuid4())
-    elif message_id == "":
-        raise InvalidCall("must not be empty (leave it out and the sink sets one)", field="messageId")
     received = received_at if received_at is not None else datetime.now(UTC)
     data["receivedAt"] = received
     times = {"receivedAt": received}
-    values, size = _scan(data, call_type, times, row)
+    _scan(data, call_type, times)
+    if not row:
+        return Call(call_type, data, times)
+    values, size = build_row(data, call_type, to_micros(received))
     return Call(call_type, data, times, values, size)
 
 
@@ -291,9 +429,7 @@ def call_row(call: Call) -> tuple[tuple[Any, ...], int]:
     """The call as a row of its type's fixed schema (nested objects as JSON text), and its approximate size."""
     if call.row is not None:
         return call.row, call.size
-    values, size = _scan(call.data, call.type, dict(call.times), True)
-    assert values is not None
-    return values, size
+    return build_row(call.data, call.type, to_micros(call.received_at))
 
 
 def call_document(call: Call) -> bytes:
@@ -305,3 +441,6 @@ def call_document(call: Call) -> bytes:
         for key, value in call.data.items():
             dump_json(value, str(key))
         raise InvalidCall(f"cannot be written as JSON: {exc}") from None
+
+
+_BUILDERS: Final = {t: _compile_builder(t) for t in CALL_TYPES}

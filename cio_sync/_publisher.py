@@ -27,13 +27,15 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 import orjson
 import pyarrow as pa
 
+from cio_sync._calls import time_array
 from cio_sync._errors import CioSyncError, ConfigError, PublishConflict, SinkClosed
 from cio_sync._formats import Format
+from cio_sync._schemas import TIMESTAMP
 from cio_sync._writer import Writer, WrittenFile
 
 log = logging.getLogger("cio_sync.sink")
@@ -94,9 +96,8 @@ class Batch:
     sha256: str | None = None
 
 
-@dataclass(frozen=True)
-class Buffered:
-    """What a store holds for one table that is not yet cut."""
+class Buffered(NamedTuple):
+    """What a store holds for one table that is not yet cut (a tuple: stores make one per appended row)."""
 
     rows: int
     nbytes: int
@@ -183,7 +184,8 @@ class TableRows:
 def rows_to_table(rows: list[tuple[Any, ...]] | list[list[Any]], schema: pa.Schema) -> pa.Table:
     """Rows (tuples in schema order) as an Arrow table under ``schema``, column by column."""
     columns: list[Any] = list(zip(*rows, strict=True)) if rows else [() for _ in schema]
-    arrays = [pa.array(col, type=f.type) for col, f in zip(columns, schema, strict=True)]
+    arrays = [time_array(col, f.name) if f.type == TIMESTAMP else pa.array(col, type=f.type)
+              for col, f in zip(columns, schema, strict=True)]
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
@@ -443,13 +445,17 @@ class Publisher:
 
     def add(self, table: str, schema: pa.Schema, row: tuple[Any, ...], size: int, at: int | None = None) -> None:
         """Buffer one row of one accepted call, publishing early if its table is full."""
-        self.make_room()
+        if self.max_buffer_bytes is not None and self._memory >= self.max_buffer_bytes:
+            self.make_room()
         with self.lock:
-            self.check_open()
+            if self._closed or self._closing:
+                self.check_open()
             now = self.store.append(table, schema, row, size, at)
             self._memory += size
             self._counts.accepted += 1
-            full = self._is_full(now)
+            full = (self.max_rows is not None and now.rows >= self.max_rows) or (
+                self.max_bytes is not None and now.nbytes >= self.max_bytes
+            )
             if full:
                 self._cut(table)
         if full:

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cio_sync
+import cio_sync._calls
 from cio_sync._calls import call_document, call_row, parse_call
 from cio_sync._schemas import CALL_COLUMNS
 
@@ -188,3 +189,49 @@ def test_any_input_is_either_accepted_or_rejected_with_invalid_call(payload: Any
         assert size >= 0
         assert len(row) == len(CALL_COLUMNS[call.type])
         assert orjson.loads(call_document(call))["type"] == call.type
+
+
+offsets = st.integers(-14 * 60, 14 * 60).map(lambda m: timezone(timedelta(minutes=m)))
+moments = st.datetimes(min_value=datetime(1900, 1, 1), max_value=datetime(2200, 1, 1), timezones=offsets)
+spellings = st.sampled_from([
+    lambda d: d.isoformat(),
+    lambda d: d.isoformat(timespec="milliseconds"),
+    lambda d: d.isoformat(sep=" ", timespec="seconds"),
+    lambda d: d.astimezone(UTC).replace(tzinfo=None).isoformat() + "Z",
+    lambda d: d.replace(tzinfo=None).isoformat(),  # no offset: taken as UTC
+    lambda d: d.strftime("%Y-%m-%dT%H:%M:%S%z"),  # offset without a colon
+    lambda d: d.date().isoformat(),
+])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(moments, spellings), min_size=1, max_size=6))
+def test_timestamps_converted_by_column_equal_the_call_by_call_reading(cases: list[Any]) -> None:
+    """Timestamps are checked when the call is written and converted a column at a time when the batch is encoded
+    (Arrow's reader, Python's where Arrow's does not read the text): both must give the instant parse_time gives."""
+    texts = [spell(moment) for moment, spell in cases]
+    calls = [{"type": "track", "userId": "u", "event": "e", "timestamp": text} for text in texts]
+    rows = [cio_sync._calls.call_to_row(call, 0)[1] for call in calls]
+    column = [row[CALL_SCHEMAS_NAMES["track"].index("timestamp")] for row in rows]
+    got = cio_sync._calls.time_array(column).to_pylist()
+    assert got == [parse_call(call).times["timestamp"] for call in calls]
+
+
+CALL_SCHEMAS_NAMES = {t: [name for name, _ in cols] for t, cols in CALL_COLUMNS.items()}
+
+
+def test_the_row_of_a_call_holds_its_values_and_leaves_the_callers_dict_alone() -> None:
+    call = {"type": "track", "userId": "u1", "event": "Ordered", "properties": {"total": 9.5, "sku": ["a", "é"]},
+            "timestamp": "2026-11-30T10:00:00+01:00", "version": 2, "writeKey": "k", "messageId": "m1"}
+    before = orjson.dumps(call)
+    call_type, row, size = cio_sync._calls.call_to_row(call, 1_000)
+    assert orjson.dumps(call) == before
+    cells = dict(zip(CALL_SCHEMAS_NAMES[call_type], row, strict=True))
+    assert (cells["messageId"], cells["userId"], cells["event"]) == ("m1", "u1", "Ordered")
+    assert orjson.loads(cells["properties"]) == call["properties"]
+    assert cells["version"] == "2"
+    assert orjson.loads(cells["extra"]) == {"writeKey": "k"}
+    assert cells["receivedAt"] == 1_000
+    assert size >= len(cells["properties"])
+    at = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=1_000)
+    assert parse_call(call, received_at=at, row=True).row == row  # the same row by either path
