@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, Final
 
+import msgspec
 import orjson
 import pyarrow as pa
 
@@ -234,22 +235,54 @@ def _head_condition(call_type: str, local: dict[str, str]) -> str:
     return " or ".join(parts)
 
 
-def _compile_builder(call_type: str) -> Callable[[Mapping[str, Any], int], tuple[tuple[Any, ...], int]]:
+class _NotFast(Exception):
+    """Raised by a raw builder when the call needs the full reading (to be refused with the precise reason)."""
+
+
+#: Fields of the decoded structs: every column but ``type`` (the tag) and ``extra``, in column order.
+def _struct_fields(call_type: str) -> list[tuple[str, Any, Any]]:
+    kinds: dict[int, Any] = {_STRING: str | None, _TIME: str | None, _TEXT: str | int | float | None,
+                             _OBJECT: msgspec.Raw, _RECEIVED: msgspec.Raw}
+    return [(name, kinds[code], msgspec.Raw() if kinds[code] is msgspec.Raw else None)
+            for name, code in _SPECS[call_type] if name != "type" and code != _EXTRA]
+
+
+def _compile_builder(call_type: str, raw: bool = False) -> Callable[..., tuple[tuple[Any, ...], int]]:
+    """The row builder of ``call_type``: from a dict (``build_<type>(data, received)``), or with ``raw`` from the
+    struct :data:`_DECODER` made of JSON bytes (``raw_<type>(struct, received, extra)``), nested objects then kept
+    as the JSON text that was sent and top-level fields already typed by the decoder."""
     specs = _SPECS[call_type]
     local = {name: f"v{i}" for i, (name, _) in enumerate(specs)}
-    lines = [f"def build_{call_type}(data, received):", "    get = data.get", "    size = 0"]
-    lines += [f"    {local[n]} = get({n!r})" for n, code in specs if code not in (_RECEIVED, _EXTRA)]
-    lines += [f"    if {_head_condition(call_type, local)}:", "        check_head(data)",
-              "        raise AssertionError(data)"]
+    if raw:
+        fields = [local[name] for name, _, _ in _struct_fields(call_type)]
+        lines = [f"def raw_{call_type}(obj, received, extra):", "    size = 0",
+                 f"    {', '.join(fields)}, = astuple(obj)", f"    {local['type']} = {call_type!r}",
+                 f"    if {_head_condition(call_type, local)}:", "        raise NotFast"]
+    else:
+        lines = [f"def build_{call_type}(data, received):", "    get = data.get", "    size = 0"]
+        lines += [f"    {local[n]} = get({n!r})" for n, code in specs if code not in (_RECEIVED, _EXTRA)]
+        lines += [f"    if {_head_condition(call_type, local)}:", "        check_head(data)",
+                  "        raise AssertionError(data)"]
     for name, code in specs:
         v = local[name]
-        if code == _STRING:
+        if code == _STRING and raw:  # the decoder checked the type and the text
+            lines += [f"    if {v} is not None:", f"        size += len({v})"]
+            if name == "messageId":
+                lines += ["    else:", f"        {v} = str(uuid4())"]
+        elif code == _STRING:
             lines += [f"    if {v} is not None:",
                       f"        if type({v}) is not str:", f"            {v} = _not_string({v}, {name!r})",
                       f"        if not {v}.isascii():", f"            _check_utf8({v}, {name!r})",
                       f"        size += len({v})"]
             if name == "messageId":
                 lines += ["    else:", f"        {v} = str(uuid4())"]
+        elif code == _OBJECT and raw:
+            lines += [f"    if len({v}) == 0:", f"        {v} = None", "    else:",
+                      f"        {v} = str({v}, 'utf-8')",
+                      f"        if {v}[0] != '{{':",
+                      f"            if {v} != 'null':", "                raise NotFast",
+                      f"            {v} = None", "        else:",
+                      f"            size += len({v})"]
         elif code == _OBJECT:
             lines += [f"    if {v} is not None:",
                       f"        if type({v}) is not dict:", f"            _not_object({v}, {name!r})",
@@ -273,12 +306,15 @@ def _compile_builder(call_type: str) -> Callable[[Mapping[str, Any], int], tuple
                       f"        size += len({v})"]
         elif code == _RECEIVED:
             lines += [f"    {v} = received", "    size += 8"]
+        elif code == _EXTRA and raw:
+            lines += [f"    {v} = extra", "    if extra is not None:", "        size += len(extra)"]
         elif code == _EXTRA:
             lines += ["    if data.keys() <= KNOWN:", f"        {v} = None", "    else:",
                       f"        {v} = _extra_text(data, KNOWN)", f"        size += len({v})"]
-    for name in _OTHER_OBJECTS[call_type]:
-        lines += [f"    other = get({name!r})", "    if other is not None and type(other) is not dict:",
-                  f"        _not_object(other, {name!r})"]
+    if not raw:
+        for name in _OTHER_OBJECTS[call_type]:
+            lines += [f"    other = get({name!r})", "    if other is not None and type(other) is not dict:",
+                      f"        _not_object(other, {name!r})"]
     lines.append(f"    return ({', '.join(local[n] for n, _ in specs)},), size")
     namespace: dict[str, Any] = {
         "check_head": check_head, "_not_string": _not_string, "_check_utf8": _check_utf8, "uuid4": uuid.uuid4,
@@ -286,9 +322,10 @@ def _compile_builder(call_type: str) -> Callable[[Mapping[str, Any], int], tuple
         "JSONEncodeError": orjson.JSONEncodeError, "_unencodable": _unencodable,
         "fromisoformat": datetime.fromisoformat, "_bad_time": _bad_time, "parse_time": parse_time,
         "to_micros": to_micros, "_text_cell": _text_cell, "_extra_text": _extra_text, "KNOWN": _KNOWN[call_type],
+        "astuple": msgspec.structs.astuple, "NotFast": _NotFast,
     }
-    exec("\n".join(lines), namespace)
-    builder: Callable[[Mapping[str, Any], int], tuple[tuple[Any, ...], int]] = namespace[f"build_{call_type}"]
+    exec("\n".join(lines), namespace)  # our own source, built from the fixed schemas above
+    builder: Callable[..., tuple[tuple[Any, ...], int]] = namespace[f"{'raw' if raw else 'build'}_{call_type}"]
     return builder
 
 
@@ -364,14 +401,58 @@ def check_head(data: Mapping[str, Any]) -> str:
     return call_type
 
 
+def _raw_extra(payload: Any, call_type: str) -> str:
+    """The top-level keys of a call sent as JSON that are not columns, as a JSON object of their values as sent."""
+    known = _KNOWN[call_type]
+    parts = []
+    for key, value in _FIELDS_DECODER.decode(payload).items():
+        if key not in known:
+            text = str(value, "utf-8")
+            if key in _OTHER_OBJECTS[call_type] and text[0] != "{" and text != "null":
+                raise _NotFast  # e.g. "properties" on an identify must still be an object
+            parts.append(f"{orjson.dumps(key).decode()}:{text}")
+    return "{" + ",".join(parts) + "}"
+
+
+def _call_to_row_fast(payload: Any, received: int) -> tuple[str, tuple[Any, ...], int] | None:
+    """The row of a call sent as JSON, read by msgspec without building its nested objects; ``None`` when the
+    call needs the full reading (anything unusual: the full reading then accepts it or says what is wrong).
+
+    Nested objects are kept as the JSON text that was sent, so an integer beyond 64 bits inside one is kept
+    exactly, digit for digit (a dict cannot carry one into JSON text: orjson refuses it, and so does the full
+    reading, which builds dicts)."""
+    try:
+        try:
+            struct = _DECODER.decode(payload)
+            extra = None
+        except msgspec.ValidationError as exc:
+            if not str(exc).startswith("Object contains unknown field"):
+                return None
+            struct = _LENIENT_DECODER.decode(payload)
+            extra = _raw_extra(payload, type(struct).__struct_config__.tag)
+        call_type = type(struct).__struct_config__.tag
+        row, size = _RAW_BUILDERS[call_type](struct, received, extra)
+    except (msgspec.MsgspecError, _NotFast, UnicodeDecodeError):
+        return None
+    return call_type, row, size
+
+
 def call_to_row(obj: Any, received: int) -> tuple[str, tuple[Any, ...], int]:
     """Validate one call (dict, JSON str or bytes) straight into its row: ``(type, row, size)``.
 
     What :func:`parse_call` with ``row=True`` then :func:`call_row` give, without the :class:`Call` in between and
     without copying a dict (the caller's object is read, never modified). ``received`` is the acceptance time in
-    microseconds. The Advanced sink's hot path.
+    microseconds. The Advanced sink's hot path. Calls sent as JSON keep their nested objects as the JSON text that
+    was sent (the same JSON values a dict would give, spelled as the sender spelled them).
     """
-    data = obj if isinstance(obj, dict) else _decoded(obj)
+    if isinstance(obj, dict):
+        data = obj
+    else:
+        if isinstance(obj, str | bytes | bytearray | memoryview):
+            fast = _call_to_row_fast(obj, received)
+            if fast is not None:
+                return fast
+        data = _decoded(obj)
     call_type: Any = data.get("type")
     try:
         builder = _BUILDERS.get(call_type)
@@ -444,3 +525,19 @@ def call_document(call: Call) -> bytes:
 
 
 _BUILDERS: Final = {t: _compile_builder(t) for t in CALL_TYPES}
+_RAW_BUILDERS: Final = {t: _compile_builder(t, raw=True) for t in CALL_TYPES}
+
+
+def _structs(forbid_unknown: bool) -> Any:
+    types = [msgspec.defstruct(f"{t.title()}Call{'Strict' if forbid_unknown else ''}", _struct_fields(t), tag=t,
+                               tag_field="type", forbid_unknown_fields=forbid_unknown) for t in CALL_TYPES]
+    union: Any = types[0]
+    for struct in types[1:]:
+        union = union | struct
+    return union
+
+
+#: Calls sent as JSON: top-level fields typed and checked in C, nested objects kept as their JSON text (``Raw``).
+_DECODER: Final = msgspec.json.Decoder(_structs(forbid_unknown=True))
+_LENIENT_DECODER: Final = msgspec.json.Decoder(_structs(forbid_unknown=False))
+_FIELDS_DECODER: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
