@@ -78,8 +78,9 @@ class Batch:
 
     table: str
     rows: int
-    #: The rows (tuples in ``schema`` order) until the batch is encoded; ``None`` once the bytes are known.
-    data: list[Any] | None
+    #: The rows (tuples in ``schema`` order, or an Arrow table) until the batch is encoded; ``None`` once the bytes
+    #: are known.
+    data: list[Any] | pa.Table | None
     schema: pa.Schema | None = None
     name: str | None = None
     encoded: bytes | None = None
@@ -145,44 +146,92 @@ class RowStore(Protocol):
         ...
 
 
-class TableRows:
-    """The rows of one table not yet cut, with their size, age and time range (shared by the row stores)."""
+#: Rows a table buffers as Python tuples before they are turned into Arrow columns: large enough that the
+#: conversion's fixed cost does not matter, small enough that Python objects never pile up (a buffer of a million
+#: rows is a million tuples and their strings otherwise, several times the size of the same data in Arrow).
+CHUNK_ROWS: Final = 8192
 
-    __slots__ = ("first", "last", "nbytes", "rows", "schema", "since")
+
+class TableRows:
+    """The rows of one table not yet cut, with their size, age and time range (shared by the row stores).
+
+    Rows arrive as tuples and are turned into Arrow columns every :data:`CHUNK_ROWS` rows, so memory holds the
+    compact columnar form and the final cut only joins the chunks. A chunk that Arrow cannot convert stays as
+    tuples (its batch then goes to the dead letters when it is encoded, with its rows)."""
+
+    __slots__ = ("chunks", "columnar", "count", "first", "last", "nbytes", "rows", "schema", "since")
 
     def __init__(self, schema: pa.Schema) -> None:
         self.schema = schema
         self.rows: list[tuple[Any, ...]] = []
+        self.chunks: list[pa.Table] = []
+        self.columnar = True  # until a chunk fails to convert; then the rest of this buffer stays as tuples
+        self.count = 0
         self.nbytes = 0
         self.since = 0.0
         self.first: int | None = None
         self.last: int | None = None
 
     def add(self, row: tuple[Any, ...], size: int, at: int | None) -> Buffered:
-        if not self.rows:
+        if not self.count:
             self.since = time.monotonic()
             self.first = self.last = at
         elif at is not None:
             self.first = at if self.first is None or at < self.first else self.first
             self.last = at if self.last is None or at > self.last else self.last
-        self.rows.append(row)
+        rows = self.rows
+        rows.append(row)
+        self.count += 1
         self.nbytes += size
-        return self.buffered()
+        if len(rows) >= CHUNK_ROWS and self.columnar:
+            self._convert()
+        return Buffered(self.count, self.nbytes, self.since)
+
+    def _convert(self) -> None:
+        try:
+            self.chunks.append(rows_to_table(self.rows, self.schema))
+        except Exception as exc:  # kept as tuples: encoding the batch will say what is wrong and keep the rows
+            log.warning("rows of %d cannot be converted to Arrow columns (%s); they are kept as rows", self.count,
+                        exc)
+            self.rows = self._as_rows() + self.rows
+            self.chunks = []
+            self.columnar = False
+            return
+        self.rows = []
+
+    def _as_rows(self) -> list[tuple[Any, ...]]:
+        out: list[tuple[Any, ...]] = []
+        for chunk in self.chunks:
+            out.extend(zip(*(column.to_pylist() for column in chunk.columns), strict=True))
+        return out
 
     def buffered(self) -> Buffered:
-        return Buffered(len(self.rows), self.nbytes, self.since)
+        return Buffered(self.count, self.nbytes, self.since)
 
     def take(self, table: str, key: Any = None) -> Batch:
-        """Everything buffered, as one batch; the buffer starts again empty."""
-        batch = Batch(table, len(self.rows), self.rows, self.schema, key=key, nbytes=self.nbytes,
+        """Everything buffered, as one batch (an Arrow table, or rows when few or not convertible); the buffer
+        starts again empty."""
+        data: list[Any] | pa.Table = self.rows
+        if self.chunks:
+            try:
+                tail = [rows_to_table(self.rows, self.schema)] if self.rows else []
+                data = pa.concat_tables(self.chunks + tail)
+            except Exception:
+                data = self._as_rows() + self.rows
+        batch = Batch(table, self.count, data, self.schema, key=key, nbytes=self.nbytes,
                       first_time=self.first, last_time=self.last)
         self.rows = []
+        self.chunks = []
+        self.columnar = True
+        self.count = 0
         self.nbytes = 0
         return batch
 
 
-def rows_to_table(rows: list[tuple[Any, ...]] | list[list[Any]], schema: pa.Schema) -> pa.Table:
-    """Rows (tuples in schema order) as an Arrow table under ``schema``, column by column."""
+def rows_to_table(rows: list[tuple[Any, ...]] | list[list[Any]] | pa.Table, schema: pa.Schema) -> pa.Table:
+    """Rows (tuples in schema order) as an Arrow table under ``schema``, column by column (a table as is)."""
+    if isinstance(rows, pa.Table):
+        return rows
     columns: list[Any] = list(zip(*rows, strict=True)) if rows else [() for _ in schema]
     arrays = [time_array(col, f.name) if f.type == TIMESTAMP else pa.array(col, type=f.type)
               for col, f in zip(columns, schema, strict=True)]
@@ -203,11 +252,11 @@ class MemoryRowStore:
         return rows.add(row, size, at)
 
     def tables(self) -> list[str]:
-        return [t for t, r in self._tables.items() if r.rows]
+        return [t for t, r in self._tables.items() if r.count]
 
     def cut(self, table: str) -> Batch | None:
         rows = self._tables.get(table)
-        if rows is None or not rows.rows:
+        if rows is None or not rows.count:
             return None
         return rows.take(table)
 
@@ -221,7 +270,7 @@ class MemoryRowStore:
         pass
 
     def buffered(self) -> dict[str, Buffered]:
-        return {t: r.buffered() for t, r in self._tables.items() if r.rows}
+        return {t: r.buffered() for t, r in self._tables.items() if r.count}
 
     def release(self, batch: Batch) -> None:
         pass  # memory is all there is
@@ -611,7 +660,10 @@ class Publisher:
         name = f"{DEAD_LETTERS_FOLDER}/{batch.table}/{stamp}-{uuid.uuid4().hex[:12]}.jsonl"
         lines = [json.dumps({"reason": reason, "table": batch.table, "rows": batch.rows, "format": self.format.name})]
         names = batch.schema.names if batch.schema is not None else None
-        for row in batch.data or []:
+        data = batch.data
+        if isinstance(data, pa.Table):
+            data = list(zip(*(column.to_pylist() for column in data.columns), strict=True))
+        for row in data or []:
             record = dict(zip(names, row, strict=False)) if names else list(row)
             lines.append(json.dumps(record, default=str, ensure_ascii=True))
         data = ("\n".join(lines) + "\n").encode()

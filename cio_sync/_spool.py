@@ -163,11 +163,11 @@ class AvroSpool:
         return segment.buffer.add(row, size, at)
 
     def tables(self) -> list[str]:
-        return [t for t, s in self._open.items() if s.buffer.rows]
+        return [t for t, s in self._open.items() if s.buffer.count]
 
     def cut(self, table: str) -> Batch | None:
         segment = self._open.get(table)
-        if segment is None or not segment.buffer.rows:
+        if segment is None or not segment.buffer.count:
             return None
         del self._open[table]
         self._close(segment)
@@ -219,7 +219,7 @@ class AvroSpool:
         return recovered
 
     def buffered(self) -> dict[str, Buffered]:
-        return {t: s.buffer.buffered() for t, s in self._open.items() if s.buffer.rows}
+        return {t: s.buffer.buffered() for t, s in self._open.items() if s.buffer.count}
 
     def close(self) -> None:
         for segment in self._open.values():

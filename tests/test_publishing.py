@@ -258,3 +258,48 @@ def test_a_backend_retry_that_finds_its_own_upload_does_not_publish_the_rows_twi
     assert written.name == "1.2.1.track.parquet"
     data_files = [p for p in fs.find("/own") if "/_cio_sync/" not in p and "/_manifests/" not in p]
     assert data_files == ["/own/1.2.1.track.parquet"]
+
+
+def test_rows_beyond_a_chunk_are_held_as_arrow_columns_and_published_whole_in_order(memory_storage: Storage) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    import pyarrow.parquet as pq
+
+    from cio_sync._publisher import CHUNK_ROWS
+
+    count = 2 * CHUNK_ROWS + 17
+    start = datetime(2026, 11, 30, tzinfo=UTC)
+    spellings = ["%Y-%m-%dT%H:%M:%S.%fZ", "%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d %H:%M:%S"]  # the last has no offset
+    expected = []
+    with cio_sync.AdvancedSink(memory_storage.url, flush_interval=None) as sink:
+        for i in range(count):
+            moment = start + timedelta(seconds=i, microseconds=i % 1000)
+            text = moment.strftime(spellings[(i // 5000) % 3])
+            sink.write({"type": "track", "userId": f"u{i}", "event": "E", "timestamp": text})
+            expected.append((f"u{i}", datetime.fromisoformat(text).replace(tzinfo=UTC) if "+" not in text
+                             and "Z" not in text else datetime.fromisoformat(text)))
+        [written] = sink.flush()
+    table = pq.read_table(memory_storage.fs.open(f"{memory_storage.root}/{written.name}"))
+    assert written.rows == table.num_rows == count
+    got = list(zip(table.column("userId").to_pylist(), table.column("timestamp").to_pylist(), strict=True))
+    assert got == expected
+
+
+def test_a_chunk_arrow_cannot_convert_stays_as_rows_and_nothing_is_lost() -> None:
+    from cio_sync._publisher import CHUNK_ROWS, TableRows, rows_to_table
+
+    schema = pa.schema([pa.field("n", pa.int64())])
+    rows = TableRows(schema)
+    sent = [(i,) for i in range(CHUNK_ROWS)] + [("not a number",)] + [(i,) for i in range(2 * CHUNK_ROWS)]
+    for row in sent:
+        rows.add(row, 8, None)
+    batch = rows.take("t")
+    assert batch.rows == len(sent)
+    assert isinstance(batch.data, list)
+    assert batch.data == sent
+    good = TableRows(schema)
+    for i in range(3 * CHUNK_ROWS + 1):
+        good.add((i,), 8, None)
+    converted = good.take("t")
+    assert isinstance(converted.data, pa.Table)
+    assert rows_to_table(converted.data, schema).column("n").to_pylist() == list(range(3 * CHUNK_ROWS + 1))
