@@ -148,6 +148,19 @@ def check_name(name: str) -> str:
     return name
 
 
+_S3_MIN_PART: Final = 5 * 2**20
+
+
+def _upload_options(fs: AbstractFileSystem, concurrency: int, part_size: int) -> dict[str, Any]:
+    """What ``pipe_file`` of this filesystem takes to upload a large file in parts, several at once."""
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if protocols & {"s3", "s3a"}:
+        return {"max_concurrency": concurrency, "chunksize": part_size}  # s3fs: parts of chunksize, gathered
+    if protocols & {"abfs", "az", "abfss"}:
+        return {"max_concurrency": concurrency}  # adlfs: azure-storage-blob uploads blocks in parallel
+    return {}
+
+
 @dataclass(eq=False)
 class FsspecWriter:
     """A :class:`Writer` over any fsspec filesystem.
@@ -165,6 +178,12 @@ class FsspecWriter:
     #: Flush file contents to the disk before publishing on local filesystems.
     fsync: bool = True
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
+    #: Parts of one large file uploaded at once (S3 multipart parts, Azure blocks). GCS uploads a large file as one
+    #: resumable upload, in order (gcsfs has no parallel upload).
+    upload_concurrency: int = 8
+    #: Size of each part of a multipart upload to S3 (at least 5 MiB, S3's minimum); files of two parts or more are
+    #: uploaded in parts, ``upload_concurrency`` at a time.
+    part_size: int = 16 * 2**20
 
     def __post_init__(self) -> None:
         fs, root = resolve(self.target, filesystem=self.filesystem, storage_options=self.storage_options)
@@ -172,6 +191,11 @@ class FsspecWriter:
         self._root = root
         self._secrets = secrets_in(self.storage_options)
         self._local = isinstance(fs, LocalFileSystem)
+        for name, value, least in (("upload_concurrency", self.upload_concurrency, 1),
+                                   ("part_size", self.part_size, _S3_MIN_PART)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"{name} must be an integer of at least {least}; got {value!r}")
+        self._upload_options = _upload_options(fs, self.upload_concurrency, self.part_size)
         self.url = display_url(fs, root)
         # The writer keeps no credentials of its own beyond what the filesystem holds.
         self.storage_options = None
@@ -239,7 +263,7 @@ class FsspecWriter:
             self._create_local(path, data)
             return
         try:
-            self._fs.pipe_file(path, data, mode="create")
+            self._fs.pipe_file(path, data, mode="create", **self._upload_options)
         except TypeError as exc:
             if "mode" not in str(exc):
                 raise

