@@ -259,8 +259,9 @@ def _compile_builder(call_type: str, raw: bool = False) -> Callable[..., tuple[t
                  f"    {', '.join(fields)}, = astuple(obj)", f"    {local['type']} = {call_type!r}",
                  f"    if {_head_condition(call_type, local)}:", "        raise NotFast"]
     else:
-        lines = [f"def build_{call_type}(data, received):", "    get = data.get", "    size = 0"]
-        lines += [f"    {local[n]} = get({n!r})" for n, code in specs if code not in (_RECEIVED, _EXTRA)]
+        fetched = [n for n, code in specs if code not in (_RECEIVED, _EXTRA)]
+        lines = [f"def build_{call_type}(data, received):", "    get = data.get", "    size = 0",
+                 f"    {', '.join(local[n] for n in fetched)}, = map(get, {tuple(fetched)!r})"]
         lines += [f"    if {_head_condition(call_type, local)}:", "        check_head(data)",
                   "        raise AssertionError(data)"]
     for name, code in specs:
