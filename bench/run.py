@@ -1,164 +1,234 @@
-"""Benchmarks: cio_sync against raw pyarrow on the same calls, measured in the same run.
+"""Benchmarks of issue 7: cio_sync against raw pyarrow, orjson JSON lines and dlt on the same calls, in one run.
 
-Run with ``nox -s bench`` (or ``python bench/run.py --calls 200000 --repeat 5``). Prints calls/s (min / median /
-max over the repetitions) and the ratio of each cio_sync path to the raw pyarrow baseline, and saves the figures as
-JSON under bench/results/. These machines are shared and noisy: compare the ratios, not the absolute figures.
+Run with ``nox -s bench`` (or ``python -m bench``; ``--quick`` for a one-to-two-minute version). Every case runs in
+a fresh process (so its peak RSS is its own), ``--repeat`` times, interleaved across cases so that a noisy moment
+hurts all of them alike. Prints calls/s (min / median / max), the ratios to raw pyarrow and to dlt, peak RSS, which
+of the issue's targets this run meets, and saves the figures as JSON and a PNG chart under bench/results/.
 
-The baseline is what a careful user would write by hand: nested objects dumped to JSON text with orjson, then
-``pa.Table.from_pylist`` + ``pq.write_table`` (zstd), one file, no validation.
+These machines are shared and noisy: compare the ratios within one run, not absolute figures across runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shutil
-import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 import cio_sync
-from cio_sync._sample import sample_calls
+from bench import report, traffic
+from bench.cases import CASES, Job
 
-NESTED = ("traits", "properties", "context", "integrations")
-
-
-def raw_pyarrow(calls: list[dict[str, Any]], folder: Path) -> None:
-    rows = []
-    for call in calls:
-        row = dict(call)
-        for key in NESTED:
-            value = row.get(key)
-            if value is not None:
-                row[key] = orjson.dumps(value).decode()
-        rows.append(row)
-    table = pa.Table.from_pylist(rows)
-    pq.write_table(table, folder / "raw.parquet", compression="zstd")
+ROOT = Path(__file__).resolve().parent.parent
+#: Cases fed the shared slice of mixed calls, in the order they are printed.
+MIXED = ("raw-pyarrow", "orjson-lines", "parquet", "parquet-bytes", "csv", "json", "spool-os", "spool-interval",
+         "spool-always")
+GROUPS = {"raw-pyarrow": "baseline", "orjson-lines": "baseline", "dlt": "baseline", "s3-parquet": "s3",
+          "standard-1": "standard", "standard-1000": "standard", "large-local": "large", "large-s3": "large",
+          "memory": "memory"}
 
 
-def sink_run(fmt: str, as_bytes: bool = False, spool: str | None = None) -> Callable[[list[Any], Path], None]:
-    def run(calls: list[Any], folder: Path) -> None:
-        spool_dir = folder / "spool" if spool else None
-        with cio_sync.AdvancedSink(str(folder / "bucket"), format=fmt, flush_interval=None, max_rows=None,
-                                   max_bytes=None, max_buffer_bytes=None, spool_dir=spool_dir,
-                                   spool_sync=spool or "always") as sink:
-            for call in calls:
-                sink.write(call)
+@dataclass
+class Planned:
+    """One case of the plan: how many calls of which traffic file it writes."""
 
-    run.__name__ = f"AdvancedSink {fmt}" + (" (JSON bytes in)" if as_bytes else "")
-    return run
+    key: str
+    calls: int
+    traffic: Path
+    s3: dict[str, Any] | None = None
 
 
-def standard_run(commit_every: int) -> Callable[[list[Any], Path], None]:
-    def run(calls: list[Any], folder: Path) -> None:
-        with cio_sync.StandardSink(str(folder / "bucket"), workspace_id=1, state=folder / "state.sqlite",
-                                   flush_interval=None, max_rows=None, max_bytes=None,
-                                   commit_every=commit_every) as sink:
-            for call in calls:
-                sink.write(call)
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, help="mixed calls per run (default 100000; 30000 with --quick)")
+    parser.add_argument("--repeat", type=int, default=3, help="repetitions of each case (default 3)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run: fewer calls, no memory-growth runs, no large-file case")
+    parser.add_argument("--rss-calls", default="1000000,10000000",
+                        help="stream sizes for the memory-growth runs, comma-separated (default 1000000,10000000; "
+                             "'' for none)")
+    parser.add_argument("--dlt-calls", type=int,
+                        help="calls for dlt, which is slow (default min(calls, 50000); 10000 with --quick)")
+    parser.add_argument("--always-calls", type=int,
+                        help="calls for the spool with sync=always, an fsync per call (default min(calls, 2000); "
+                             "500 with --quick)")
+    parser.add_argument("--identify-calls", type=int,
+                        help="identify calls for the Standard cases (default min(calls, 20000); 5000 with --quick)")
+    parser.add_argument("--large-calls", type=int, default=450_000,
+                        help="calls for the large-file case, enough for a >100 MiB file (default 450000)")
+    parser.add_argument("--no-s3", action="store_true", help="skip the SeaweedFS S3 cases")
+    parser.add_argument("--no-dlt", action="store_true", help="skip the dlt baseline")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the JSON and the PNG")
+    args = parser.parse_args(argv)
+    args.calls = args.calls or (30_000 if args.quick else 100_000)
+    args.dlt_calls = min(args.calls, args.dlt_calls or (10_000 if args.quick else 50_000))
+    args.always_calls = min(args.calls, args.always_calls or (500 if args.quick else 2_000))
+    args.identify_calls = args.identify_calls or min(args.calls, 5_000 if args.quick else 20_000)
+    args.rss = [] if args.quick else [int(n) for n in args.rss_calls.replace("_", "").split(",") if n.strip()]
+    if args.repeat < 1 or args.calls < 1:
+        parser.error("--repeat and --calls must be at least 1")
+    return args
 
-    return run
+
+@contextlib.contextmanager
+def s3_server(enabled: bool) -> Iterator[dict[str, Any] | None]:
+    """SeaweedFS S3 on 127.0.0.1 as the test suite starts it (stopped by its PID at the end), or None."""
+    if not enabled:
+        yield None
+        return
+    from tests import servers
+
+    try:
+        context = servers.seaweedfs()
+        server = context.__enter__()
+    except RuntimeError as exc:
+        print(f"S3 cases skipped: {exc}", file=sys.stderr)
+        yield None
+        return
+    try:
+        yield server.storage_options
+    finally:
+        context.__exit__(None, None, None)
 
 
-def identify_calls(count: int) -> list[dict[str, Any]]:
-    """Identify calls from the sample traffic, about five per person, so many change something and many do not."""
-    calls = []
-    for call in sample_calls(count * 7, seed=43, people=max(1, count // 5)):
-        if call["type"] == "identify":
-            calls.append({**call, "userId": call.get("userId") or call["anonymousId"]})
-            if len(calls) == count:
-                break
-    return calls
+def run_child(planned: Planned, scratch: Path) -> dict[str, Any]:
+    """Run one case once in a fresh interpreter; its result, or ``{"error": ...}``."""
+    folder = Path(tempfile.mkdtemp(prefix=f"{planned.key}-", dir=scratch))
+    job = Job(case=planned.key, traffic=str(planned.traffic), calls=planned.calls, folder=str(folder), s3=planned.s3)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    try:
+        done = subprocess.run([sys.executable, "-m", "bench.child", json.dumps(job.__dict__)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=3600, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": "timed out after 3600 s"}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            result: dict[str, Any] = json.loads(line[len("RESULT "):])
+            return result
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"exit {done.returncode}: {tail}"}
 
 
-def measure(name: str, fn: Callable[[list[Any], Path], None], calls: list[Any], repeat: int) -> dict[str, Any]:
-    rates = []
-    for _ in range(repeat):
-        folder = Path(tempfile.mkdtemp(prefix="cio-sync-bench-"))
-        try:
-            start = time.perf_counter()
-            fn(calls, folder)
-            elapsed = time.perf_counter() - start
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-        rates.append(len(calls) / elapsed)
-    return {"name": name, "calls": len(calls), "min": min(rates), "median": statistics.median(rates),
-            "max": max(rates), "runs": rates}
+def plan(args: argparse.Namespace, folder: Path, s3: dict[str, Any] | None) -> tuple[list[Planned], list[Planned]]:
+    """The repeated cases and the memory-growth runs (once each), with their traffic written to ``folder``."""
+    mixed = traffic.save(traffic.mixed_calls(args.calls), folder / "mixed.pickle")
+    identifies = traffic.save(traffic.identify_calls(args.identify_calls), folder / "identify.pickle")
+    cases = [Planned(key, args.always_calls if key == "spool-always" else args.calls, mixed) for key in MIXED]
+    if not args.no_dlt:
+        cases.insert(2, Planned("dlt", args.dlt_calls, mixed))
+    if s3 is not None:
+        cases.append(Planned("s3-parquet", args.calls, mixed, s3))
+    cases += [Planned("standard-1", args.identify_calls, identifies),
+              Planned("standard-1000", args.identify_calls, identifies)]
+    if not args.quick and args.large_calls:
+        cases.append(Planned("large-local", args.large_calls, mixed))
+        if s3 is not None:
+            cases.append(Planned("large-s3", args.large_calls, mixed, s3))
+    return cases, [Planned("memory", n, mixed) for n in args.rss]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calls", type=int, default=100_000, help="calls per run (default 100000)")
-    parser.add_argument("--repeat", type=int, default=3, help="repetitions of each case (default 3)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for the JSON")
-    parser.add_argument("--identify-calls", type=int, default=20_000,
-                        help="identify calls for the StandardSink cases (default 20000)")
-    args = parser.parse_args(argv)
-
-    calls = list(sample_calls(args.calls, seed=42))
-    as_bytes = [orjson.dumps(c) for c in calls]
-    cases: list[tuple[str, Callable[[list[Any], Path], None], list[Any]]] = [
-        ("raw pyarrow (from_pylist + write_table)", raw_pyarrow, calls),
-        ("AdvancedSink parquet, dicts in", sink_run("parquet"), calls),
-        ("AdvancedSink parquet, JSON bytes in", sink_run("parquet", True), as_bytes),
-        ("AdvancedSink csv, dicts in", sink_run("csv"), calls),
-        ("AdvancedSink json, dicts in", sink_run("json"), calls),
-        ("AdvancedSink parquet, spool (sync os)", sink_run("parquet", spool="os"), calls),
-        ("AdvancedSink parquet, spool (sync interval)", sink_run("parquet", spool="interval"), calls),
-        ("AdvancedSink parquet, spool (sync always)", sink_run("parquet", spool="always"), calls),
-    ]
-    identifies = identify_calls(args.identify_calls)
-    standard_cases = [
-        ("StandardSink identify, SQLite, commit_every=1", standard_run(1), identifies),
-        ("StandardSink identify, SQLite, commit_every=1000", standard_run(1000), identifies),
-    ]
-    results = []
-    # Interleave repetitions across cases so that a noisy moment hurts all of them alike.
-    for round_ in range(args.repeat):
-        for name, fn, data in cases:
-            r = measure(name, fn, data, 1)
-            if round_ == 0:
-                results.append(r)
-            else:
-                existing = next(x for x in results if x["name"] == name)
-                existing["runs"].extend(r["runs"])
-    for r in results:
-        r["min"], r["median"], r["max"] = min(r["runs"]), statistics.median(r["runs"]), max(r["runs"])
-    baseline = results[0]["median"]
-    print(f"{args.calls:,} sample calls, {args.repeat} runs each, local disk, Python {platform.python_version()}, "
-          f"pyarrow {pa.__version__}")
-    print(f"{'case':<48} {'min':>10} {'median':>10} {'max':>10}  {'ratio to raw pyarrow':>20}")
-    for r in results:
-        r["ratio_to_raw_pyarrow"] = r["median"] / baseline
-        print(f"{r['name']:<48} {r['min']:>10,.0f} {r['median']:>10,.0f} {r['max']:>10,.0f}  "
-              f"{r['ratio_to_raw_pyarrow']:>19.2f}x")
-    standard = []
-    for name, fn, data in standard_cases:
-        standard.append(measure(name, fn, data, args.repeat))
-    print(f"\n{len(identifies):,} identify calls for {max(1, len(identifies) // 5):,} people, SQLite state on local "
-          f"disk (calls/s, no baseline)")
-    for r in standard:
-        print(f"{r['name']:<48} {r['min']:>10,.0f} {r['median']:>10,.0f} {r['max']:>10,.0f}")
+    args = parse(argv)
+    began = time.monotonic()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    results: dict[tuple[str, int], report.CaseResult] = {}
+    scratch = Path(tempfile.mkdtemp(prefix="cio-sync-bench-"))
+    try:
+        with s3_server(not args.no_s3) as s3:
+            cases, memory = plan(args, scratch, s3)
+            described = traffic.describe(traffic.load(scratch / "mixed.pickle"))
+            schedule = [(r, p) for r in range(args.repeat) for p in cases] + [(0, p) for p in memory]
+            for n, (round_, planned) in enumerate(schedule, 1):
+                label, _ = CASES[planned.key]
+                if planned.key == "memory":
+                    label = f"{label} ({planned.calls:,} calls)"
+                result = results.setdefault((planned.key, planned.calls), report.CaseResult(
+                    planned.key, label, GROUPS.get(planned.key, "advanced"), planned.calls))
+                outcome = run_child(planned, scratch)
+                if "error" in outcome:
+                    result.errors.append(outcome["error"])
+                    progress = f"FAILED: {outcome['error']}"
+                else:
+                    rate = outcome["calls"] / outcome["seconds"]
+                    result.runs.append(rate)
+                    result.peak_rss_mib.append(outcome["peak_rss_mib"])
+                    if outcome["rss_start_mib"] is not None:
+                        result.rss_start_mib.append(outcome["rss_start_mib"])
+                    result.files = outcome["files"]
+                    progress = f"{rate:,.0f} calls/s, peak RSS {outcome['peak_rss_mib']:,.0f} MiB"
+                print(f"[{n}/{len(schedule)}] round {round_ + 1} {label}: {progress}", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return summarise(args, list(results.values()), described, time.monotonic() - began, out)
+
+
+def summarise(args: argparse.Namespace, results: list[report.CaseResult], described: dict[str, Any],
+              seconds: float, out: Path) -> int:
+    """Print the table, the targets and the comparisons; save the JSON and the chart."""
+    medians = {r.key: r.median for r in results}
+    rows = [r.as_dict(medians.get("raw-pyarrow"), medians.get("dlt")) for r in results]
+    by_key = {row["key"] if row["group"] != "memory" else f"memory-{row['calls']}": row for row in rows}
+    found = report.targets(by_key)
+    header = (f"cio_sync {cio_sync.__version__}, Python {platform.python_version()}, pyarrow {pa.__version__}, "
+              f"{os.cpu_count()} CPUs; {args.calls:,} mixed calls per run ({described.get('mean_json_bytes')} bytes "
+              f"of JSON each), {args.repeat} runs per case, interleaved")
+    print("\n" + header)
+    print(f"traffic: {described.get('types')}; {described.get('non_ascii_share', 0):.0%} of calls non-ASCII; type "
+          f"drift in {', '.join(described.get('drifting_fields', [])) or 'nothing'}")
+    notes = [f"dlt wrote the first {args.dlt_calls:,} calls only (it is slow); its calls/s is on that slice"
+             if "dlt" in medians else "dlt skipped (--no-dlt)",
+             f"spool sync=always wrote the first {args.always_calls:,} calls only (an fsync per call)",
+             f"Standard cases: {args.identify_calls:,} identify calls for {max(1, args.identify_calls // 5):,} "
+             "people (no baseline; ratios not applicable)"]
+    if any(r.group == "large" for r in results):
+        notes.append(f"large-file cases: {args.large_calls:,} calls streamed from the slice, json format, no "
+                     "size/row cut, one file per call type")
+    if any(r.group == "memory" for r in results):
+        notes.append("memory-growth runs: parquet with default max_rows/max_bytes/max_buffer_bytes, calls streamed "
+                     "lazily from the slice, once each")
+    for note in notes:
+        print(f"  - {note}")
+    print()
+    print(report.table(rows))
+    compared = report.comparisons(by_key)
+    if compared:
+        print("\n" + "\n".join(compared))
+    print("\nissue 7 targets, this run:")
+    for t in found:
+        print(f"  [{t['status']:^12}] {t['target']}: {t['figures']}")
     stamp = time.strftime("%Y%m%dT%H%M%S")
+    data = {
+        "started": stamp, "seconds": round(seconds, 1), "argv": sys.argv[1:],
+        "sizes": {"calls": args.calls, "repeat": args.repeat, "dlt_calls": args.dlt_calls,
+                  "always_calls": args.always_calls, "identify_calls": args.identify_calls,
+                  "large_calls": args.large_calls, "rss_calls": args.rss},
+        "python": sys.version, "pyarrow": pa.__version__, "cio_sync": cio_sync.__version__,
+        "machine": platform.machine(), "cpus": os.cpu_count(), "traffic": described, "results": rows,
+        "targets": found, "comparisons": compared,
+    }
     path = out / f"bench-{stamp}.json"
-    path.write_text(json.dumps({"calls": args.calls, "repeat": args.repeat, "python": sys.version,
-                                "machine": platform.machine(), "cpus": os.cpu_count(), "results": results,
-                                "standard": standard},
-                               indent=2))
-    print(f"saved {path}")
-    return 0
+    path.write_text(json.dumps(data, indent=2))
+    print(f"\nsaved {path}")
+    png = report.chart(rows, out / f"bench-{stamp}.png", header)
+    print(f"saved {png}" if png else "no chart: matplotlib is not installed (pip install -e '.[bench]')")
+    print(f"took {seconds:,.0f} s")
+    return 1 if any(r.errors for r in results) else 0
 
 
 if __name__ == "__main__":
