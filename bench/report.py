@@ -133,6 +133,10 @@ def comparisons(by_key: dict[str, dict[str, Any]]) -> list[str]:
         if s3 in by_key and local in by_key and by_key[s3]["median"] and by_key[local]["median"]:
             lines.append(f"S3 vs local, {what}: {by_key[s3]['median']:,.0f} vs {by_key[local]['median']:,.0f} "
                          f"calls/s = {by_key[s3]['median'] / by_key[local]['median']:.2f}x")
+    for row in sorted((r for r in by_key.values() if r["group"] == "memory"), key=lambda r: r["calls"]):
+        if row["peak_rss_mib"]:
+            lines.append(f"memory growth, {row['calls']:,} calls: peak RSS {row['peak_rss_mib']:,.0f} MiB "
+                         f"({row['rss_start_mib'] or 0:,.0f} MiB before the first call), {row['files']} files")
     large = by_key.get("large-s3")
     if large and large["files"]:
         biggest = large["largest_file_bytes"]

@@ -67,8 +67,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                              "500 with --quick)")
     parser.add_argument("--identify-calls", type=int,
                         help="identify calls for the Standard cases (default min(calls, 20000); 5000 with --quick)")
-    parser.add_argument("--large-calls", type=int, default=450_000,
-                        help="calls for the large-file case, enough for a >100 MiB file (default 450000)")
+    parser.add_argument("--large-calls", type=int, default=500_000,
+                        help="calls for the large-file cases, enough for a >100 MiB file (default 500000; 0 skips)")
     parser.add_argument("--no-s3", action="store_true", help="skip the SeaweedFS S3 cases")
     parser.add_argument("--no-dlt", action="store_true", help="skip the dlt baseline")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the JSON and the PNG")
@@ -156,8 +156,6 @@ def main(argv: list[str] | None = None) -> int:
             schedule = [(r, p) for r in range(args.repeat) for p in cases] + [(0, p) for p in memory]
             for n, (round_, planned) in enumerate(schedule, 1):
                 label, _ = CASES[planned.key]
-                if planned.key == "memory":
-                    label = f"{label} ({planned.calls:,} calls)"
                 result = results.setdefault((planned.key, planned.calls), report.CaseResult(
                     planned.key, label, GROUPS.get(planned.key, "advanced"), planned.calls))
                 outcome = run_child(planned, scratch)
@@ -172,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                         result.rss_start_mib.append(outcome["rss_start_mib"])
                     result.files = outcome["files"]
                     progress = f"{rate:,.0f} calls/s, peak RSS {outcome['peak_rss_mib']:,.0f} MiB"
-                print(f"[{n}/{len(schedule)}] round {round_ + 1} {label}: {progress}", file=sys.stderr, flush=True)
+                print(f"[{n}/{len(schedule)}] round {round_ + 1}, {label}, {planned.calls:,} calls: {progress}",
+                      file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return summarise(args, list(results.values()), described, time.monotonic() - began, out)
