@@ -48,24 +48,35 @@ class Outcome:
 rss_at_start: list[float] = []
 
 
-def rss_now_mib() -> float:
-    """Resident set size now, from /proc (Linux); the peak so far elsewhere."""
+def _proc_status_mib(field: str) -> float | None:
+    """A memory figure of this process from /proc/self/status (Linux), in MiB."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return peak_rss_mib()
+    return None
+
+
+def rss_now_mib() -> float:
+    """Resident set size now; the peak so far where /proc is missing."""
+    return _proc_status_mib("VmRSS") or peak_rss_mib()
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process and any it waited for (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process since it started.
+
+    VmHWM, not ``getrusage``: on Linux ``ru_maxrss`` also counts the parent's RSS at the moment it forked us (the
+    high-water mark of the memory image ``exec`` replaced), which would charge every case with the parent's traffic.
+    ``ru_maxrss`` (KiB on Linux, bytes on macOS) is the fallback elsewhere.
+    """
+    hwm = _proc_status_mib("VmHWM")
+    if hwm is not None:
+        return hwm
     scale = 1024 * 1024 if sys.platform == "darwin" else 1024
-    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-               resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-    return peak / scale
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 def _start() -> float:
