@@ -26,6 +26,7 @@ class CaseResult:
     peak_rss_mib: list[float] = field(default_factory=list)
     rss_start_mib: list[float] = field(default_factory=list)
     files: list[int] = field(default_factory=list)  # sizes of the files of the last run
+    accounted_peak_mib: list[float] = field(default_factory=list)  # the sink's own count of what it held
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -46,6 +47,7 @@ class CaseResult:
             "ratio_to_raw_pyarrow": _ratio(median, raw) if self.same_traffic else None,
             "ratio_to_dlt": _ratio(median, dlt) if self.same_traffic else None,
             "peak_rss_mib": max(self.peak_rss_mib) if self.peak_rss_mib else None,
+            "sink_accounted_peak_mib": max(self.accounted_peak_mib) if self.accounted_peak_mib else None,
             "rss_start_mib": min(self.rss_start_mib) if self.rss_start_mib else None,
             "files": len(self.files), "largest_file_bytes": max(self.files, default=0),
             "total_file_bytes": sum(self.files), "errors": self.errors,
@@ -136,7 +138,8 @@ def comparisons(by_key: dict[str, dict[str, Any]]) -> list[str]:
     for row in sorted((r for r in by_key.values() if r["group"] == "memory"), key=lambda r: r["calls"]):
         if row["peak_rss_mib"]:
             lines.append(f"memory growth, {row['calls']:,} calls: peak RSS {row['peak_rss_mib']:,.0f} MiB "
-                         f"({row['rss_start_mib'] or 0:,.0f} MiB before the first call), {row['files']} files")
+                         f"({row['rss_start_mib'] or 0:,.0f} MiB before the first call; the sink counted at most "
+                         f"{row['sink_accounted_peak_mib'] or 0:,.0f} MiB in memory), {row['files']} files")
     large = by_key.get("large-s3")
     if large and large["files"]:
         biggest = large["largest_file_bytes"]

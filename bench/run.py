@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                     if outcome["rss_start_mib"] is not None:
                         result.rss_start_mib.append(outcome["rss_start_mib"])
                     result.files = outcome["files"]
+                    if outcome["accounted_peak_mib"] is not None:
+                        result.accounted_peak_mib.append(outcome["accounted_peak_mib"])
                     progress = f"{rate:,.0f} calls/s, peak RSS {outcome['peak_rss_mib']:,.0f} MiB"
                 print(f"[{n}/{len(schedule)}] round {round_ + 1}, {label}, {planned.calls:,} calls: {progress}",
                       file=sys.stderr, flush=True)
