@@ -205,7 +205,7 @@ def _standard(commit_every: int) -> Callable[[Job], Outcome]:
 
 def _s3(fmt: str, *, large: bool = False) -> Callable[[Job], Outcome]:
     """To SeaweedFS S3, into a fresh bucket. ``large``: one file per call type for the whole run (no size or row
-    cut, no buffer budget), so the biggest file passes s3fs's multipart threshold (2 x 50 MiB) and goes up in
+    cut, no buffer budget), so the biggest file passes the multipart threshold (2 x 16 MiB parts) and goes up in
     parts."""
 
     def run(job: Job) -> Outcome:
