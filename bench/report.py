@@ -144,8 +144,8 @@ def comparisons(by_key: dict[str, dict[str, Any]]) -> list[str]:
     if large and large["files"]:
         biggest = large["largest_file_bytes"]
         parts = "so it went up in multipart" if biggest >= MULTIPART_FROM else "below the multipart threshold"
-        lines.append(f"largest file to S3: {biggest / 2**20:,.1f} MiB ({parts}, 8 parts at a time; cio_sync splits files of "
-                     f"{MULTIPART_FROM / 2**20:.0f} MiB and more)")
+        lines.append(f"largest file to S3: {biggest / 2**20:,.1f} MiB ({parts}, 8 parts at a time; cio_sync "
+                     f"splits files of {MULTIPART_FROM / 2**20:.0f} MiB and more)")
     return lines
 
 
