@@ -201,10 +201,16 @@ class StandardSink(BaseSink):
 
     @staticmethod
     def _trait_texts(call: Call) -> dict[str, str | None]:
+        """The call's traits as the value texts they would be stored as (computed once per call, before its step)."""
         traits = call.data.get("traits") if call.type == "identify" else None
         if not traits:
             return {}
-        return {str(name): attribute_text(value, str(name)) for name, value in traits.items()}
+        texts: dict[str, str | None] = {}
+        for key, value in traits.items():
+            name = key if key.__class__ is str else str(key)
+            # Strings and nulls are their own text; only the rest goes through JSON.
+            texts[name] = value if value is None or value.__class__ is str else attribute_text(value, name)
+        return texts
 
     def _rules(self, call: Call, traits: dict[str, str | None]) -> list[Row]:
         if call.type == "identify":
@@ -233,20 +239,23 @@ class StandardSink(BaseSink):
 
     def _set_traits(self, person: Person, traits: Mapping[str, str | None], at: int, *,
                     only_new: bool = False) -> list[Row]:
-        rows = []
+        """Set the traits (value texts; ``None`` removes) that differ from the person's attributes; with
+        ``only_new``, only those the person does not have. Returns an ``attributes`` row per change."""
         attrs = self.state.attrs(person)
-        for name, text in traits.items():
-            old = attrs.get(name)
-            if only_new and old is not None:
-                continue
-            if text is None:
-                if old is not None:
-                    self.state.remove_attr(person, name)
-                    rows.append(self._attribute_row(person, name, None, at))
-            elif text != old:
-                self.state.set_attr(person, name, text)
-                rows.append(self._attribute_row(person, name, text, at))
-        return rows
+        get = attrs.get
+        changes: list[tuple[str, str | None]]
+        if only_new:
+            changes = [(name, text) for name, text in traits.items() if text is not None and name not in attrs]
+        else:
+            # A null text equals a missing attribute, so removing one that is not there is no change.
+            changes = [(name, text) for name, text in traits.items() if get(name) != text]
+        if not changes:
+            return []
+        self.state.change_attrs(person, changes)
+        workspace_id, cio_id, external_id = self.workspace_id, person.cio_id, person.id
+        base = 32 + len(cio_id)
+        return [("attributes", _ATTRIBUTES, (workspace_id, cio_id, external_id, name, text, at),
+                 base + len(name) + (len(text) if text is not None else 0), at) for name, text in changes]
 
     def _person_for(self, user_id: str, *, create: bool) -> tuple[Person | None, list[Row]]:
         person = self.state.person(user_id)

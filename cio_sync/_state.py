@@ -14,6 +14,15 @@ Write-behind: a step's statements are staged in Python lists and reach SQLite wi
 before a read of the table they change (a read never misses a staged change). A step whose statements had to reach
 SQLite before it ended runs under a savepoint, so a failing step is still undone whole: its staged statements are
 dropped, and the in-memory cache with them.
+
+Attributes: each person's attributes are one row (a JSON object of name -> value text), so the rules compare a call's
+traits with a dict and a commit writes one row per changed person, not one per attribute. The dicts of the people a
+step changed are kept in memory until the commit (so evicting a person from the cache never loses them), and each
+step keeps a copy of a dict before it first changes it, so that a failing step puts it back.
+
+Outbox: rows are staged as Python tuples and packed into one JSON entry per table when the staging is applied. The
+rows written since the table's last cut are also kept in memory, so cutting a batch does not decode them back from
+SQLite (it does when they are not all there: after a restart, or after a transaction was rolled back).
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from cio_sync._errors import StateError
 from cio_sync._publisher import Batch, Buffered
 from cio_sync._schemas import STANDARD_SCHEMAS, STANDARD_VERSION
 
-STATE_FORMAT: Final = 2
+STATE_FORMAT: Final = 3
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -49,9 +58,7 @@ CREATE TABLE IF NOT EXISTS people (
     updated_at INTEGER NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS people_by_id ON people (id) WHERE deleted = 0;
-CREATE TABLE IF NOT EXISTS attributes (
-    cio_id TEXT NOT NULL, name TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (cio_id, name)
-) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS person_attributes (cio_id TEXT PRIMARY KEY, attrs BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS anonymous (
     anonymous_id TEXT PRIMARY KEY, cio_id TEXT, traits TEXT
 );
@@ -71,9 +78,10 @@ CREATE TABLE IF NOT EXISTS batches (
 """
 
 
-#: Indices of the per-table staging lists; statements on different tables never constrain each other.
-_PEOPLE, _ATTRIBUTES, _ANONYMOUS, _DEFINITIONS, _OUTBOX = range(5)
-_TABLES: Final = 5
+#: Indices of the per-table staging lists; statements on different tables never constrain each other. (Attributes
+#: are not staged as statements: see _write_attributes.)
+_PEOPLE, _ANONYMOUS, _DEFINITIONS, _OUTBOX = range(4)
+_TABLES: Final = 4
 _INSERT_PERSON: Final = ("INSERT INTO people (cio_id, id, email, deleted, suppressed, created_at, updated_at) "
                          "VALUES (?, ?, ?, 0, 0, ?, ?)")
 _INSERT_PERSON_ROW: Final = ("INSERT INTO people (cio_id, id, email, deleted, suppressed, created_at, updated_at) "
@@ -83,8 +91,9 @@ _UPDATE_PERSON: Final = ("UPDATE people SET id = ?, email = ?, deleted = ?, supp
                          "WHERE cio_id = ?")
 _PERSON_BY_ID: Final = ("SELECT cio_id, id, email, deleted, suppressed, created_at, updated_at FROM people "
                         "WHERE id = ? AND deleted = 0")
-_SET_ATTRIBUTE: Final = "INSERT OR REPLACE INTO attributes (cio_id, name, value) VALUES (?, ?, ?)"
-_REMOVE_ATTRIBUTE: Final = "DELETE FROM attributes WHERE cio_id = ? AND name = ?"
+_SET_ATTRIBUTES: Final = "INSERT OR REPLACE INTO person_attributes (cio_id, attrs) VALUES (?, ?)"
+_REMOVE_ATTRIBUTES: Final = "DELETE FROM person_attributes WHERE cio_id = ?"
+_ATTRIBUTES_OF: Final = "SELECT attrs FROM person_attributes WHERE cio_id = ?"
 _SAVE_ANONYMOUS: Final = "INSERT OR REPLACE INTO anonymous (anonymous_id, cio_id, traits) VALUES (?, ?, ?)"
 _SAVE_DEFINITION: Final = ("INSERT OR REPLACE INTO definitions (kind, id, digest, version, created_at) "
                            "VALUES (?, ?, ?, ?, ?)")
@@ -164,8 +173,16 @@ class WorkspaceState:
         # id; people with staged attribute changes; anonymous ids with their staged value.
         self._staged_people: set[str] = set()
         self._people_cached = True
-        self._staged_attributes: set[str] = set()
         self._staged_anonymous: dict[str, tuple[str | None, dict[str, Any]]] = {}
+        # Attributes changed since the last commit: cio_id -> the person's attribute dict (the same object as
+        # Person.attrs), written at commit; and, within a step, the dicts as they were before the step first changed
+        # them (cio_id, dict, copy, whether it was already changed), to put back if the step fails.
+        self._changed_attrs: dict[str, dict[str, str]] = {}
+        self._step_attrs: list[tuple[str, dict[str, str], dict[str, str], bool]] = []
+        # Outbox rows written to the database since each table's last cut, when all of them are known here (None:
+        # read them from the database at the cut).
+        self._open_rows: dict[str, list[Any] | None] = {
+            table: None for (table,) in self._db.execute("SELECT DISTINCT tbl FROM outbox WHERE batch IS NULL")}
         self._seq_num = int(self._meta("seq_num") or 0)
         self._seq_dirty = False
         self._clock = 0
@@ -198,20 +215,36 @@ class WorkspaceState:
             ])
             self._db.execute("COMMIT")
             return
-        if int(fmt) == 1:
-            # Format 2 packs many rows of one table into one outbox entry (``rows`` of them, changed from ``at`` to
-            # ``last_at``); format 1 entries (one row each, ``rows`` null) stay readable as they are.
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("ALTER TABLE outbox ADD COLUMN rows INTEGER")
-            self._db.execute("ALTER TABLE outbox ADD COLUMN last_at INTEGER")
-            self._db.execute("UPDATE meta SET value = ? WHERE key = 'format'", (str(STATE_FORMAT),))
-            self._db.execute("COMMIT")
+        if int(fmt) in (1, 2):
+            self._upgrade(int(fmt))
             fmt = str(STATE_FORMAT)
         if int(fmt) != STATE_FORMAT:
             raise StateError(f"workspace state {self.path} has format {fmt}; this cio_sync reads {STATE_FORMAT}")
         stored = int(self._meta("workspace_id") or -1)
         if stored != self.workspace_id:
             raise StateError(f"workspace state {self.path} belongs to workspace {stored}, not {self.workspace_id}")
+
+    def _upgrade(self, fmt: int) -> None:
+        """Bring a state of an earlier format to this one, in one transaction (a crash leaves it as it was)."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if fmt == 1:
+                # Format 2 packs many rows of one table into one outbox entry (``rows`` of them, changed from ``at``
+                # to ``last_at``); format 1 entries (one row each, ``rows`` null) stay readable as they are.
+                db.execute("ALTER TABLE outbox ADD COLUMN rows INTEGER")
+                db.execute("ALTER TABLE outbox ADD COLUMN last_at INTEGER")
+            # Format 3 keeps each person's attributes as one JSON object instead of one row per attribute.
+            people: dict[str, dict[str, str]] = {}
+            for cio_id, name, value in db.execute("SELECT cio_id, name, value FROM attributes ORDER BY cio_id, name"):
+                people.setdefault(cio_id, {})[name] = value
+            db.executemany(_SET_ATTRIBUTES, [(cio_id, orjson.dumps(attrs)) for cio_id, attrs in people.items()])
+            db.execute("DROP TABLE attributes")
+            db.execute("UPDATE meta SET value = ? WHERE key = 'format'", (str(STATE_FORMAT),))
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     def close(self) -> None:
         db: sqlite3.Connection | None = getattr(self, "_db", None)
@@ -237,20 +270,12 @@ class WorkspaceState:
     def _stage(self, table: int, sql: str, params: tuple[Any, ...]) -> None:
         self._staged[table].append((sql, params))
 
-    @staticmethod
-    def _run(db: sqlite3.Connection, table: int, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+    def _run(self, db: sqlite3.Connection, table: int, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
         """Apply staged statements of one table with a few executemany calls, to the same end as running them in
         order."""
         if not statements:
             return
-        if table == _ATTRIBUTES:
-            # Only the last change of each (person, attribute) matters, and attributes constrain nothing else.
-            final: dict[tuple[str, str], str | None] = {}
-            for sql, params in statements:
-                final[params[0], params[1]] = params[2] if sql is _SET_ATTRIBUTE else None
-            db.executemany(_REMOVE_ATTRIBUTE, [key for key, value in final.items() if value is None])
-            db.executemany(_SET_ATTRIBUTE, [(*key, value) for key, value in final.items() if value is not None])
-        elif table == _PEOPLE:
+        if table == _PEOPLE:
             # Each person's final row. People already stored first lose their external id, so that no
             # intermediate state can hold one id twice among live people (the unique index), then get their final
             # row; new people are inserted last. The final state holds each live id once, as the steps left it.
@@ -272,7 +297,8 @@ class WorkspaceState:
                 db.executemany(_UPDATE_PERSON, list(changed.values()))
             db.executemany(_INSERT_PERSON_ROW, list(new.values()))
         elif table == _OUTBOX:
-            # One entry per table holding all its rows, in order: a few inserts instead of one per row.
+            # One entry per table holding all its rows, in order, encoded with one orjson call: a few inserts
+            # instead of one per row.
             packs: dict[str, list[Any]] = {}  # table -> [rows, size, first at, last at]
             for _, (name, row, size, at) in statements:
                 pack = packs.get(name)
@@ -284,8 +310,12 @@ class WorkspaceState:
                     pack[2] = at if pack[2] is None or at < pack[2] else pack[2]
                     pack[3] = at if pack[3] is None or at > pack[3] else pack[3]
             db.executemany(_ADD_ROWS, [
-                (name, b"[" + b",".join(rows) + b"]", size, first, last, len(rows))
+                (name, orjson.dumps(rows), size, first, last, len(rows))
                 for name, (rows, size, first, last) in packs.items()])
+            for name, (rows, _, _, _) in packs.items():
+                known = self._open_rows.setdefault(name, [])
+                if known is not None:
+                    known.extend(rows)
         else:
             db.executemany(statements[0][0], [params for _, params in statements])
 
@@ -322,14 +352,33 @@ class WorkspaceState:
         if table == _PEOPLE:
             self._staged_people.clear()
             self._people_cached = True
-        elif table == _ATTRIBUTES:
-            self._staged_attributes.clear()
         elif table == _ANONYMOUS:
             self._staged_anonymous.clear()
 
+    def _write_attributes(self) -> None:
+        """Write the attributes of the people changed since the last commit: one row per person.
+
+        Only between steps (at commit): within a step they stay in memory, where a failing step puts them back."""
+        changed = self._changed_attrs
+        if not changed:
+            return
+        db = self._tx()
+        db.executemany(_SET_ATTRIBUTES, [(cio_id, orjson.dumps(attrs)) for cio_id, attrs in changed.items() if attrs])
+        removed = [(cio_id,) for cio_id, attrs in changed.items() if not attrs]
+        if removed:
+            db.executemany(_REMOVE_ATTRIBUTES, removed)
+        changed.clear()
+
+    def _invalidate_open_rows(self) -> None:
+        """Outbox rows were undone in the database: read each table's open rows from it at its next cut."""
+        for table in self._open_rows:
+            self._open_rows[table] = None
+
     def commit(self) -> None:
         """Make every change so far durable, with the rows it produced."""
+        assert self._marks is None, "commit within a step"
         self._apply_staged()
+        self._write_attributes()
         if self._seq_dirty:
             self._tx().execute("UPDATE meta SET value = ? WHERE key = 'seq_num'", (str(self._seq_num),))
             self._seq_dirty = False
@@ -342,18 +391,27 @@ class WorkspaceState:
         """Start one step (a call or a record) that is kept whole or undone whole."""
         self._marks = [len(statements) for statements in self._staged]
         self._step_savepoint = False
+        self._step_attrs.clear()
 
     def release_savepoint(self) -> None:
         if self._step_savepoint:
             self._db.execute("RELEASE step")
         self._marks = None
         self._step_savepoint = False
+        self._step_attrs.clear()
 
     def rollback_savepoint(self) -> None:
         """Undo the current step; the in-memory view is dropped and reread from the database."""
         if self._step_savepoint:
             self._db.execute("ROLLBACK TO step")
             self._db.execute("RELEASE step")
+            self._invalidate_open_rows()
+        for cio_id, attrs, before, was_changed in reversed(self._step_attrs):
+            attrs.clear()
+            attrs.update(before)
+            if not was_changed:
+                self._changed_attrs.pop(cio_id, None)
+        self._step_attrs.clear()
         if self._marks is not None:
             for statements, mark in zip(self._staged, self._marks, strict=True):
                 del statements[mark:]
@@ -373,9 +431,12 @@ class WorkspaceState:
             self._forget_staged(t)
         self._marks = None
         self._step_savepoint = False
+        self._changed_attrs.clear()
+        self._step_attrs.clear()
         if self._in_tx:
             self._db.execute("ROLLBACK")
             self._in_tx = False
+            self._invalidate_open_rows()
         self._cache.clear()
         self._seq_num = int(self._meta("seq_num") or 0)
         self._seq_dirty = False
@@ -409,8 +470,12 @@ class WorkspaceState:
 
     def person(self, external_id: str) -> Person | None:
         """The live (not deleted) person with this external id."""
-        cached = self._cache.get(external_id)
+        cache = self._cache
+        cached = cache.get(external_id)
         if cached is not None:
+            # Least recently used first out: move the person to the end of the eviction order.
+            del cache[external_id]
+            cache[external_id] = cached
             return cached
         if not self._people_cached:
             self._apply_staged(_PEOPLE)
@@ -460,22 +525,29 @@ class WorkspaceState:
         self._cache.pop(external_id, None)
 
     def attrs(self, person: Person) -> dict[str, str]:
-        if person.attrs is None:
-            if person.cio_id in self._staged_attributes:
-                self._apply_staged(_ATTRIBUTES)
-            person.attrs = dict(self._db.execute(
-                "SELECT name, value FROM attributes WHERE cio_id = ?", (person.cio_id,)).fetchall())
-        return person.attrs
+        """The person's attributes (name -> value text), as the steps so far left them. Treat as read-only: change
+        them with :meth:`change_attrs`."""
+        attrs = person.attrs
+        if attrs is None:
+            attrs = self._changed_attrs.get(person.cio_id)
+            if attrs is None:
+                row = self._db.execute(_ATTRIBUTES_OF, (person.cio_id,)).fetchone()
+                attrs = orjson.loads(row[0]) if row is not None else {}
+            person.attrs = attrs
+        return attrs
 
-    def set_attr(self, person: Person, name: str, value: str) -> None:
-        self.attrs(person)[name] = value
-        self._stage(_ATTRIBUTES, _SET_ATTRIBUTE, (person.cio_id, name, value))
-        self._staged_attributes.add(person.cio_id)
-
-    def remove_attr(self, person: Person, name: str) -> None:
-        self.attrs(person).pop(name, None)
-        self._stage(_ATTRIBUTES, _REMOVE_ATTRIBUTE, (person.cio_id, name))
-        self._staged_attributes.add(person.cio_id)
+    def change_attrs(self, person: Person, changes: Iterable[tuple[str, str | None]]) -> None:
+        """Set attributes to new value texts; ``None`` removes one."""
+        attrs = self.attrs(person)
+        cio_id = person.cio_id
+        if self._marks is not None and not any(a is attrs for _, a, _, _ in self._step_attrs):
+            self._step_attrs.append((cio_id, attrs, dict(attrs), cio_id in self._changed_attrs))
+        for name, value in changes:
+            if value is None:
+                attrs.pop(name, None)
+            else:
+                attrs[name] = value
+        self._changed_attrs[cio_id] = attrs
 
     # -- anonymous profiles --------------------------------------------------------------------------------------
 
@@ -509,8 +581,8 @@ class WorkspaceState:
 
     # -- the outbox (used by SqliteOutbox) -----------------------------------------------------------------------
 
-    def outbox_add(self, table: str, row: bytes, size: int, at: int | None) -> None:
-        self._stage(_OUTBOX, _ADD_ROW, (table, row, size, at))
+    def outbox_add(self, table: str, row: tuple[Any, ...], size: int, at: int | None) -> None:
+        self._staged[_OUTBOX].append((_ADD_ROW, (table, row, size, at)))
 
     def outbox_counts(self) -> Iterator[tuple[str, int, int]]:
         self._apply_staged(_OUTBOX)
@@ -525,7 +597,10 @@ class WorkspaceState:
         cursor = db.execute("INSERT INTO batches (tbl, rows) VALUES (?, 0)", (table,))
         batch_id = int(cursor.lastrowid or 0)
         db.execute("UPDATE outbox SET batch = ? WHERE batch IS NULL AND tbl = ?", (batch_id, table))
-        rows = _unpack(db.execute(_BATCH_ENTRIES, (batch_id,)))
+        rows = self._open_rows.get(table, [])
+        if rows is None:
+            rows = _unpack(db.execute(_BATCH_ENTRIES, (batch_id,)))
+        self._open_rows[table] = []
         nbytes, first, last = db.execute(
             "SELECT coalesce(sum(size), 0), min(at), max(coalesce(last_at, at)) FROM outbox WHERE batch = ?",
             (batch_id,)).fetchone()
@@ -570,7 +645,7 @@ class SqliteOutbox:
 
     def append(self, table: str, schema: pa.Schema, row: tuple[Any, ...], size: int,
                at: int | None = None) -> Buffered:
-        self._state.outbox_add(table, orjson.dumps(row), size, at)
+        self._state.outbox_add(table, row, size, at)
         counts = self._buffered.get(table)
         if counts is None or counts[0] == 0:
             counts = self._buffered[table] = [0, 0, time.monotonic()]

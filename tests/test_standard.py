@@ -478,11 +478,14 @@ def fail_in_the_middle(sink: cio_sync.StandardSink) -> None:
     sink._sync_email = fail  # type: ignore[method-assign,assignment]
 
 
-@pytest.mark.parametrize("commit_every", [1, 1000])
+@pytest.mark.parametrize(("commit_every", "cache_size"), [(1, None), (1000, None), (1000, 1)])
 def test_a_step_failing_midway_leaves_neither_state_nor_rows(memory_storage: Storage, tmp_path: Path,
-                                                             scratch: Path, commit_every: int) -> None:
+                                                             scratch: Path, commit_every: int,
+                                                             cache_size: int | None) -> None:
     state = tmp_path / "ws.sqlite"
     with sink_for(memory_storage, state=state, commit_every=commit_every) as sink:
+        if cache_size is not None:
+            sink.state._cache_size = cache_size
         assert sink.write({"type": "identify", "userId": "1", "traits": {"a": 1}}) == 2
         fail_in_the_middle(sink)
         with pytest.raises(RuntimeError):
@@ -522,27 +525,82 @@ CREATE TABLE batches (id INTEGER PRIMARY KEY AUTOINCREMENT, tbl TEXT NOT NULL, r
 """
 
 
-def test_a_state_of_the_previous_format_is_upgraded_and_its_rows_published(memory_storage: Storage, tmp_path: Path,
-                                                                          scratch: Path) -> None:
+# Format 2: the outbox packs many rows into one entry; attributes are still one row per attribute.
+STATE_FORMAT_2 = STATE_FORMAT_1.replace("at INTEGER, batch INTEGER);",
+                                        "at INTEGER, batch INTEGER, rows INTEGER, last_at INTEGER);")
+
+
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_a_state_of_an_earlier_format_is_upgraded_and_its_rows_published(memory_storage: Storage, tmp_path: Path,
+                                                                         scratch: Path, fmt: int) -> None:
     import sqlite3
 
     state = tmp_path / "ws.sqlite"
     db = sqlite3.connect(state)
-    db.executescript(STATE_FORMAT_1)
-    db.executemany("INSERT INTO meta VALUES (?, ?)", [("format", "1"), ("workspace_id", str(WORKSPACE)),
+    db.executescript(STATE_FORMAT_1 if fmt == 1 else STATE_FORMAT_2)
+    db.executemany("INSERT INTO meta VALUES (?, ?)", [("format", str(fmt)), ("workspace_id", str(WORKSPACE)),
                                                       ("schema_version", "1"), ("seq_num", "0")])
-    db.execute("INSERT INTO people VALUES ('c1', 'u1', NULL, 0, 0, 1000, 1000)")
-    db.execute("INSERT INTO attributes VALUES ('c1', 'plan', 'pro')")
-    db.execute("INSERT INTO outbox (tbl, row, size, at) VALUES ('attributes', ?, 40, 1000)",
-               (orjson.dumps([WORKSPACE, "c1", "u1", "plan", "pro", 1000]),))
+    db.execute("INSERT INTO people VALUES ('c1', 'u1', 'a@x.com', 0, 0, 1000, 1000)")
+    db.execute("INSERT INTO people VALUES ('c2', 'u2', NULL, 0, 0, 1000, 1000)")
+    db.executemany("INSERT INTO attributes VALUES (?, ?, ?)", [
+        ("c1", "plan", "pro"), ("c1", "email", "a@x.com"), ("c1", "tags", '["a","b"]'), ("c2", "plan", "free")])
+    if fmt == 1:
+        db.execute("INSERT INTO outbox (tbl, row, size, at) VALUES ('attributes', ?, 40, 1000)",
+                   (orjson.dumps([WORKSPACE, "c1", "u1", "plan", "pro", 1000]),))
+    else:
+        db.execute("INSERT INTO outbox (tbl, row, size, at, last_at, rows) VALUES ('attributes', ?, 40, 1000, 1000, 1)",
+                   (orjson.dumps([[WORKSPACE, "c1", "u1", "plan", "pro", 1000]]),))
     db.commit()
     db.close()
     with sink_for(memory_storage, state=state, commit_every=1000) as sink:
-        assert sink.person("u1")["attributes"] == {"plan": "pro"}
-        assert sink.write({"type": "identify", "userId": "u1", "traits": {"plan": "max", "n": 1}}) == 2
+        assert sink.person("u1")["attributes"] == {"plan": "pro", "email": "a@x.com", "tags": '["a","b"]'}
+        assert sink.person("u2")["attributes"] == {"plan": "free"}
+        assert sink.write({"type": "identify", "userId": "u1", "traits": {"plan": "max", "n": 1,
+                                                                          "tags": ["a", "b"]}}) == 2
+        assert sink.write({"type": "identify", "userId": "u2", "traits": {"plan": "free"}}) == 0
     found = tables(memory_storage, scratch)["attributes"]
     assert [(r["attribute_name"], r["attribute_value"]) for r in found] == [("plan", "pro"), ("plan", "max"),
                                                                             ("n", "1")]
+    with sink_for(memory_storage, state=state) as again:  # the upgraded state opens as it is
+        assert again.person("u1")["attributes"] == {"plan": "max", "email": "a@x.com", "tags": '["a","b"]',
+                                                    "n": "1"}
+
+
+def test_a_state_of_a_later_format_is_refused(memory_storage: Storage, tmp_path: Path) -> None:
+    import sqlite3
+
+    state = tmp_path / "ws.sqlite"
+    sink_for(memory_storage, state=state).close()
+    db = sqlite3.connect(state)
+    db.execute("UPDATE meta SET value = '99' WHERE key = 'format'")
+    db.commit()
+    db.close()
+    with pytest.raises(cio_sync.StateError, match="format 99"):
+        sink_for(memory_storage, state=state)
+
+
+@pytest.mark.parametrize("cache_size", [1, 7])
+def test_people_falling_out_of_the_cache_give_the_same_files(memory_storage: Storage, tmp_path: Path,
+                                                            scratch: Path, cache_size: int) -> None:
+    calls = identify_calls(50)
+    calls.insert(120, {"type": "alias", "userId": "user-3", "previousId": "user-4"})  # a merge between people
+
+    def written(commit_every: int, cache: int | None) -> tuple[list[Any], list[Any], list[Any]]:
+        label = f"{commit_every}-{cache}"
+        storage = Storage(memory_storage.kind, f"{memory_storage.url}/{label}", memory_storage.storage_options)
+        with sink_for(storage, state=tmp_path / f"{label}.sqlite", commit_every=commit_every) as sink:
+            if cache is not None:
+                sink.state._cache_size = cache  # people are evicted and reloaded, also between commits
+            for call in calls:
+                sink.write(call)
+            views = [sink.person(f"user-{i}")["attributes"] for i in (0, 3, 49)]
+        found = tables(storage, scratch / label)
+        return ([(r["external_customer_id"], r["attribute_name"], r["attribute_value"]) for r in found["attributes"]],
+                [(r["external_customer_id"], r["email_addr"], r["deleted"]) for r in found["people"]], views)
+
+    expected = written(1, None)
+    assert written(1000, cache_size) == expected
+    assert written(1, cache_size) == expected
 
 
 def test_a_step_failing_after_its_rows_filled_a_batch_leaves_neither_state_nor_rows(
@@ -567,3 +625,26 @@ def test_a_step_failing_after_its_rows_filled_a_batch_leaves_neither_state_nor_r
     assert all(r["external_customer_id"] == "1" for rows in found.values() for r in rows)
     assert sorted((r["attribute_name"], r["attribute_value"]) for r in found["attributes"]) == [("a", "1"),
                                                                                                 ("b", "1")]
+
+
+@pytest.mark.parametrize("commit_every", [1, 1000])
+def test_a_step_failing_after_its_rows_reached_the_state_leaves_no_rows(memory_storage: Storage, tmp_path: Path,
+                                                                       scratch: Path, commit_every: int) -> None:
+    with sink_for(memory_storage, state=tmp_path / "ws.sqlite", commit_every=commit_every) as sink:
+        assert sink.write({"type": "identify", "userId": "1", "traits": {"a": 1}}) == 2
+        publisher = sink._publisher
+        append_rows = publisher.append_rows
+
+        def written_then_fail(rows: Any) -> set[str]:
+            append_rows(rows)
+            sink.state._apply_staged()  # the step's rows reach SQLite (under the step's savepoint), then it fails
+            raise RuntimeError("failed after the rows were written to the state")
+
+        publisher.append_rows = written_then_fail  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError):
+            sink.write({"type": "identify", "userId": "2", "traits": {"a": 2}})
+        publisher.append_rows = append_rows  # type: ignore[method-assign]
+        assert sink.write({"type": "identify", "userId": "1", "traits": {"b": 1}}) == 1
+    found = tables(memory_storage, scratch)
+    assert all(r["external_customer_id"] == "1" for rows in found.values() for r in rows)
+    assert [(r["attribute_name"], r["attribute_value"]) for r in found["attributes"]] == [("a", "1"), ("b", "1")]
