@@ -206,10 +206,14 @@ class StandardSink(BaseSink):
         if not traits:
             return {}
         texts: dict[str, str | None] = {}
-        for key, value in traits.items():
-            name = key if key.__class__ is str else str(key)
-            # Strings and nulls are their own text; only the rest goes through JSON.
-            texts[name] = value if value is None or value.__class__ is str else attribute_text(value, name)
+        dumps = orjson.dumps
+        try:
+            for key, value in traits.items():
+                # Strings and nulls are their own text; only the rest goes through JSON (attribute_text, inlined).
+                texts[key if key.__class__ is str else str(key)] = (
+                    value if value is None or value.__class__ is str else dumps(value, option=_ATTR_OPTIONS).decode())
+        except (orjson.JSONEncodeError, TypeError):
+            return {str(name): attribute_text(value, str(name)) for name, value in traits.items()}  # names the trait
         return texts
 
     def _rules(self, call: Call, traits: dict[str, str | None]) -> list[Row]:

@@ -97,7 +97,6 @@ _ATTRIBUTES_OF: Final = "SELECT attrs FROM person_attributes WHERE cio_id = ?"
 _SAVE_ANONYMOUS: Final = "INSERT OR REPLACE INTO anonymous (anonymous_id, cio_id, traits) VALUES (?, ?, ?)"
 _SAVE_DEFINITION: Final = ("INSERT OR REPLACE INTO definitions (kind, id, digest, version, created_at) "
                            "VALUES (?, ?, ?, ?, ?)")
-_ADD_ROW: Final = "INSERT INTO outbox (tbl, row, size, at) VALUES (?, ?, ?, ?)"  # staged only, see _run
 _ADD_ROWS: Final = "INSERT INTO outbox (tbl, row, size, at, last_at, rows) VALUES (?, ?, ?, ?, ?, ?)"
 _BATCH_ENTRIES: Final = "SELECT row, rows FROM outbox WHERE batch = ? ORDER BY seq"
 
@@ -165,7 +164,10 @@ class WorkspaceState:
         self._cache_size = cache_size
         # Write-behind: the statements of the steps since the last commit, per table, in order; applied with
         # executemany before anything reads that table and at commit (see _apply_staged).
-        self._staged: tuple[list[tuple[str, tuple[Any, ...]]], ...] = tuple([] for _ in range(_TABLES))
+        # (The outbox's list holds (table, row, size, time) entries: see outbox_staged.)
+        self._staged: tuple[list[Any], ...] = tuple([] for _ in range(_TABLES))
+        #: Rows for the outbox, staged as (table, row, size, change time): SqliteOutbox appends to this list.
+        self.outbox_staged: list[tuple[str, tuple[Any, ...], int, int | None]] = self._staged[_OUTBOX]
         self._marks: list[int] | None = None  # where the current step's statements start, per table
         self._step_savepoint = False  # the current step's statements reached the database under a savepoint
         # What the staged statements touch, so that a read of the database can tell whether it must apply them
@@ -270,7 +272,7 @@ class WorkspaceState:
     def _stage(self, table: int, sql: str, params: tuple[Any, ...]) -> None:
         self._staged[table].append((sql, params))
 
-    def _run(self, db: sqlite3.Connection, table: int, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+    def _run(self, db: sqlite3.Connection, table: int, statements: list[Any]) -> None:
         """Apply staged statements of one table with a few executemany calls, to the same end as running them in
         order."""
         if not statements:
@@ -299,23 +301,23 @@ class WorkspaceState:
         elif table == _OUTBOX:
             # One entry per table holding all its rows, in order, encoded with one orjson call: a few inserts
             # instead of one per row.
-            packs: dict[str, list[Any]] = {}  # table -> [rows, size, first at, last at]
-            for _, (name, row, size, at) in statements:
-                pack = packs.get(name)
-                if pack is None:
-                    pack = packs[name] = [[], 0, at, at]
-                pack[0].append(row)
-                pack[1] += size
-                if at is not None:
-                    pack[2] = at if pack[2] is None or at < pack[2] else pack[2]
-                    pack[3] = at if pack[3] is None or at > pack[3] else pack[3]
-            db.executemany(_ADD_ROWS, [
-                (name, orjson.dumps(rows), size, first, last, len(rows))
-                for name, (rows, size, first, last) in packs.items()])
-            for name, (rows, _, _, _) in packs.items():
+            by_table: dict[str, list[tuple[str, tuple[Any, ...], int, int | None]]] = {}
+            for entry in statements:
+                entries = by_table.get(entry[0])
+                if entries is None:
+                    by_table[entry[0]] = [entry]
+                else:
+                    entries.append(entry)
+            packs = []
+            for name, entries in by_table.items():
+                rows = [entry[1] for entry in entries]
+                times = [entry[3] for entry in entries if entry[3] is not None]
+                packs.append((name, orjson.dumps(rows), sum([entry[2] for entry in entries]),
+                              min(times, default=None), max(times, default=None), len(rows)))
                 known = self._open_rows.setdefault(name, [])
                 if known is not None:
                     known.extend(rows)
+            db.executemany(_ADD_ROWS, packs)
         else:
             db.executemany(statements[0][0], [params for _, params in statements])
 
@@ -581,9 +583,6 @@ class WorkspaceState:
 
     # -- the outbox (used by SqliteOutbox) -----------------------------------------------------------------------
 
-    def outbox_add(self, table: str, row: tuple[Any, ...], size: int, at: int | None) -> None:
-        self._staged[_OUTBOX].append((_ADD_ROW, (table, row, size, at)))
-
     def outbox_counts(self) -> Iterator[tuple[str, int, int]]:
         self._apply_staged(_OUTBOX)
         yield from self._db.execute(
@@ -639,13 +638,14 @@ class SqliteOutbox:
 
     def __init__(self, state: WorkspaceState) -> None:
         self._state = state
+        self._stage = state.outbox_staged.append
         self._buffered: dict[str, list[Any]] = {}  # table -> [rows, bytes, since]
         for table, rows, size in state.outbox_counts():
             self._buffered[table] = [rows, size, time.monotonic()]
 
     def append(self, table: str, schema: pa.Schema, row: tuple[Any, ...], size: int,
                at: int | None = None) -> Buffered:
-        self._state.outbox_add(table, row, size, at)
+        self._stage((table, row, size, at))
         counts = self._buffered.get(table)
         if counts is None or counts[0] == 0:
             counts = self._buffered[table] = [0, 0, time.monotonic()]

@@ -648,3 +648,11 @@ def test_a_step_failing_after_its_rows_reached_the_state_leaves_no_rows(memory_s
     found = tables(memory_storage, scratch)
     assert all(r["external_customer_id"] == "1" for rows in found.values() for r in rows)
     assert [(r["attribute_name"], r["attribute_value"]) for r in found["attributes"]] == [("a", "1"), ("b", "1")]
+
+
+def test_a_trait_that_cannot_be_json_is_refused_by_name_and_changes_nothing(memory_storage: Storage) -> None:
+    with sink_for(memory_storage) as sink:
+        with pytest.raises(cio_sync.InvalidCall, match="trait 'big'"):
+            sink.write({"type": "identify", "userId": "1", "traits": {"plan": "pro", "big": 2**70}})
+        with pytest.raises(cio_sync.UnknownPerson):
+            sink.person("1")
