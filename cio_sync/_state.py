@@ -20,9 +20,10 @@ traits with a dict and a commit writes one row per changed person, not one per a
 step changed are kept in memory until the commit (so evicting a person from the cache never loses them), and each
 step keeps a copy of a dict before it first changes it, so that a failing step puts it back.
 
-Outbox: rows are staged as Python tuples and packed into one JSON entry per table when the staging is applied. The
-rows written since the table's last cut are also kept in memory, so cutting a batch does not decode them back from
-SQLite (it does when they are not all there: after a restart, or after a transaction was rolled back).
+Outbox: rows are staged as Python tuples and packed into one JSON entry per table (zstd-compressed when large) when
+the staging is applied. The rows written since the table's last cut are also kept in memory, so cutting a batch does
+not decode them back from SQLite (it does when they are not all there: after a restart, or after a transaction was
+rolled back).
 """
 
 from __future__ import annotations
@@ -101,12 +102,34 @@ _ADD_ROWS: Final = "INSERT INTO outbox (tbl, row, size, at, last_at, rows) VALUE
 _BATCH_ENTRIES: Final = "SELECT row, rows FROM outbox WHERE batch = ? ORDER BY seq"
 
 
+#: A packed outbox entry of at least this many bytes of JSON is stored compressed: most of what a commit writes is
+#: outbox rows, and zstd at level 1 shrinks them ~8x for ~2 ms per MB, less than writing the difference to SQLite's
+#: WAL and checkpointing it. Smaller entries (a commit per call) stay plain JSON.
+_COMPRESS_AT: Final = 16 * 1024
+#: A compressed entry: this marker (a JSON array starts with "["), the JSON's length (8 bytes, big-endian), the
+#: zstd frame.
+_COMPRESSED: Final = b"zstd"
+_ZSTD: Final = pa.Codec("zstd", compression_level=1)
+
+
+def _pack(rows: list[Any]) -> bytes:
+    """An outbox entry holding ``rows``: their JSON array, compressed when it is large."""
+    data = orjson.dumps(rows)
+    if len(data) < _COMPRESS_AT:
+        return data
+    compressed: bytes = _ZSTD.compress(data, asbytes=True)
+    return _COMPRESSED + len(data).to_bytes(8, "big") + compressed
+
+
 def _unpack(entries: Iterable[tuple[bytes, int | None]]) -> list[Any]:
-    """The rows of outbox entries, in order: an entry is one row (``rows`` null) or a JSON array of rows."""
+    """The rows of outbox entries, in order: an entry is one row (``rows`` null, format 1) or an array of rows
+    (JSON, or JSON compressed by :func:`_pack`)."""
     found: list[Any] = []
     for data, count in entries:
         if count is None:
             found.append(orjson.loads(data))
+        elif data[:4] == _COMPRESSED:
+            found.extend(orjson.loads(_ZSTD.decompress(data[12:], int.from_bytes(data[4:12], "big"), asbytes=True)))
         else:
             found.extend(orjson.loads(data))
     return found
@@ -312,7 +335,7 @@ class WorkspaceState:
             for name, entries in by_table.items():
                 rows = [entry[1] for entry in entries]
                 times = [entry[3] for entry in entries if entry[3] is not None]
-                packs.append((name, orjson.dumps(rows), sum([entry[2] for entry in entries]),
+                packs.append((name, _pack(rows), sum([entry[2] for entry in entries]),
                               min(times, default=None), max(times, default=None), len(rows)))
                 known = self._open_rows.setdefault(name, [])
                 if known is not None:

@@ -656,3 +656,24 @@ def test_a_trait_that_cannot_be_json_is_refused_by_name_and_changes_nothing(memo
             sink.write({"type": "identify", "userId": "1", "traits": {"plan": "pro", "big": 2**70}})
         with pytest.raises(cio_sync.UnknownPerson):
             sink.person("1")
+
+
+@pytest.mark.parametrize("commit_every", [1, 1000])
+def test_rows_committed_before_a_crash_are_published_after_the_restart(memory_storage: Storage, tmp_path: Path,
+                                                                      scratch: Path, commit_every: int) -> None:
+    # Enough rows that a commit's outbox entry is large (stored compressed) with commit_every=1000.
+    calls = identify_calls(200)
+    state = tmp_path / "ws.sqlite"
+    sink = sink_for(memory_storage, state=state, commit_every=commit_every)
+    for call in calls[:600]:
+        sink.write(call)
+    sink.commit()
+    forget(sink)  # the process dies: the rows are only in the state's outbox
+    with sink_for(memory_storage, state=state, commit_every=commit_every) as again:
+        for call in calls[600:]:
+            again.write(call)
+    found = tables(memory_storage, scratch)
+    want_attributes, want_people = expected_changes(calls)
+    got = [(r["external_customer_id"], r["attribute_name"], r["attribute_value"]) for r in found["attributes"]]
+    assert sorted(got, key=repr) == sorted(want_attributes, key=repr)
+    assert len(found["people"]) == len(want_people)
