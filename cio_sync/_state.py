@@ -184,6 +184,8 @@ class WorkspaceState:
             self.close()
             raise
         self._cache: dict[str, Person] = {}
+        #: The cached people by internal id; an entry counts only while its person is still in ``_cache``.
+        self._by_cio: dict[str, Person] = {}
         self._cache_size = cache_size
         # Write-behind: the statements of the steps since the last commit, per table, in order; applied with
         # executemany before anything reads that table and at commit (see _apply_staged).
@@ -443,6 +445,7 @@ class WorkspaceState:
         self._marks = None
         self._step_savepoint = False
         self._cache.clear()
+        self._by_cio.clear()
         # The indexes of the staged statements may name the step's changes: apply the earlier steps' statements
         # (rare: only when a step fails) so that the database alone is the truth again.
         self._apply_staged()
@@ -463,6 +466,7 @@ class WorkspaceState:
             self._in_tx = False
             self._invalidate_open_rows()
         self._cache.clear()
+        self._by_cio.clear()
         self._seq_num = int(self._meta("seq_num") or 0)
         self._seq_dirty = False
 
@@ -484,9 +488,13 @@ class WorkspaceState:
         if person.id is not None:
             if len(self._cache) >= self._cache_size:
                 evicted = self._cache.pop(next(iter(self._cache)))
+                self._by_cio.pop(evicted.cio_id, None)
                 if evicted.cio_id in self._staged_people:
                     self._people_cached = False
             self._cache[person.id] = person
+            if len(self._by_cio) > 2 * self._cache_size:  # entries of people dropped from the cache otherwise
+                self._by_cio = {p.cio_id: p for p in self._cache.values()}
+            self._by_cio[person.cio_id] = person
         return person
 
     @staticmethod
@@ -513,9 +521,9 @@ class WorkspaceState:
 
     def person_by_cio_id(self, cio_id: str) -> Person | None:
         """The person with this internal id, deleted or not."""
-        for person in self._cache.values():
-            if person.cio_id == cio_id:
-                return person
+        cached = self._by_cio.get(cio_id)
+        if cached is not None and cached.id is not None and self._cache.get(cached.id) is cached:
+            return cached
         if cio_id in self._staged_people:
             self._apply_staged(_PEOPLE)
         row = self._db.execute(
