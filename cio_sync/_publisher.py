@@ -105,11 +105,16 @@ class Buffered(NamedTuple):
     since: float | None
 
 
+#: What a store's ``append`` returns: the table's buffered rows, bytes and since when (a :class:`Buffered` or a
+#: plain tuple, which costs less to make once per row).
+Filled = tuple[int, int, float | None]
+
+
 class RowStore(Protocol):
     """Where a sink's rows wait until they are published. Calls are serialised by the :class:`Publisher`."""
 
     def append(self, table: str, schema: pa.Schema, row: tuple[Any, ...], size: int,
-               at: int | None = None) -> Buffered:
+               at: int | None = None) -> Filled:
         """Keep one row of ``table`` (``at``: its time in µs, for the manifest); return what the table buffers."""
         ...
 
@@ -172,7 +177,7 @@ class TableRows:
         self.first: int | None = None
         self.last: int | None = None
 
-    def add(self, row: tuple[Any, ...], size: int, at: int | None) -> Buffered:
+    def add(self, row: tuple[Any, ...], size: int, at: int | None) -> Filled:
         if not self.count:
             self.since = time.monotonic()
             self.first = self.last = at
@@ -185,7 +190,7 @@ class TableRows:
         self.nbytes += size
         if len(rows) >= CHUNK_ROWS and self.columnar:
             self._convert()
-        return Buffered(self.count, self.nbytes, self.since)
+        return self.count, self.nbytes, self.since
 
     def _convert(self) -> None:
         try:
@@ -245,7 +250,7 @@ class MemoryRowStore:
         self._tables: dict[str, TableRows] = {}
 
     def append(self, table: str, schema: pa.Schema, row: tuple[Any, ...], size: int,
-               at: int | None = None) -> Buffered:
+               at: int | None = None) -> Filled:
         rows = self._tables.get(table)
         if rows is None:
             rows = self._tables[table] = TableRows(schema)
@@ -464,9 +469,9 @@ class Publisher:
             pause = min(pause * 2, 5.0)
             self.publish_ready()
 
-    def _is_full(self, now: Buffered) -> bool:
-        return (self.max_rows is not None and now.rows >= self.max_rows) or (
-            self.max_bytes is not None and now.nbytes >= self.max_bytes
+    def _is_full(self, now: Filled) -> bool:
+        return (self.max_rows is not None and now[0] >= self.max_rows) or (
+            self.max_bytes is not None and now[1] >= self.max_bytes
         )
 
     def append_rows(self, rows: list[tuple[str, pa.Schema, tuple[Any, ...], int, int | None]]) -> set[str]:
@@ -502,8 +507,8 @@ class Publisher:
             now = self.store.append(table, schema, row, size, at)
             self._memory += size
             self._counts.accepted += 1
-            full = (self.max_rows is not None and now.rows >= self.max_rows) or (
-                self.max_bytes is not None and now.nbytes >= self.max_bytes
+            full = (self.max_rows is not None and now[0] >= self.max_rows) or (
+                self.max_bytes is not None and now[1] >= self.max_bytes
             )
             if full:
                 self._cut(table)

@@ -231,3 +231,26 @@ def test_rejected_calls_can_be_kept_as_dead_letters(memory_storage: Storage) -> 
     assert [k["input"] for k in kept] == [{"type": "track", "userId": 5, "event": "E"}, "{broken"]
     assert "userId" in kept[0]["reason"]
     assert len(memory_storage.data_files()) == 1
+
+
+def test_hand_framed_blocks_are_avro_that_fastavro_reads_back(tmp_path: Path) -> None:
+    import os
+
+    import fastavro
+    from fastavro.write import Writer
+
+    from cio_sync._spool import _AVRO_SCHEMA, _block
+
+    records = [(b"[1,2]", 5, 1_796_010_578_123_000), (b"x" * 20_000, 20_000, None), (b"", 0, -5),
+               (b"y", 2**40, 0), (b"z" * 200, 63, 64), (b"q", 8191, 8192), (b"r", 2**63 - 1, -(2**63))]
+    path = tmp_path / "segment.avro"
+    with open(path, "xb") as f:
+        writer = Writer(f, _AVRO_SCHEMA)
+        writer.flush()
+        f.flush()
+        for row, size, at in records:
+            os.write(f.fileno(), _block(row, size, at, writer.sync_marker))  # type: ignore[attr-defined]
+        writer.flush()
+    with open(path, "rb") as f:
+        got = [(r["row"], r["size"], r["time"]) for r in fastavro.reader(f)]  # type: ignore[index,call-overload]
+    assert got == records
