@@ -481,10 +481,14 @@ class Publisher:
         with self.lock:
             self.check_open()
             full: set[str] = set()
+            append, max_rows, max_bytes = self.store.append, self.max_rows, self.max_bytes
+            added = 0
             for table, schema, row, size, at in rows:
-                if self._is_full(self.store.append(table, schema, row, size, at)):
+                count, nbytes, _ = append(table, schema, row, size, at)
+                if (max_rows is not None and count >= max_rows) or (max_bytes is not None and nbytes >= max_bytes):
                     full.add(table)
-                self._memory += size
+                added += size
+            self._memory += added
             return full
 
     def cut_tables(self, tables: set[str]) -> bool:

@@ -42,7 +42,7 @@ import orjson
 import pyarrow as pa
 
 from cio_sync._errors import StateError
-from cio_sync._publisher import Batch, Buffered
+from cio_sync._publisher import Batch, Buffered, Filled
 from cio_sync._schemas import STANDARD_SCHEMAS, STANDARD_VERSION
 
 STATE_FORMAT: Final = 3
@@ -675,14 +675,14 @@ class SqliteOutbox:
             self._buffered[table] = [rows, size, time.monotonic()]
 
     def append(self, table: str, schema: pa.Schema, row: tuple[Any, ...], size: int,
-               at: int | None = None) -> Buffered:
+               at: int | None = None) -> Filled:
         self._stage((table, row, size, at))
         counts = self._buffered.get(table)
         if counts is None or counts[0] == 0:
             counts = self._buffered[table] = [0, 0, time.monotonic()]
         counts[0] += 1
         counts[1] += size
-        return Buffered(counts[0], counts[1], counts[2])
+        return counts[0], counts[1], counts[2]
 
     def tables(self) -> list[str]:
         return [t for t, c in self._buffered.items() if c[0]]
