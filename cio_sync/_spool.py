@@ -61,19 +61,36 @@ _WIDTH: Final = 12
 # fastavro still writes each segment's header and reads segments back.
 
 
-def _long(value: int) -> bytes:
-    """An Avro long: zigzag, then base-128 varint (one- and two-byte values, the common case, without a loop)."""
-    n = (value << 1) ^ (value >> 63)
-    if n < 0x80:
-        return bytes((n,))
-    if n < 0x4000:
-        return bytes(((n & 0x7F) | 0x80, n >> 7))
+def _varint(n: int) -> bytes:
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+#: The varint of the high part (bits 28 and up) of the last large value: consecutive times share it for minutes.
+#: One tuple, swapped whole, so a thread never pairs one value's high bits with another's encoding.
+_HIGH: list[tuple[int, bytes]] = [(0, b"\x00")]
+
+
+def _long(value: int) -> bytes:
+    """An Avro long: zigzag, then base-128 varint. Small values (sizes) take one or two bytes without a loop;
+    large ones (times in microseconds) reuse the encoding of their high bits from the value before."""
+    n = (value << 1) ^ (value >> 63)
+    if n < 0x80:
+        return bytes((n,))
+    if n < 0x4000:
+        return bytes(((n & 0x7F) | 0x80, n >> 7))
+    if n < 0x10000000:
+        return _varint(n)
+    high = _HIGH[0]
+    if high[0] != n >> 28:
+        high = _HIGH[0] = (n >> 28, _varint(n >> 28))
+    low = bytes(((n & 0x7F) | 0x80, ((n >> 7) & 0x7F) | 0x80, ((n >> 14) & 0x7F) | 0x80,
+                 ((n >> 21) & 0x7F) | 0x80))
+    return low + high[1]
 
 
 def _block(row: bytes, size: int, at: int | None, sync: bytes) -> bytes:

@@ -10,6 +10,8 @@ from typing import Any
 import orjson
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import cio_sync
 from cio_sync import FsspecWriter, RetryPolicy
@@ -254,3 +256,20 @@ def test_hand_framed_blocks_are_avro_that_fastavro_reads_back(tmp_path: Path) ->
     with open(path, "rb") as f:
         got = [(r["row"], r["size"], r["time"]) for r in fastavro.reader(f)]  # type: ignore[index,call-overload]
     assert got == records
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.integers(-(2**63), 2**63 - 1) | st.integers(1_700_000_000_000_000, 1_900_000_000_000_000),
+                min_size=1, max_size=20))
+def test_avro_longs_framed_by_hand_match_the_spec_encoding(values: list[int]) -> None:
+    """Zigzag then base-128 varint (Avro spec), checked value by value, also in runs of close times (the cache)."""
+    from cio_sync._spool import _long
+
+    for value in values:
+        n = (value << 1) ^ (value >> 63)
+        expected = bytearray()
+        while n >= 0x80:
+            expected.append((n & 0x7F) | 0x80)
+            n >>= 7
+        expected.append(n)
+        assert _long(value) == bytes(expected)
