@@ -1,7 +1,7 @@
 """The benchmark suite runs end to end on tiny sizes: it prints the table and the targets, saves JSON and a chart.
 
 No timing is checked (the machines are shared and noisy); only that ``nox -s bench`` would produce its output.
-Skipped without matplotlib, which comes with the bench extra, not the test extra.
+matplotlib comes with the test extra for this test (dlt, the other bench-only need, is left out by --no-dlt).
 """
 
 from __future__ import annotations
