@@ -11,6 +11,7 @@ the row of its fixed schema or into its JSON document.
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from collections.abc import Callable, Mapping
@@ -37,8 +38,9 @@ _KNOWN: Final[dict[str, frozenset[str]]] = {
     t: frozenset(name for name, kind in cols if kind is not Kind.EXTRA) for t, cols in CALL_COLUMNS.items()
 }
 _MAX_SHOWN: Final = 80
-_LONG_BYTES: Final = re.compile(rb"[0-9]{20}")
-_LONG_TEXT: Final = re.compile(r"[0-9]{20}")
+#: Integers orjson would not read exactly: 20 digits or more, or a negative one of 19 (below -2**63).
+_LONG_BYTES: Final = re.compile(rb"[0-9]{20}|-[0-9]{19}")
+_LONG_TEXT: Final = re.compile(r"[0-9]{20}|-[0-9]{19}")
 
 
 def _show(value: Any) -> str:
@@ -87,6 +89,13 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is beyond the range of a double")
+    return value
+
+
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -100,14 +109,15 @@ def load_json(payload: str | bytes | bytearray | memoryview, what: str = "call")
     """Parse JSON text with orjson, turning any failure into :class:`InvalidCall`.
 
     orjson reads an integer beyond 64 bits as a float, which would change the number; text with a run of 20 or more
-    digits is read by the standard library instead, which keeps such integers exact (they are then refused when
-    written, as JSON numbers beyond 64 bits are by every format here).
+    digits (19 after a minus) is read by the standard library instead, which keeps such integers exact (they are
+    then refused when written, as JSON numbers beyond 64 bits are by every format here). Either way a number beyond
+    a double's range (``1e999``) is refused, never read as infinity.
     """
     try:
         if (_LONG_BYTES.search(payload) if not isinstance(payload, str) else _LONG_TEXT.search(payload)) is None:
             return orjson.loads(payload)
         text = payload if isinstance(payload, str) else bytes(payload).decode("utf-8")
-        return json.loads(text, parse_constant=_no_constants)
+        return json.loads(text, parse_constant=_no_constants, parse_float=_finite_float)
     except (orjson.JSONDecodeError, ValueError, RecursionError) as exc:
         raise InvalidCall(f"{what} is not valid JSON: {exc}") from None
 

@@ -33,7 +33,7 @@ from typing import Any, Final, NamedTuple, Protocol
 import orjson
 import pyarrow as pa
 
-from cio_sync._calls import time_array
+from cio_sync._calls import parse_time, time_array
 from cio_sync._errors import CioSyncError, ConfigError, PublishConflict, SinkClosed
 from cio_sync._formats import Format
 from cio_sync._schemas import TIMESTAMP
@@ -247,6 +247,24 @@ def rows_to_table(rows: list[tuple[Any, ...]] | list[list[Any]] | pa.Table, sche
     arrays = [time_array(col, f.name) if f.type == TIMESTAMP else pa.array(col, type=f.type)
               for col, f in zip(columns, schema, strict=True)]
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _letter_time(value: Any) -> Any:
+    """A timestamp cell of a dead letter in one form, ISO-8601 UTC (rows hold microseconds, the text as sent, or a
+    datetime once in Arrow); text that does not read as a timestamp is kept as it is."""
+    try:
+        if isinstance(value, int) and not isinstance(value, bool):
+            moment = _EPOCH + timedelta(microseconds=value)
+        elif isinstance(value, str | datetime):
+            moment = parse_time(value, "timestamp")
+        else:
+            return value
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    except (CioSyncError, OverflowError, ValueError):
+        return value
 
 
 class MemoryRowStore:
@@ -675,11 +693,13 @@ class Publisher:
         name = f"{DEAD_LETTERS_FOLDER}/{batch.table}/{stamp}-{uuid.uuid4().hex[:12]}.jsonl"
         lines = [json.dumps({"reason": reason, "table": batch.table, "rows": batch.rows, "format": self.format.name})]
         names = batch.schema.names if batch.schema is not None else None
+        times = {i for i, f in enumerate(batch.schema) if f.type == TIMESTAMP} if batch.schema is not None else set()
         data = batch.data
         if isinstance(data, pa.Table):
             data = list(zip(*(column.to_pylist() for column in data.columns), strict=True))
         for row in data or []:
-            record = dict(zip(names, row, strict=False)) if names else list(row)
+            cells = [_letter_time(v) if i in times else v for i, v in enumerate(row)]
+            record = dict(zip(names, cells, strict=False)) if names else cells
             lines.append(json.dumps(record, default=str, ensure_ascii=True))
         data = ("\n".join(lines) + "\n").encode()
         self.writer.publish(name, data, table=batch.table, rows=batch.rows)

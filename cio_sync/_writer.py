@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import inspect
 import logging
 import os
 import posixpath
@@ -155,10 +156,18 @@ def _upload_options(fs: AbstractFileSystem, concurrency: int, part_size: int) ->
     """What ``pipe_file`` of this filesystem takes to upload a large file in parts, several at once."""
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
     if protocols & {"s3", "s3a"}:
-        return {"max_concurrency": concurrency, "chunksize": part_size}  # s3fs: parts of chunksize, gathered
-    if protocols & {"abfs", "az", "abfss"}:
-        return {"max_concurrency": concurrency}  # adlfs: azure-storage-blob uploads blocks in parallel
-    return {}
+        wanted = {"max_concurrency": concurrency, "chunksize": part_size}  # s3fs: parts of chunksize, gathered
+    elif protocols & {"abfs", "az", "abfss"}:
+        wanted = {"max_concurrency": concurrency}  # adlfs: azure-storage-blob uploads blocks in parallel
+    else:
+        return {}
+    # Only what this version's pipe_file names: an older one would hand an unknown keyword on to the service's
+    # client, and every publish would fail.
+    try:
+        accepted = inspect.signature(getattr(fs, "_pipe_file", fs.pipe_file)).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {name: value for name, value in wanted.items() if name in accepted}
 
 
 @dataclass(eq=False)

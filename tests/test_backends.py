@@ -290,3 +290,29 @@ def test_importing_cio_sync_imports_no_storage_backend() -> None:
     code = "import sys, cio_sync; print([m for m in ('s3fs', 'gcsfs', 'adlfs') if m in sys.modules])"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert done.stdout.strip() == "[]"
+
+
+def test_upload_options_go_only_to_a_pipe_file_that_names_them() -> None:
+    seen: list[dict[str, Any]] = []
+
+    class OlderS3(MemoryFileSystem):
+        """An S3 filesystem whose pipe_file predates max_concurrency and chunksize (it takes **kwargs)."""
+
+        protocol = ("s3", "s3a")
+
+        def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
+            seen.append(kwargs)
+            super().pipe_file(path, value, mode=mode)
+
+    class NewerS3(OlderS3):
+        def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", max_concurrency: int = 1,
+                      chunksize: int = 0, **kwargs: Any) -> None:
+            seen.append({"max_concurrency": max_concurrency, "chunksize": chunksize, **kwargs})
+            MemoryFileSystem.pipe_file(self, path, value, mode=mode)
+
+    for cls, expected in ((OlderS3, {}), (NewerS3, {"max_concurrency": 3, "chunksize": 6 * MiB})):
+        seen.clear()
+        writer = FsspecWriter(f"/{cls.__name__}", filesystem=cls(skip_instance_cache=True), upload_concurrency=3,
+                              part_size=6 * MiB)
+        writer.publish(NAME, b"data", table="track", rows=1)
+        assert seen == [expected]

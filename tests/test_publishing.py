@@ -303,3 +303,22 @@ def test_a_chunk_arrow_cannot_convert_stays_as_rows_and_nothing_is_lost() -> Non
     converted = good.take("t")
     assert isinstance(converted.data, pa.Table)
     assert rows_to_table(converted.data, schema).column("n").to_pylist() == list(range(3 * CHUNK_ROWS + 1))
+
+
+def test_dead_letters_write_timestamps_one_way_whatever_the_batch_held(memory_storage: Storage) -> None:
+    from cio_sync._publisher import CHUNK_ROWS
+
+    call = {"type": "track", "userId": "1", "event": "poison", "timestamp": "2024-01-01T05:00:00+05:00"}
+    with cio_sync.AdvancedSink(memory_storage.url, format=_FailingFormat(), flush_interval=None) as sink:
+        sink.write(call)  # a small batch: rows as tuples
+        assert sink.flush() == []
+        for _ in range(CHUNK_ROWS + 1):  # a large one: Arrow chunks
+            sink.write(call)
+        assert sink.flush() == []
+    fs = memory_storage.fs
+    letters = sorted(fs.find(f"{memory_storage.root}/_cio_sync/dead_letters"))
+    assert len(letters) == 2
+    for letter in letters:
+        first = orjson.loads(fs.cat_file(letter).decode().splitlines()[1])
+        assert first["timestamp"] == "2024-01-01T00:00:00.000000Z"
+        assert first["receivedAt"].endswith("Z")
