@@ -279,3 +279,14 @@ def test_integers_beyond_64_bits_inside_nested_json_are_kept_digit_for_digit() -
     sent = b'{"type":"track","userId":"1","event":"e","properties":{"id":123456789012345678901234567890}}'
     _, row, _ = cio_sync._calls.call_to_row(sent, 7)
     assert '{"id":123456789012345678901234567890}' in row
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"type":"identify","userId":"1","traits":{"n":-9223372036854775809}}',
+    b'{"type":"identify","userId":"1","version":-9223372036854775809}',
+    b'{"type":"identify","userId":"1","anonymousId":"12345678901234567890","traits":{"s":1e999}}',
+    b'{"type":"identify","userId":"1","traits":{"s":-1e400}}',
+])
+def test_numbers_a_dict_cannot_hold_exactly_are_refused_by_the_full_reading_never_altered(payload: bytes) -> None:
+    with pytest.raises(cio_sync.InvalidCall):
+        parse_call(payload, row=True)
