@@ -96,12 +96,13 @@ def _finite_float(text: str) -> float:
     return value
 
 
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+#: The instant timestamp columns count microseconds from.
+EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def to_micros(moment: datetime) -> int:
     """An aware datetime as integer microseconds since the epoch (UTC), as timestamp columns store it."""
-    delta = moment - _EPOCH
+    delta = moment - EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
@@ -491,10 +492,14 @@ def parse_call(obj: Any, *, received_at: datetime | None = None, row: bool = Fal
     received = received_at if received_at is not None else datetime.now(UTC)
     data["receivedAt"] = received
     times = {"receivedAt": received}
-    _scan(data, call_type, times)
     if not row:
+        _scan(data, call_type, times)
         return Call(call_type, data, times)
-    values, size = build_row(data, call_type, to_micros(received))
+    values, size = build_row(data, call_type, to_micros(received))  # checks every column, as _scan would
+    for name in _TIME_FIELDS:
+        value = data.get(name)
+        if value is not None:
+            times[name] = parse_time(value, name)
     return Call(call_type, data, times, values, size)
 
 

@@ -33,7 +33,7 @@ from typing import Any, Final, NamedTuple, Protocol
 import orjson
 import pyarrow as pa
 
-from cio_sync._calls import parse_time, time_array
+from cio_sync._calls import EPOCH, parse_time, time_array
 from cio_sync._errors import CioSyncError, ConfigError, PublishConflict, SinkClosed
 from cio_sync._formats import Format
 from cio_sync._schemas import TIMESTAMP
@@ -249,15 +249,12 @@ def rows_to_table(rows: list[tuple[Any, ...]] | list[list[Any]] | pa.Table, sche
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-
-
 def _letter_time(value: Any) -> Any:
     """A timestamp cell of a dead letter in one form, ISO-8601 UTC (rows hold microseconds, the text as sent, or a
     datetime once in Arrow); text that does not read as a timestamp is kept as it is."""
     try:
         if isinstance(value, int) and not isinstance(value, bool):
-            moment = _EPOCH + timedelta(microseconds=value)
+            moment = EPOCH + timedelta(microseconds=value)
         elif isinstance(value, str | datetime):
             moment = parse_time(value, "timestamp")
         else:

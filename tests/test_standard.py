@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -603,22 +604,29 @@ def test_people_falling_out_of_the_cache_give_the_same_files(memory_storage: Sto
     assert written(1, cache_size) == expected
 
 
+def _identify_2_fails_after(sink: cio_sync.StandardSink, then: Callable[[], object]) -> None:
+    """Person 1 is created; identifying person 2 buffers its rows, runs ``then`` and fails; person 1 changes again."""
+    assert sink.write({"type": "identify", "userId": "1", "traits": {"a": 1}}) == 2
+    publisher = sink._publisher
+    append_rows = publisher.append_rows
+
+    def buffer_then_fail(rows: Any) -> set[str]:
+        append_rows(rows)
+        then()
+        raise RuntimeError("failed after the step's rows were buffered")
+
+    publisher.append_rows = buffer_then_fail  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        sink.write({"type": "identify", "userId": "2", "traits": {"a": 2}})
+    publisher.append_rows = append_rows  # type: ignore[method-assign]
+    assert sink.write({"type": "identify", "userId": "1", "traits": {"b": 1}}) == 1
+
+
 def test_a_step_failing_after_its_rows_filled_a_batch_leaves_neither_state_nor_rows(
         memory_storage: Storage, tmp_path: Path, scratch: Path) -> None:
     with sink_for(memory_storage, state=tmp_path / "ws.sqlite", commit_every=1000, max_rows=2) as sink:
-        assert sink.write({"type": "identify", "userId": "1", "traits": {"a": 1}}) == 2
-        publisher = sink._publisher
-        append_rows = publisher.append_rows
-
-        def fill_then_fail(rows: Any) -> set[str]:
-            append_rows(rows)  # the step's rows fill both tables' batches
-            raise RuntimeError("failed after the rows were buffered")
-
-        publisher.append_rows = fill_then_fail  # type: ignore[method-assign]
-        with pytest.raises(RuntimeError):
-            sink.write({"type": "identify", "userId": "2", "traits": {"a": 2}})
-        publisher.append_rows = append_rows  # type: ignore[method-assign]
-        assert sink.write({"type": "identify", "userId": "1", "traits": {"b": 1}}) == 1
+        # The step's rows fill both tables' batches, then the step fails.
+        _identify_2_fails_after(sink, lambda: None)
         with pytest.raises(cio_sync.UnknownPerson):
             sink.person("2")
     found = tables(memory_storage, scratch)
@@ -631,20 +639,8 @@ def test_a_step_failing_after_its_rows_filled_a_batch_leaves_neither_state_nor_r
 def test_a_step_failing_after_its_rows_reached_the_state_leaves_no_rows(memory_storage: Storage, tmp_path: Path,
                                                                        scratch: Path, commit_every: int) -> None:
     with sink_for(memory_storage, state=tmp_path / "ws.sqlite", commit_every=commit_every) as sink:
-        assert sink.write({"type": "identify", "userId": "1", "traits": {"a": 1}}) == 2
-        publisher = sink._publisher
-        append_rows = publisher.append_rows
-
-        def written_then_fail(rows: Any) -> set[str]:
-            append_rows(rows)
-            sink.state._apply_staged()  # the step's rows reach SQLite (under the step's savepoint), then it fails
-            raise RuntimeError("failed after the rows were written to the state")
-
-        publisher.append_rows = written_then_fail  # type: ignore[method-assign]
-        with pytest.raises(RuntimeError):
-            sink.write({"type": "identify", "userId": "2", "traits": {"a": 2}})
-        publisher.append_rows = append_rows  # type: ignore[method-assign]
-        assert sink.write({"type": "identify", "userId": "1", "traits": {"b": 1}}) == 1
+        # The step's rows reach SQLite (under the step's savepoint), then the step fails.
+        _identify_2_fails_after(sink, sink.state._apply_staged)
     found = tables(memory_storage, scratch)
     assert all(r["external_customer_id"] == "1" for rows in found.values() for r in rows)
     assert [(r["attribute_name"], r["attribute_value"]) for r in found["attributes"]] == [("a", "1"), ("b", "1")]
