@@ -10,6 +10,7 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 import itertools
 import shutil
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ import fsspec
 import pytest
 from fsspec import AbstractFileSystem
 
-from tests import servers
+from tests import faults, servers
 
 _bucket_ids = itertools.count(1)
 T = TypeVar("T")
@@ -189,6 +190,35 @@ def postgres_server() -> Iterator[servers.PostgresServer]:
         if os.environ.get("CI"):
             raise
         pytest.skip(f"PostgreSQL unavailable: {exc}")
+
+
+def _harness(what: str, exc: Exception) -> None:
+    """Skip a fault test that cannot run here, with the reason; in CI (Linux, root, gcc) that is a failure."""
+    if os.environ.get("CI") and sys.platform.startswith("linux"):
+        raise exc
+    pytest.skip(f"{what}: {exc}")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[faults.SmallDisk]:
+    """A 16 MiB tmpfs for this test: a real disk that ``fill()`` makes full and ``free()`` empties again."""
+    try:
+        disk = faults.SmallDisk(tmp_path / "small-disk")
+    except faults.Unavailable as exc:
+        _harness("no small disk", exc)
+        raise
+    yield disk
+    disk.unmount()
+
+
+@pytest.fixture(scope="session")
+def faultfs() -> Path:
+    """The compiled faultfs injector (tests/faults.py), for tests that run children with failing writes."""
+    try:
+        return faults.faultfs_library()
+    except faults.Unavailable as exc:
+        _harness("no fault injector", exc)
+        raise
 
 
 @pytest.fixture
