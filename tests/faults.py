@@ -151,7 +151,8 @@ class ChildResult:
 
 def run_child(function: str, *args: Any, prefix: str | os.PathLike[str], timeout: float = 300,
               env: dict[str, str] | None = None, **arm: Any) -> ChildResult:
-    """Run ``tests.fault_scenarios.<function>(*args)`` in a Python child with faultfs watching ``prefix``.
+    """Run ``function(*args)`` in a Python child with faultfs watching ``prefix``: a function of
+    ``tests.fault_scenarios``, or any importable one as ``"package.module:function"``.
 
     ``arm`` (ops, nth, count, errno, partial, kill) arms the injector from the start, through the environment, so a
     fault can hit the child's first write; the child can also arm it itself with :func:`faults`. The function's
@@ -171,9 +172,10 @@ def run_child(function: str, *args: Any, prefix: str | os.PathLike[str], timeout
         })
         if arm:
             raise TypeError(f"unknown arm options {sorted(arm)}")
-    code = ("import json, sys\n"
-            "from tests import fault_scenarios\n"
-            f"result = getattr(fault_scenarios, {function!r})(*json.loads(sys.argv[1]))\n"
+    module, _, name = function.rpartition(":")
+    code = ("import importlib, json, sys\n"
+            f"module = importlib.import_module({module or 'tests.fault_scenarios'!r})\n"
+            f"result = getattr(module, {name!r})(*json.loads(sys.argv[1]))\n"
             "with open(sys.argv[2], 'w') as f:\n"
             "    json.dump(result, f)\n"
             "if isinstance(result, dict) and result.get('_exit'):\n"
