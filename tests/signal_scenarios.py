@@ -63,10 +63,10 @@ def rounds(root: str, count: str, seed: str) -> None:
 
         sink = cio_sync.AdvancedSink(f"{root}/{n}", flush_interval=None, max_rows=rng.randint(3, 9),
                                      on_publish=published)
-        if not trigger:
-            threading.Timer(rng.uniform(0.0, 0.05), os.kill, (os.getpid(), signal.SIGTERM)).start()
         try:
             with cio_sync.close_on_signals(sink):
+                if not trigger:
+                    threading.Timer(rng.uniform(0.0, 0.05), os.kill, (os.getpid(), signal.SIGTERM)).start()
                 i = 0
                 while True:
                     sink.write(call(f"r{n}-", i))
