@@ -43,6 +43,21 @@ def service(root: str, ack_path: str, guarded: str) -> None:
         loop(guard.hold if guarded == "hold" else contextlib.nullcontext)
 
 
+def pipeline_service(root: str, state: str, ack_path: str) -> None:
+    """Write calls forever through a Pipeline (Advanced + Standard, no spool) under ``close_on_signals()`` given no
+    sink: the stop must publish every open sink."""
+    sink = cio_sync.Pipeline(advanced=cio_sync.AdvancedSink(f"{root}/advanced", flush_interval=None),
+                             standard=cio_sync.StandardSink(f"{root}/standard", workspace_id=1, state=state,
+                                                            flush_interval=None))
+    fd = os.open(ack_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    with cio_sync.close_on_signals():
+        i = 0
+        while True:
+            sink.write(call("m", i))
+            os.write(fd, f"m{i}\n".encode())
+            i += 1
+
+
 def rounds(root: str, count: str, seed: str) -> None:
     """``count`` rounds in one process, each a fresh sink on ``<root>/<round>`` under ``close_on_signals``, stopped by
     a SIGTERM that lands while the main thread is inside ``write()``: sent from inside the sink's own publishing

@@ -60,6 +60,22 @@ def test_sigterm_with_close_on_signals_publishes_every_acknowledged_call_once_an
     assert max(published.values()) == 1
 
 
+def test_sigterm_with_close_on_signals_given_no_sink_publishes_every_open_sink_of_both_modes(tmp_path: Path) -> None:
+    root, acks = tmp_path / "out", tmp_path / "acks"
+    child = _scenario("pipeline_service", str(root), str(tmp_path / "state.sqlite"), str(acks), stderr=subprocess.PIPE)
+    _wait_for_acks(acks, child)
+    child.send_signal(signal.SIGTERM)
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == 128 + signal.SIGTERM, stderr.decode()
+    acked = acks.read_text().split()
+    published = published_ids(root / "advanced")
+    assert all(published[m] == 1 for m in acked)
+    assert max(published.values()) == 1
+    people = {r["external_customer_id"] for r in _rows(root / "standard") if "external_customer_id" in r}
+    # Every acknowledged identify made its person in the Standard files (identify is every third call).
+    assert {f"u{int(m[1:])}" for m in acked if int(m[1:]) % 3 == 1} <= people
+
+
 def test_a_write_and_its_acknowledgement_in_a_hold_block_are_published_together_or_not_at_all(
     tmp_path: Path,
 ) -> None:
