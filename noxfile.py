@@ -59,11 +59,14 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def crash(session: nox.Session) -> None:
-    """The SIGKILL crash trials at length: 200 kills per storage instead of the default run's 20."""
+    """The SIGKILL crash trials at length: 200 kills per storage instead of the default run's 20, and 400 SIGTERMs
+    landing inside write() instead of 40."""
     session.install("-e", ".[test]")
     trials = os.environ.get("CIO_SYNC_CRASH_TRIALS", "200")
-    session.run("pytest", "--timeout=7200", "tests/test_crash.py", "tests/test_faults.py", *session.posargs,
-                env={"CIO_SYNC_CRASH_TRIALS": trials, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"})
+    rounds = os.environ.get("CIO_SYNC_SIGNAL_ROUNDS", "400")
+    session.run("pytest", "--timeout=7200", "tests/test_crash.py", "tests/test_faults.py", "tests/test_signals.py",
+                *session.posargs, env={"CIO_SYNC_CRASH_TRIALS": trials, "CIO_SYNC_SIGNAL_ROUNDS": rounds,
+                                       "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"})
 
 
 @nox.session

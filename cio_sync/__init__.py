@@ -31,6 +31,7 @@ from cio_sync._loader import LoadReport, inspect_prefix, load
 from cio_sync._pipeline import Pipeline
 from cio_sync._publisher import BufferFull, SinkStats
 from cio_sync._registry import open_sink, register_sink, sink_names
+from cio_sync._signals import close_on_signals
 from cio_sync._standard import StandardSink
 from cio_sync._writer import FsspecWriter, RetryPolicy, Writer, WrittenFile
 
@@ -65,6 +66,7 @@ __all__ = [
     "Writer",
     "WrittenFile",
     "__version__",
+    "close_on_signals",
     "get_format",
     "inspect_prefix",
     "load",

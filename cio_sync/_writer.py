@@ -5,6 +5,11 @@ the create-only rule is enforced by the service through a conditional create (fs
 ``If-None-Match: *``, GCS ``ifGenerationMatch=0``, Azure ``If-None-Match: *``); on local disk the bytes go to a
 temporary file that is then hard-linked under the final name, which fails if the name exists, so a reader never
 sees a half-written file and an existing file is never replaced.
+
+Local temporary files live in ``<root>/_cio_sync/tmp/``, never beside the data: a reader of the prefix (a glob, a
+loader) cannot count one as data. A writer holds an ``flock`` on its temporary file from creation to removal, and
+removes it on every failure. What a writer killed mid-publish left there is removed when a writer next opens the
+prefix: a file nobody holds a lock on belongs to a dead writer.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import logging
 import os
 import posixpath
 import random
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -29,7 +35,17 @@ from fsspec.implementations.local import LocalFileSystem
 from cio_sync._errors import ConfigError, PublishConflict, StorageError
 from cio_sync._storage import display_url, redact, resolve, secrets_in
 
+if sys.platform != "win32":
+    import fcntl
+
 log = logging.getLogger("cio_sync.writer")
+
+#: Folder under a local root for the temporary files of publishes in progress (same filesystem as the data, so a
+#: hard link can publish them).
+TEMPORARY_FOLDER: Final = "_cio_sync/tmp"
+#: Errors of ``os.link`` that mean "no hard links here" rather than "this publish failed".
+_NO_HARD_LINKS: Final = frozenset({errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK})
+_BINARY: Final = getattr(os, "O_BINARY", 0)
 
 T = TypeVar("T")
 
@@ -208,6 +224,8 @@ class FsspecWriter:
         self.url = display_url(fs, root)
         # The writer keeps no credentials of its own beyond what the filesystem holds.
         self.storage_options = None
+        if self._local:
+            self._sweep_temporaries()
 
     def __repr__(self) -> str:
         return f"FsspecWriter({self.url!r})"
@@ -281,32 +299,89 @@ class FsspecWriter:
                 f.write(data)
 
     def _create_local(self, path: str, data: bytes) -> None:
+        """Publish ``data`` as ``path`` on local disk: whole or not at all, and nothing left behind when it fails.
+
+        A publish that raises leaves neither its temporary file nor the final name: even a failed fsync of the
+        folder takes the new name back, since it may not survive a power loss (the retry publishes it again).
+        """
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if self.fsync:
-                f.flush()
-                os.fsync(f.fileno())
+        fd, tmp = self._open_temporary(path)
         try:
-            try:
-                os.link(tmp, path)
-            except OSError as exc:
-                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
-                    raise
-                # No hard links here (some network and FUSE filesystems): exclusive create, not atomic.
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                with os.fdopen(fd, "wb") as out:
-                    out.write(data)
+            _write_all(fd, data)
+            if self.fsync:
+                os.fsync(fd)
+            self._link(tmp, path, data)
         finally:
-            os.unlink(tmp)
+            _discard(fd, tmp)
         if self.fsync:
-            dir_fd = os.open(directory, os.O_RDONLY)
             try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+                _fsync_directory(directory)
+            except BaseException:
+                _remove_quietly(path)
+                raise
+
+    def _open_temporary(self, path: str) -> tuple[int, str]:
+        """A new temporary file for ``path`` in the root's temporary folder, open for writing and locked.
+
+        The lock is what tells a live writer's file from a dead one's (:meth:`_sweep_temporaries`). A sweeper
+        may find the file in the moment between its creation and the lock, take the lock itself and delete it;
+        then the file has no name left (or the lock is taken) and a new one is made, so no age threshold is
+        needed.
+        """
+        folder = self.path(TEMPORARY_FOLDER)
+        os.makedirs(folder, exist_ok=True)
+        for _ in range(8):
+            tmp = os.path.join(folder, f"{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _BINARY, 0o666)
+            try:
+                if _try_lock(fd) != "busy" and os.fstat(fd).st_nlink > 0:
+                    return fd, tmp
+            except BaseException:
+                _discard(fd, tmp)
+                raise
+            os.close(fd)  # a sweeper has it and deletes it
+        raise BlockingIOError(errno.EAGAIN, "could not lock a new temporary file", folder)
+
+    def _link(self, tmp: str, path: str, data: bytes) -> None:
+        try:
+            os.link(tmp, path)
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
+            # No hard links here (some network and FUSE filesystems, or a data folder on another filesystem
+            # than _cio_sync/): an exclusive create, not atomic. What it created is removed if it fails.
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | _BINARY, 0o666)
+            try:
+                _write_all(fd, data)
+                if self.fsync:
+                    os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                _remove_quietly(path)
+                raise
+            os.close(fd)
+
+    def _sweep_temporaries(self) -> None:
+        """Remove the temporary files that writers killed mid-publish left under this root.
+
+        Only files whose lock can be taken are removed: a live writer holds the lock on its own until it is done.
+        Cheap when there is nothing to clean: one listing of an empty (or missing) folder. Best effort: a file
+        that cannot be removed now is tried again by the next writer.
+        """
+        folder = self.path(TEMPORARY_FOLDER)
+        try:
+            with os.scandir(folder) as entries:
+                names = [e.path for e in entries if e.name.endswith(".tmp")]
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as exc:
+            log.debug("could not list %s: %s", folder, exc)
+            return
+        removed = sum(_remove_if_dead(name) for name in names)
+        if removed:
+            log.info("removed %d temporary file(s) left in %s by writers that died mid-publish", removed,
+                     self._where(folder))
 
     def _read_existing(self, path: str) -> bytes | None:
         """The bytes stored at ``path``, or ``None`` when nothing is there."""
@@ -362,3 +437,85 @@ class FsspecWriter:
                     raise StorageError(self._message(action, path, exc), path=path) from exc
                 self.sleep(delay)
 
+
+
+# -- local temporary files -----------------------------------------------------------------------------------------
+
+
+def _try_lock(fd: int) -> Literal["locked", "busy", "unsupported"]:
+    """Take the exclusive ``flock`` of ``fd`` without waiting. "busy": another open file holds it;
+    "unsupported": this platform or filesystem has no such locks, so writers cannot be told apart."""
+    if sys.platform == "win32":
+        return "unsupported"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return "busy"
+    except OSError:
+        return "unsupported"
+    return "locked"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _discard(fd: int, tmp: str) -> None:
+    """Remove a temporary file and close it (in that order, so that no sweeper takes it for a dead writer's
+    while it still has a name; Windows cannot remove an open file, so there it is closed first)."""
+    if sys.platform == "win32":
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("could not remove the temporary file %s (%s); the next writer on this prefix removes it",
+                    tmp, exc)
+    finally:
+        if sys.platform != "win32":
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("could not take back %s after a failed publish: %s", path, exc)
+
+
+def _fsync_directory(directory: str) -> None:
+    if sys.platform == "win32":
+        return  # directories cannot be opened, nor need to be synced, there
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _remove_if_dead(path: str) -> bool:
+    """Delete the temporary file ``path`` if no live writer holds its lock; whether it was deleted."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _BINARY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return False
+    try:
+        if _try_lock(fd) != "locked":
+            return False
+        mine = os.fstat(fd)
+        named = os.stat(path, follow_symlinks=False)
+        if (named.st_dev, named.st_ino) != (mine.st_dev, mine.st_ino):
+            return False
+        os.unlink(path)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True

@@ -1,12 +1,15 @@
 """The ``cio-sync`` command line (also ``python -m cio_sync``).
 
-Exit codes: 0 success, 1 the work failed (storage, data), 2 the command line was wrong.
+Exit codes: 0 success, 1 the work failed (storage, data), 2 the command line was wrong, 128 + the signal's number
+when ``replay`` or ``load`` was stopped by SIGTERM, SIGINT or SIGHUP (143, 130, 129) after finishing what it had
+accepted: ``replay`` publishes every call it accepted, ``load`` stops between two files.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,10 +20,13 @@ from cio_sync._errors import CioSyncError, InvalidCall, InvalidCalls
 from cio_sync._loader import inspect_prefix, load
 from cio_sync._pipeline import Pipeline
 from cio_sync._sample import sample_calls, sample_records
+from cio_sync._signals import close_on_signals
 from cio_sync._standard import StandardSink
 from cio_sync._writer import WrittenFile
 
 FORMATS = ("parquet", "csv", "json")
+#: The signals that stop the long-running commands cleanly (SIGHUP: the terminal went away).
+STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)) if s is not None)
 
 
 def _print_files(files: list[WrittenFile], out: Any) -> None:
@@ -112,16 +118,33 @@ def _options(pairs: list[str]) -> dict[str, Any]:
 
 
 def load_command(args: argparse.Namespace) -> int:
-    """Load a prefix into a warehouse."""
-    progress = None
-    if sys.stderr.isatty() and not args.quiet:
-        def progress(file: Any, rows: int) -> None:
+    """Load a prefix into a warehouse; on SIGTERM, SIGINT or SIGHUP, stop between two files."""
+    show = sys.stderr.isatty() and not args.quiet
+    done = {"files": 0, "rows": 0}
+    guard = close_on_signals(signals=STOP_SIGNALS)
+
+    def progress(file: Any, rows: int) -> None:
+        done["files"] += 1
+        done["rows"] += rows
+        if show:
             print(f"\r  loaded {file.name} ({rows:,} rows)\033[K", end="", file=sys.stderr, flush=True)
-    report = load(args.source, args.into, storage_options=_options(args.storage_option),
-                  delete_after_load=args.delete_after_load, progress=progress)
-    if progress is not None:
-        print("\r\033[K", end="", file=sys.stderr)
-    print(report)
+        guard.checkpoint()  # the file is committed: a signal that came meanwhile stops the load here
+
+    try:
+        with guard:
+            report = load(args.source, args.into, storage_options=_options(args.storage_option),
+                          delete_after_load=args.delete_after_load, progress=progress)
+            if show:
+                print("\r\033[K", end="", file=sys.stderr)
+            print(report)
+    except SystemExit as exc:
+        if guard.received is None:
+            raise
+        if show:
+            print("\r\033[K", end="", file=sys.stderr)
+        print(f"cio-sync: stopped by {signal.Signals(guard.received).name} after loading {done['files']:,} files "
+              f"({done['rows']:,} rows); the next load goes on from there", file=sys.stderr)
+        return int(exc.code or 0)
     return 0
 
 
@@ -156,9 +179,11 @@ def replay_command(args: argparse.Namespace) -> int:
     sink: Any = sinks[0] if len(sinks) == 1 else Pipeline(advanced=sinks[0], standard=sinks[1])
     accepted = rejected = 0
     shown = 0
+    # SIGTERM, SIGINT or SIGHUP: publish every call accepted so far and stop (see close_on_signals).
+    guard = close_on_signals(sink, signals=STOP_SIGNALS)
     source = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115 - closed below
     try:
-        with sink:
+        with guard, sink:
             for number, line in enumerate(source, 1):
                 if not line.strip():
                     continue
@@ -173,6 +198,19 @@ def replay_command(args: argparse.Namespace) -> int:
                             print(f"line {number}: {str(error).replace('invalid call #0: ', '')}", file=sys.stderr)
                             shown += 1
             files = sink.flush()
+    except SystemExit as exc:
+        if guard.received is None:
+            raise
+        name = signal.Signals(guard.received).name
+        taken = max(s.stats.calls_accepted for s in sinks)
+        published = sum(s.stats.files_published for s in sinks)
+        if sink.closed:
+            print(f"cio-sync: stopped by {name} after {taken:,} calls ({rejected:,} rejected); every call accepted "
+                  f"is published ({published} files)", file=sys.stderr)
+        else:
+            print(f"cio-sync: stopped by {name} after {taken:,} calls, but publishing failed (see above); what "
+                  "the state or spool holds is published by the next run", file=sys.stderr)
+        return int(exc.code or 0)
     finally:
         if source is not sys.stdin.buffer:
             source.close()

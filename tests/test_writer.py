@@ -14,6 +14,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 import cio_sync
 from cio_sync import FsspecWriter, RetryPolicy
 from tests.conftest import Storage
+from tests.faults import leftovers
 
 NO_WAIT = RetryPolicy(attempts=4, initial_delay=0, max_delay=0)
 
@@ -58,7 +59,8 @@ def test_nothing_half_written_is_left_on_local_disk_when_a_publish_is_refused(lo
     writer.publish("f.csv", b"1", table="t", rows=1)
     with pytest.raises(cio_sync.PublishConflict):
         writer.publish("f.csv", b"2", table="t", rows=1)
-    assert sorted(os.listdir(local_storage.root)) == ["f.csv"]
+    assert sorted(os.listdir(local_storage.root)) == ["_cio_sync", "f.csv"]
+    assert leftovers(Path(local_storage.root)) == []
 
 
 def test_folders_are_listed_and_files_removed(storage: Storage) -> None:
