@@ -18,7 +18,7 @@ import orjson
 import pyarrow as pa
 from fsspec import AbstractFileSystem
 
-from cio_sync._calls import JSON_OPTIONS, Call, parse_call
+from cio_sync._calls import JSON_OPTIONS, Call, call_document, parse_call
 from cio_sync._counters import Counters
 from cio_sync._errors import InvalidCall, InvalidRecord, InvalidRecords, UnknownPerson
 from cio_sync._formats import ParquetFormat
@@ -206,7 +206,14 @@ class StandardSink(BaseSink):
         return self._apply(lambda: self._rules(parsed, traits))
 
     def write_call(self, parsed: Call) -> int:
-        """Apply a call already validated by :func:`parse_call` (used by :class:`~cio_sync.Pipeline`)."""
+        """Apply a call already validated by :func:`parse_call` (used by :class:`~cio_sync.Pipeline`). A ``Call``
+        made some other way has its values checked first: :class:`~cio_sync.InvalidCall` if one cannot be held."""
+        if parsed.row is None and parsed.document is None:  # not from parse_call, which leaves one of them
+            try:
+                call_document(parsed)
+            except InvalidCall as exc:
+                self._publisher.reject(parsed.data, exc)
+                raise
         return self._apply(lambda: self._rules(parsed, self._trait_texts(parsed)))
 
     @staticmethod

@@ -16,6 +16,7 @@ import sys
 import tempfile
 from collections import Counter
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -304,6 +305,16 @@ def test_a_refused_call_kept_as_a_dead_letter_never_stops_a_flush(tmp_path: Path
                for line in f.read_text().splitlines()]
     assert len(letters) == 3
     assert all("reason" in letter and "input" in letter for letter in letters)
+
+
+def test_a_call_made_without_parse_call_is_checked_before_the_standard_sink_applies_it(tmp_path: Path) -> None:
+    with _standard(tmp_path) as sink:
+        sink.write(good("g0"))
+        data = {**IDENTIFY, "traits": {"pl\ud800an": "pro"}, "receivedAt": datetime.now(UTC)}
+        with pytest.raises(cio_sync.InvalidCall, match="trait 'pl\\\\ud800an'"):
+            sink.write_call(cio_sync.Call("identify", data, {"receivedAt": data["receivedAt"]}))
+        sink.write(good("g1"))
+    assert published_ids(tmp_path / "standard", "attribute_value") == Counter({"g0": 1, "g1": 1})
 
 
 def test_naming_a_person_by_an_id_no_person_can_have_is_an_unknown_person(tmp_path: Path) -> None:
