@@ -384,11 +384,15 @@ hostile_leaves = st.one_of(
 )
 names = st.one_of(st.text(st.characters(codec=None, categories=None), max_size=5), st.integers(0, 3),
                   st.sampled_from(["\ud800", "a\udc00", "null"]))
-hostile_values = st.recursive(
-    hostile_leaves | st.integers(LIMIT - 4, LIMIT + 2).map(nested),  # at the edge of the limit, and past it
-    lambda inner: st.lists(inner, max_size=3) | st.tuples(inner) | st.dictionaries(names, inner, max_size=3),
-    max_leaves=10,
-)
+
+
+def containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(inner, max_size=3) | st.tuples(inner) | st.dictionaries(names, inner, max_size=3)
+
+
+# Leaves, and arrays nested at the edge of the limit and past it.
+hostile_values = st.recursive(hostile_leaves | st.integers(LIMIT - 4, LIMIT + 2).map(nested), containers,
+                              max_leaves=10)
 
 
 def holdable(value: Any, level: int) -> bool:
