@@ -6,6 +6,9 @@ identify, track, page, screen, group, alias; a call names ``userId`` or ``anonym
 ``context`` and ``integrations`` are objects; timestamps are ISO-8601 with any offset (a timestamp without an offset
 is taken as UTC). This module knows no sink: it turns one call into a validated :class:`Call`, and a ``Call`` into
 the row of its fixed schema or into its JSON document.
+
+Every value of a call, at any depth, must be one JSON text can hold (see :mod:`cio_sync._values`): a value that
+is not is refused with :class:`InvalidCall` naming the field and the key.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from operator import countOf
 from typing import Any, Final
 
 import msgspec
@@ -24,7 +28,16 @@ import orjson
 import pyarrow as pa
 
 from cio_sync._errors import InvalidCall
-from cio_sync._schemas import CALL_COLUMNS, CALL_TYPES, EXTRA_COLUMN, TIMESTAMP, Kind
+from cio_sync._schemas import CALL_COLUMNS, CALL_TYPES, TIMESTAMP, Kind
+from cio_sync._values import (
+    MAX_DEPTH,
+    ORJSON_STOPS_AT_MAX_DEPTH,
+    call_error,
+    faulty,
+    json_text_refused,
+    too_deep,
+    value_error,
+)
 
 #: orjson options for everything we serialise: naive datetimes are UTC, UTC is written "Z", and non-string keys
 #: become strings (as the standard library's json module does).
@@ -106,29 +119,67 @@ def to_micros(moment: datetime) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
-def load_json(payload: str | bytes | bytearray | memoryview, what: str = "call") -> Any:
+def load_json(payload: str | bytes | bytearray | memoryview, what: str = "call", levels: int | None = MAX_DEPTH,
+              *, batch: bool = False) -> Any:
     """Parse JSON text with orjson, turning any failure into :class:`InvalidCall`.
 
     orjson reads an integer beyond 64 bits as a float, which would change the number; text with a run of 20 or more
     digits (19 after a minus) is read by the standard library instead, which keeps such integers exact (they are
     then refused when written, as JSON numbers beyond 64 bits are by every format here). Either way a number beyond
-    a double's range (``1e999``) is refused, never read as infinity.
+    a double's range (``1e999``) is refused, never read as infinity, and so is a lone surrogate escape
+    (``"\\ud800"``, which no UTF-8 text can hold), and text nested deeper than ``levels``. A ``batch`` payload is
+    refused for neither of the last two: its calls are checked one by one, each refused with its index.
     """
+    long = (_LONG_BYTES.search(payload) if not isinstance(payload, str) else _LONG_TEXT.search(payload)) is not None
     try:
-        if (_LONG_BYTES.search(payload) if not isinstance(payload, str) else _LONG_TEXT.search(payload)) is None:
-            return orjson.loads(payload)
-        text = payload if isinstance(payload, str) else bytes(payload).decode("utf-8")
-        return json.loads(text, parse_constant=_no_constants, parse_float=_finite_float)
-    except (orjson.JSONDecodeError, ValueError, RecursionError) as exc:
+        value = _UNREAD
+        if not long:
+            try:
+                value = orjson.loads(payload)
+            except orjson.JSONDecodeError as exc:
+                if not (batch and "surrogate" in str(exc)):
+                    raise
+        if value is _UNREAD:
+            text = payload if isinstance(payload, str) else bytes(payload).decode("utf-8")
+            value = json.loads(text, parse_constant=_no_constants, parse_float=_finite_float)
+            if not batch:
+                # orjson refuses lone surrogates; so does this reading (their JSON text cannot be UTF-8).
+                json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        raise InvalidCall(f"{what} is nested {_too_deep_to_read(levels, batch)}") from None
+    except (orjson.JSONDecodeError, ValueError) as exc:
+        if isinstance(exc, UnicodeEncodeError):
+            raise InvalidCall(f"{what} is not valid JSON: a string holds a lone surrogate") from None
+        if "depth limit exceeded" in str(exc):  # orjson's own limit, 1,024 levels
+            raise InvalidCall(f"{what} is nested {_too_deep_to_read(levels, batch)}") from None
         raise InvalidCall(f"{what} is not valid JSON: {exc}") from None
+    return _checked(value, payload, what, None if batch else levels)
 
 
-def dump_json(value: Any, field: str | None) -> bytes:
-    """``value`` as compact JSON bytes; a value JSON cannot hold raises :class:`InvalidCall` naming ``field``."""
+_UNREAD: Final = object()
+
+
+def _too_deep_to_read(levels: int | None, batch: bool) -> str:
+    return f"deeper than {levels} levels" if levels is not None and not batch else "too deeply to be read"
+
+
+def _checked(value: Any, payload: str | bytes | bytearray | memoryview, what: str, levels: int | None) -> Any:
+    """``value``, read from ``payload``, unless the text nests deeper than ``levels``."""
+    if levels is not None and too_deep(payload.tobytes() if isinstance(payload, memoryview) else payload, levels):
+        raise InvalidCall(f"{what} is nested deeper than {levels} levels")
+    return value
+
+
+def dump_json(value: Any, field: str | None, level: int = 2) -> bytes:
+    """``value`` (nested at ``level``, the call or record row being level 1) as compact JSON bytes; a value JSON
+    cannot hold (see :mod:`cio_sync._values`) raises :class:`InvalidCall` naming ``field`` and the key."""
     try:
-        return orjson.dumps(value, option=JSON_OPTIONS)
+        text = orjson.dumps(value, option=JSON_OPTIONS)
     except (orjson.JSONEncodeError, TypeError) as exc:
-        raise InvalidCall(f"cannot be written as JSON: {exc}", field=field) from None
+        raise value_error(value, field, level, exc) from None
+    if json_text_refused(text, value, level):
+        raise value_error(value, field, level)
+    return text
 
 
 @dataclass(slots=True)
@@ -138,7 +189,8 @@ class Call:
     ``data`` is the call as sent (a shallow copy; the caller's object is never modified) with ``messageId`` set when
     the caller left it out and ``receivedAt`` set to the time the sink accepted it. ``times`` holds the call's
     timestamps parsed to UTC. ``row`` is the call as a row of its type's fixed schema, with ``size`` its approximate
-    size in bytes, when it was asked for (``parse_call(..., row=True)``), else ``None``.
+    size in bytes, when it was asked for (``parse_call(..., row=True)``), else ``None``. ``document`` is the call as
+    one line of JSON (see :func:`call_document`) when validation already wrote it, else ``None``.
     """
 
     type: str
@@ -146,6 +198,7 @@ class Call:
     times: dict[str, datetime]
     row: tuple[Any, ...] | None = None
     size: int = 0
+    document: bytes | None = None
 
     @property
     def message_id(self) -> str:
@@ -211,10 +264,6 @@ def _not_object(value: Any, field: str) -> None:
         raise InvalidCall(f"must be an object, got {_type_name(value)}", field=field)
 
 
-def _unencodable(exc: Exception, field: str) -> InvalidCall:
-    return InvalidCall(f"cannot be written as JSON: {exc}", field=field)
-
-
 def _bad_time(value: Any, field: str) -> InvalidCall:
     return InvalidCall(f"not an ISO-8601 timestamp: {_show(value)}", field=field)
 
@@ -226,7 +275,14 @@ def _text_cell(value: Any, field: str) -> str:
 
 
 def _extra_text(data: Mapping[str, Any], known: frozenset[str]) -> str:
-    return dump_json({k: v for k, v in data.items() if k not in known}, EXTRA_COLUMN).decode()
+    extra = {k: v for k, v in data.items() if k not in known}
+    try:
+        text = orjson.dumps(extra, option=JSON_OPTIONS)
+    except (orjson.JSONEncodeError, TypeError) as exc:
+        raise call_error(extra, exc) from None
+    if json_text_refused(text, extra, 1):  # the keys are the call's own: their values are at level 2
+        raise call_error(extra)
+    return text.decode()
 
 
 def _head_condition(call_type: str, local: dict[str, str]) -> str:
@@ -294,13 +350,24 @@ def _compile_builder(call_type: str, raw: bool = False) -> Callable[..., tuple[t
                       f"        if {v}[0] != '{{':",
                       f"            if {v} != 'null':", "                raise NotFast",
                       f"            {v} = None", "        else:",
+                      f"            if len({v}) > {2 * (MAX_DEPTH - 1)} and too_deep({v}, {MAX_DEPTH - 1}):",
+                      "                raise NotFast  # the full reading refuses it, saying why",
                       f"            size += len({v})"]
         elif code == _OBJECT:
+            # orjson refuses what JSON cannot hold but NaN and infinities (it writes them as null) and one level
+            # beyond MAX_DEPTH (it writes 254 levels below the call): the values are walked only when the text has
+            # more nulls than None values at its top, the brackets counted only in text long enough to nest so.
             lines += [f"    if {v} is not None:",
                       f"        if type({v}) is not dict:", f"            _not_object({v}, {name!r})",
-                      "        try:", f"            {v} = dumps({v}, option=JSON_OPTIONS).decode()",
+                      "        try:", f"            text = dumps({v}, option=JSON_OPTIONS).decode()",
                       "        except (JSONEncodeError, TypeError) as exc:",
-                      f"            raise _unencodable(exc, {name!r}) from None",
+                      f"            raise value_error({v}, {name!r}, 2, exc) from None",
+                      f"        if 'null' in text and text.count('null') != countOf({v}.values(), None) "
+                      f"and faulty({v}, 2):",
+                      f"            raise value_error({v}, {name!r})",
+                      f"        if len(text) > {2 * (MAX_DEPTH - 1)} and too_deep(text, {MAX_DEPTH - 1}):",
+                      f"            raise value_error({v}, {name!r})",
+                      f"        {v} = text",
                       f"        size += len({v})"]
         elif code == _TIME:
             lines += [f"    if {v} is not None:",
@@ -319,7 +386,9 @@ def _compile_builder(call_type: str, raw: bool = False) -> Callable[..., tuple[t
         elif code == _RECEIVED:
             lines += [f"    {v} = received", "    size += 8"]
         elif code == _EXTRA and raw:
-            lines += [f"    {v} = extra", "    if extra is not None:", "        size += len(extra)"]
+            lines += [f"    {v} = extra", "    if extra is not None:",
+                      f"        if len(extra) > {2 * MAX_DEPTH} and too_deep(extra, {MAX_DEPTH}):",
+                      "            raise NotFast", "        size += len(extra)"]
         elif code == _EXTRA:
             lines += ["    if data.keys() <= KNOWN:", f"        {v} = None", "    else:",
                       f"        {v} = _extra_text(data, KNOWN)", f"        size += len({v})"]
@@ -331,7 +400,8 @@ def _compile_builder(call_type: str, raw: bool = False) -> Callable[..., tuple[t
     namespace: dict[str, Any] = {
         "check_head": check_head, "_not_string": _not_string, "_check_utf8": _check_utf8, "uuid4": uuid.uuid4,
         "_not_object": _not_object, "dumps": orjson.dumps, "JSON_OPTIONS": JSON_OPTIONS,
-        "JSONEncodeError": orjson.JSONEncodeError, "_unencodable": _unencodable,
+        "JSONEncodeError": orjson.JSONEncodeError, "value_error": value_error, "json_text_refused": json_text_refused,
+        "too_deep": too_deep, "countOf": countOf, "faulty": faulty,
         "fromisoformat": datetime.fromisoformat, "_bad_time": _bad_time, "parse_time": parse_time,
         "to_micros": to_micros, "_text_cell": _text_cell, "_extra_text": _extra_text, "KNOWN": _KNOWN[call_type],
         "astuple": msgspec.structs.astuple, "NotFast": _NotFast,
@@ -444,8 +514,8 @@ def _call_to_row_fast(payload: Any, received: int) -> tuple[str, tuple[Any, ...]
             extra = _raw_extra(payload, type(struct).__struct_config__.tag)
         call_type = type(struct).__struct_config__.tag
         row, size = _RAW_BUILDERS[call_type](struct, received, extra)
-    except (msgspec.MsgspecError, _NotFast, UnicodeDecodeError):
-        return None
+    except (msgspec.MsgspecError, _NotFast, UnicodeError, RecursionError):
+        return None  # e.g. a str holding a lone surrogate (msgspec cannot encode it), or text that is not UTF-8
     return call_type, row, size
 
 
@@ -478,7 +548,8 @@ def call_to_row(obj: Any, received: int) -> tuple[str, tuple[Any, ...], int]:
 
 
 def parse_call(obj: Any, *, received_at: datetime | None = None, row: bool = False) -> Call:
-    """Validate one call given as a dict, JSON ``str`` or JSON ``bytes``; raise :class:`InvalidCall` if it is bad.
+    """Validate one call given as a dict, JSON ``str`` or JSON ``bytes``; raise :class:`InvalidCall` if it is bad,
+    including when any value in it, at any depth, is one JSON text cannot hold (see :mod:`cio_sync._values`).
 
     ``received_at`` is the acceptance time to record (default: now, UTC). A ``receivedAt`` sent by the caller is
     replaced, as a collecting server does. With ``row=True`` the call's row (see :func:`call_row`) is built in the
@@ -494,7 +565,7 @@ def parse_call(obj: Any, *, received_at: datetime | None = None, row: bool = Fal
     times = {"receivedAt": received}
     if not row:
         _scan(data, call_type, times)
-        return Call(call_type, data, times)
+        return Call(call_type, data, times, document=_document(data))
     values, size = build_row(data, call_type, to_micros(received))  # checks every column, as _scan would
     for name in _TIME_FIELDS:
         value = data.get(name)
@@ -519,7 +590,7 @@ def _text(value: str | float, field: str) -> str:
         if not value.isascii():
             _check_utf8(value, field)
         return value
-    return dump_json(value, field).decode()
+    return dump_json(value, field, 1).decode()  # a number: one beyond 64 bits, NaN or an infinity is refused
 
 
 def call_row(call: Call) -> tuple[tuple[Any, ...], int]:
@@ -529,15 +600,34 @@ def call_row(call: Call) -> tuple[tuple[Any, ...], int]:
     return build_row(call.data, call.type, to_micros(call.received_at))
 
 
+def _document(data: dict[str, Any]) -> bytes:
+    """The call as one line of JSON, every value checked (see :mod:`cio_sync._values`); :class:`InvalidCall`
+    names the field and key of a value JSON cannot hold. orjson itself refuses a call nested deeper than
+    MAX_DEPTH."""
+    try:
+        document = orjson.dumps(data, option=JSON_OPTIONS)
+    except (orjson.JSONEncodeError, TypeError) as exc:
+        raise call_error(data, exc) from None
+    if b"null" in document:
+        # NaN and infinities are written as null: look closer only if there are more nulls than None values in the
+        # call and at the top of its objects (a trait set to null, to remove it, is common).
+        nulls = countOf(data.values(), None)
+        for name in _OBJECT_FIELDS:
+            value = data.get(name)
+            if type(value) is dict:
+                nulls += countOf(value.values(), None)
+        if document.count(b"null") != nulls and faulty(data, 1):
+            raise call_error(data)
+    if not ORJSON_STOPS_AT_MAX_DEPTH and too_deep(document, MAX_DEPTH):
+        raise call_error(data)
+    return document
+
+
 def call_document(call: Call) -> bytes:
     """The call as one line of JSON: as sent, with ``messageId`` and ``receivedAt`` added."""
-    try:
-        return orjson.dumps(call.data, option=JSON_OPTIONS)
-    except (orjson.JSONEncodeError, TypeError) as exc:
-        # Name the field that cannot be encoded.
-        for key, value in call.data.items():
-            dump_json(value, str(key))
-        raise InvalidCall(f"cannot be written as JSON: {exc}") from None
+    if call.document is not None:
+        return call.document
+    return _document(call.data)
 
 
 _BUILDERS: Final = {t: _compile_builder(t) for t in CALL_TYPES}

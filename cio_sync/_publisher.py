@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import math
+import reprlib
 import threading
 import time
 import uuid
@@ -305,6 +306,16 @@ class MemoryRowStore:
         pass
 
 
+def _rejected_line(entry: dict[str, Any]) -> str:
+    """One dead letter as a line of ASCII JSON. A rejected input JSON cannot hold (keys of other types, nesting
+    deeper than the encoder goes, NaN) is kept as its (shortened) repr instead, so that one bad call never stops a
+    flush."""
+    try:
+        return json.dumps(entry, default=repr, ensure_ascii=True, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return json.dumps({**entry, "input": reprlib.repr(entry.get("input"))}, ensure_ascii=True)
+
+
 @dataclass(eq=False)
 class _Counts:
     accepted: int = 0
@@ -443,7 +454,7 @@ class Publisher:
             return
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         name = f"{DEAD_LETTERS_FOLDER}/rejected/{stamp}-{uuid.uuid4().hex[:12]}.jsonl"
-        lines = [json.dumps(r, default=repr, ensure_ascii=True) for r in rejected]
+        lines = [_rejected_line(r) for r in rejected]
         try:
             self.writer.publish(name, ("\n".join(lines) + "\n").encode(), table="_rejected", rows=len(lines))
         except CioSyncError:

@@ -14,6 +14,7 @@ import pyarrow as pa
 from cio_sync._calls import dump_json, load_json, parse_time, to_micros
 from cio_sync._errors import InvalidCall, InvalidRecord
 from cio_sync._schemas import STANDARD_SCHEMAS, is_json_text
+from cio_sync._values import MAX_DEPTH, printable, shown
 
 #: Tables a caller may record rows into (people and attributes come from calls and the person API).
 RECORD_TABLES: Final = (
@@ -60,13 +61,14 @@ def _convert(table: str, field: pa.Field, value: Any) -> Any:
         return None
     if pa.types.is_int64(kind):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise InvalidRecord(f"must be an integer, got {_type_of(value)} {value!r}", table=table, column=name)
+            raise InvalidRecord(f"must be an integer, got {_type_of(value)} {shown(value)}", table=table, column=name)
         if not _INT64_MIN <= value <= _INT64_MAX:
             raise InvalidRecord("is out of the 64-bit integer range", table=table, column=name)
         return value
     if pa.types.is_boolean(kind):
         if not isinstance(value, bool):
-            raise InvalidRecord(f"must be true or false, got {_type_of(value)} {value!r}", table=table, column=name)
+            raise InvalidRecord(f"must be true or false, got {_type_of(value)} {shown(value)}", table=table,
+                                column=name)
         return value
     if pa.types.is_timestamp(kind):
         try:
@@ -76,16 +78,17 @@ def _convert(table: str, field: pa.Field, value: Any) -> Any:
     if is_json_text(field):
         if isinstance(value, str):
             try:
-                load_json(value, name)
-            except InvalidCall:
-                raise InvalidRecord("must be a JSON object or JSON text", table=table, column=name) from None
+                load_json(value, name, levels=MAX_DEPTH - 1)  # the row is the first level, as a call is
+            except InvalidCall as exc:
+                raise InvalidRecord(f"must be a JSON object or JSON text ({exc.reason})", table=table,
+                                    column=name) from None
             return value
         try:
             return dump_json(value, name).decode()
         except InvalidCall as exc:
             raise InvalidRecord(exc.reason, table=table, column=name) from None
     if not isinstance(value, str):
-        raise InvalidRecord(f"must be a string, got {_type_of(value)} {value!r}", table=table, column=name)
+        raise InvalidRecord(f"must be a string, got {_type_of(value)} {shown(value)}", table=table, column=name)
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -100,7 +103,7 @@ def check_record(table: Any, row: Any) -> dict[str, Any]:
     sink owns (``workspace_id``, ``version``), a missing required column or a value of the wrong type.
     """
     if not isinstance(table, str) or table not in RECORD_TABLES:
-        raise InvalidRecord(f"unknown table {table!r}; records go to {', '.join(RECORD_TABLES)}", table=None)
+        raise InvalidRecord(f"unknown table {shown(table)}; records go to {', '.join(RECORD_TABLES)}", table=None)
     if not isinstance(row, Mapping):
         raise InvalidRecord(f"a row must be a dict, got {type(row).__name__}", table=table)
     schema = STANDARD_SCHEMAS[table]
@@ -110,7 +113,7 @@ def check_record(table: Any, row: Any) -> dict[str, Any]:
             raise InvalidRecord("is set by the sink, not by the caller", table=table, column=str(column))
         if column not in names:
             raise InvalidRecord(f"is not a column of {table} (its columns: {', '.join(schema.names[1:])})",
-                                table=table, column=str(column))
+                                table=table, column=printable(column))
     for column in REQUIRED[table]:
         value = row.get(column)
         if value is None or value == "":
@@ -118,6 +121,6 @@ def check_record(table: Any, row: Any) -> dict[str, Any]:
     values = {field.name: _convert(table, field, row.get(field.name)) for field in schema if field.name not in
               SINK_COLUMNS}
     if table == "metrics" and values["metric"] not in METRICS:
-        raise InvalidRecord(f"must be one of {', '.join(sorted(METRICS))}; got {values['metric']!r}",
+        raise InvalidRecord(f"must be one of {', '.join(sorted(METRICS))}; got {shown(values['metric'])}",
                             table=table, column="metric")
     return values

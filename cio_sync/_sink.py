@@ -47,7 +47,7 @@ def expand_batch(calls: Any) -> Iterable[Any]:
     dict, JSON str or JSON bytes, whose ``context``, ``integrations`` and ``sentAt`` fill in calls that lack them."""
     payload = calls
     if isinstance(calls, str | bytes | bytearray | memoryview):
-        payload = load_json(calls, "batch")
+        payload = load_json(calls, "batch", batch=True)  # its calls are checked one by one, each with its index
     if isinstance(payload, Mapping):
         batch = payload.get("batch")
         if not isinstance(batch, list):

@@ -18,7 +18,7 @@ import orjson
 import pyarrow as pa
 from fsspec import AbstractFileSystem
 
-from cio_sync._calls import JSON_OPTIONS, Call, parse_call
+from cio_sync._calls import JSON_OPTIONS, Call, call_document, parse_call
 from cio_sync._counters import Counters
 from cio_sync._errors import InvalidCall, InvalidRecord, InvalidRecords, UnknownPerson
 from cio_sync._formats import ParquetFormat
@@ -27,6 +27,7 @@ from cio_sync._records import DEFINITION_KEYS, check_record
 from cio_sync._schemas import STANDARD_SCHEMAS, STANDARD_VERSION
 from cio_sync._sink import BaseSink, check_int, make_writer
 from cio_sync._state import Definition, Person, SqliteOutbox, WorkspaceState
+from cio_sync._values import shown
 from cio_sync._writer import RetryPolicy, Writer, WrittenFile
 
 #: One row a step produced: table, schema, values, approximate size, change time (µs).
@@ -39,6 +40,15 @@ _ATTRIBUTES: Final = STANDARD_SCHEMAS["attributes"]
 _ATTR_OPTIONS: Final = JSON_OPTIONS | orjson.OPT_SORT_KEYS
 #: Columns that do not make a definition different (they say when, not what).
 _NOT_DEFINITION: Final = frozenset({"created_at", "updated_at", "version"})
+
+
+def _is_text(value: str) -> bool:
+    """Whether ``value`` is valid Unicode text (no lone surrogate), as SQLite and every file here need."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def attribute_text(value: Any, name: str) -> str | None:
@@ -196,7 +206,14 @@ class StandardSink(BaseSink):
         return self._apply(lambda: self._rules(parsed, traits))
 
     def write_call(self, parsed: Call) -> int:
-        """Apply a call already validated by :func:`parse_call` (used by :class:`~cio_sync.Pipeline`)."""
+        """Apply a call already validated by :func:`parse_call` (used by :class:`~cio_sync.Pipeline`). A ``Call``
+        made some other way has its values checked first: :class:`~cio_sync.InvalidCall` if one cannot be held."""
+        if parsed.row is None and parsed.document is None:  # not from parse_call, which leaves one of them
+            try:
+                call_document(parsed)
+            except InvalidCall as exc:
+                self._publisher.reject(parsed.data, exc)
+                raise
         return self._apply(lambda: self._rules(parsed, self._trait_texts(parsed)))
 
     @staticmethod
@@ -357,11 +374,16 @@ class StandardSink(BaseSink):
     def _find(self, external_id: str | None, cio_id: str | None) -> Person:
         if (external_id is None) == (cio_id is None):
             raise ValueError("name the person by exactly one of id (their external id) or cio_id")
+        name = external_id if external_id is not None else cio_id
+        which = "id" if external_id is not None else "cio_id"
+        if isinstance(name, str) and not name.isascii() and not _is_text(name):
+            # The state cannot even look it up; no person can have it (calls with such ids are refused).
+            raise UnknownPerson(f"no person with {which} {shown(name)} in workspace {self.workspace_id}: it is not "
+                                "valid Unicode text")
         person = self.state.person(external_id) if external_id is not None else self.state.person_by_cio_id(
             str(cio_id))
         if person is None or person.deleted:
-            which = f"id {external_id!r}" if external_id is not None else f"cio_id {cio_id!r}"
-            raise UnknownPerson(f"no person with {which} in workspace {self.workspace_id}")
+            raise UnknownPerson(f"no person with {which} {shown(name)} in workspace {self.workspace_id}")
         return person
 
     def _set_flag(self, external_id: str | None, cio_id: str | None, flag: str, value: bool) -> int:

@@ -139,20 +139,31 @@ def test_each_class_of_bad_input_raises_invalid_call_naming_the_field(
     assert isinstance(caught.value, ValueError)
 
 
-def test_values_json_cannot_hold_are_rejected_when_the_row_is_built() -> None:
+@pytest.mark.parametrize("row", [False, True])
+def test_values_json_cannot_hold_are_refused_by_parse_call(row: bool) -> None:
     from decimal import Decimal
 
-    call = parse_call({"type": "identify", "userId": "1", "traits": {"price": Decimal("1.5")}})
+    with pytest.raises(cio_sync.InvalidCall, match="trait 'price'") as caught:
+        parse_call({"type": "identify", "userId": "1", "traits": {"price": Decimal("1.5")}}, row=row)
+    assert caught.value.field == "traits"
+
+
+def test_a_call_made_without_parse_call_is_still_checked_when_its_row_or_document_is_built() -> None:
+    from decimal import Decimal
+
+    now = datetime.now(UTC)
+    data = {"type": "identify", "userId": "1", "traits": {"price": Decimal("1.5")}, "messageId": "m", "receivedAt": now}
+    call = cio_sync.Call("identify", data, {"receivedAt": now})
     with pytest.raises(cio_sync.InvalidCall, match="traits"):
         call_row(call)
     with pytest.raises(cio_sync.InvalidCall, match="traits"):
         call_document(call)
 
 
-def test_integers_beyond_64_bits_are_rejected_not_truncated() -> None:
-    call = parse_call({"type": "identify", "userId": "1", "traits": {"big": 2**70}})
+@pytest.mark.parametrize("row", [False, True])
+def test_integers_beyond_64_bits_are_rejected_not_truncated(row: bool) -> None:
     with pytest.raises(cio_sync.InvalidCall, match="traits"):
-        call_row(call)
+        parse_call({"type": "identify", "userId": "1", "traits": {"big": 2**70}}, row=row)
 
 
 json_values = st.recursive(
