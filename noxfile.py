@@ -59,10 +59,12 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def crash(session: nox.Session) -> None:
-    """The SIGKILL crash trials at length: 200 kills per storage instead of the default run's 20."""
+    """The SIGKILL crash trials at length: 200 kills per storage instead of the default run's 20, and 200 trials of
+    the spool's fault sweep instead of 16 (CIO_SYNC_SPOOL_TRIALS=all for every write point)."""
     session.install("-e", ".[test]")
     trials = os.environ.get("CIO_SYNC_CRASH_TRIALS", "200")
-    session.run("pytest", "--timeout=7200", "tests/test_crash.py", "tests/test_faults.py", *session.posargs,
+    session.run("pytest", "--timeout=7200", "tests/test_crash.py", "tests/test_faults.py",
+                "tests/test_spool_faults.py", *session.posargs,
                 env={"CIO_SYNC_CRASH_TRIALS": trials, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"})
 
 
