@@ -8,6 +8,7 @@ table::
     <spool_dir>/<table>/000000000007.avro     rows of one batch, one Avro block per row
     <spool_dir>/<table>/000000000007.data     the encoded file of that batch once it has a name, then its name record
     <spool_dir>/<table>/000000000007.name     the name record: name, row count, size and SHA-256 of the file
+    <spool_dir>/<table>/000000000007.end      rare: where the whole blocks of a retired segment end (see below)
 
 A batch is cut by closing its segment. Before the upload, the batch's file and name are recorded beside the
 segment (``.data`` then ``.name``, each written to a temporary file, fsynced and renamed); no name is uploaded
@@ -21,7 +22,8 @@ sync marker. The spool remembers each segment's length:
 - a failed append (a write that fails part-way, a failed fsync) truncates the segment back to that length and the
   call is refused with :class:`~cio_sync.StorageError`; nothing of it stays in the segment or in memory;
 - if even the truncation fails, the segment is retired: its rows become a batch of their own, nothing is ever
-  appended behind the torn block, and the table's next row starts a new segment; a failed fsync with
+  appended behind the torn block, the table's next row starts a new segment, and the segment's length is recorded
+  in ``.end`` (best effort) so that a refused row whose bytes are whole is never read back; a failed fsync with
   ``spool_sync="interval"`` retires the segment too (the rows since the last fsync may not be on disk: they are
   published from memory);
 - a failure creating a segment (its folder, its header, the fsyncs of the file and its folder) refuses the call
@@ -64,6 +66,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable
@@ -98,8 +101,10 @@ _MAGIC: Final = b"Obj\x01"
 _SYNC_SIZE: Final = 16
 _LOCK_FILE: Final = ".lock"
 #: The files of the spool in a table's folder, and its own temporary files.
-_OWN_FILE: Final = re.compile(r"(\d+)\.(avro|data|name)")
-_OWN_TMP: Final = re.compile(r"\d+\.(data|name)\.tmp")
+_OWN_FILE: Final = re.compile(r"(\d+)\.(avro|data|name|end)")
+_OWN_TMP: Final = re.compile(r"\d+\.(data|name|end)\.tmp")
+#: The files of one batch beside its segment, deleted in this order once it is published (the segment first).
+_SUFFIXES: Final = (".avro", ".data", ".name", ".end")
 #: Ends a ``.data`` file: the name record (JSON), its length (4 bytes, little-endian), then these 16 bytes.
 _TRAILER: Final = b"cio_sync:name:v1"
 #: The rows of a dead letter for bytes of a segment that could not be read.
@@ -527,8 +532,10 @@ class AvroSpool:
         self._sync_interval = sync_interval
         self._last_sync = 0.0
         self._open: dict[str, _Segment] = {}
-        #: Segments that could not be restored after a failed append: cut before the table's open segment.
+        #: Segments that could not be restored after a failed append (and dead letters found by a load): cut before
+        #: the table's open segment. Guarded by ``_retired_lock``: ``load`` runs outside the publisher's lock.
         self._retired: dict[str, list[Batch]] = {}
+        self._retired_lock = threading.Lock()
         self._next_generation: dict[str, int] = {}
         #: Recovered segments shared by several pending batches (dead letters, then rows): deleted with the last.
         self._shares: dict[Path, int] = {}
@@ -646,6 +653,12 @@ class AvroSpool:
             log.error("spool %s: could not truncate %s back after a failed write (%s); its %d rows are cut as a "
                       "batch and the next row starts a new segment", self.directory, segment.path, exc,
                       segment.buffer.count)
+            try:  # where its whole blocks end, so that the refused row is never read back (best effort)
+                _write_atomically(segment.path.with_suffix(".end"), (str(segment.size).encode(),))
+                _fsync_dir(segment.path.parent)
+            except OSError as error:
+                log.error("spool %s: could not record where %s ends either (%s)", self.directory, segment.path,
+                          error)
             self._retire(table, segment)
             return
         if synced and self._sync == "interval":
@@ -657,22 +670,27 @@ class AvroSpool:
         with contextlib.suppress(OSError):
             os.close(segment.fd)
         if segment.buffer.count:
-            self._retired.setdefault(table, []).append(segment.buffer.take(table, key=segment.path))
+            batch = segment.buffer.take(table, key=segment.path)
+            with self._retired_lock:
+                self._retired.setdefault(table, []).append(batch)
         else:
-            with contextlib.suppress(OSError):  # no row was accepted into it; if it stays, recovery drops it
-                segment.path.unlink()
+            for suffix in _SUFFIXES:  # no row was accepted into it; whatever stays, recovery drops
+                with contextlib.suppress(OSError):
+                    segment.path.with_suffix(suffix).unlink()
 
     def tables(self) -> list[str]:
         tables = [t for t, s in self._open.items() if s.buffer.count]
-        return tables + [t for t in self._retired if t not in tables]
+        with self._retired_lock:
+            return tables + [t for t in self._retired if t not in tables]
 
     def cut(self, table: str) -> Batch | None:
-        retired = self._retired.get(table)
-        if retired:
-            batch = retired.pop(0)
-            if not retired:
-                del self._retired[table]
-            return batch
+        with self._retired_lock:
+            retired = self._retired.get(table)
+            if retired:
+                batch = retired.pop(0)
+                if not retired:
+                    del self._retired[table]
+                return batch
         segment = self._open.get(table)
         if segment is None or not segment.buffer.count:
             return None
@@ -717,7 +735,7 @@ class AvroSpool:
             self._shares[segment] = shares - 1
             return
         try:
-            for suffix in (".avro", ".data", ".name"):  # the segment first: a batch that keeps it is not done
+            for suffix in _SUFFIXES:  # the segment first: a batch that keeps it is not done
                 with contextlib.suppress(FileNotFoundError):
                     segment.with_suffix(suffix).unlink()
             if self._sync != "os":
@@ -730,7 +748,9 @@ class AvroSpool:
         segment: Path = batch.key
         try:
             if batch.name is not None and not batch.unrecorded:
-                found = _read_data(segment.with_suffix(".data"), None)
+                name_file, data_file = segment.with_suffix(".name"), segment.with_suffix(".data")
+                record = _name_record(name_file.read_bytes()) if name_file.exists() else None
+                found = _read_data(data_file, record) if data_file.exists() else None
                 if found is not None:
                     batch.encoded = found[0]
                     return
@@ -741,12 +761,15 @@ class AvroSpool:
             rows, _, _, _, letter = self._read_rows(segment, batch.table)
         except OSError as exc:
             raise self._error(f"could not read back the {batch.table} batch", exc, segment) from exc
+        # The batch's rows come first; a whole row after them is a refused one that could not be taken back.
+        del rows[batch.rows:]
         if letter is not None or len(rows) != batch.rows:
             log.error("spool %s: %s changed on disk while its batch waited: %d of its %d rows are whole",
                       self.directory, segment, len(rows), batch.rows)
             batch.rows = len(rows)
             if letter is not None:
-                self._retired.setdefault(batch.table, []).insert(0, letter)
+                with self._retired_lock:
+                    self._retired.setdefault(batch.table, []).insert(0, letter)
         batch.data = rows
 
     def release(self, batch: Batch) -> None:
@@ -766,7 +789,9 @@ class AvroSpool:
 
     def buffered(self) -> dict[str, Buffered]:
         out = {t: s.buffer.buffered() for t, s in self._open.items() if s.buffer.count}
-        for table, batches in self._retired.items():
+        with self._retired_lock:
+            retired = {t: list(b) for t, b in self._retired.items()}
+        for table, batches in retired.items():
             rows, nbytes, since = out.get(table, (0, 0, None))
             out[table] = Buffered(rows + sum(b.rows for b in batches), nbytes + sum(b.nbytes for b in batches),
                                   since)
@@ -794,6 +819,10 @@ class AvroSpool:
         be read (``None`` if everything could). ``OSError`` if the file cannot be read."""
         schema = self._schema_of(table)
         data = path.read_bytes()
+        length = path.with_suffix(".end")
+        if length.exists():  # a retired segment: what follows its whole blocks was refused
+            with contextlib.suppress(ValueError):
+                data = data[:int(length.read_bytes())]
         reading = _read_segment(data)
         rows: list[tuple[Any, ...]] = []
         nbytes = 0
@@ -899,7 +928,7 @@ class AvroSpool:
                           last_time=record.get("last_time"))]
         if not segment.exists():
             # Published (the segment is deleted first, once the upload and its manifest landed), or never a batch.
-            for leftover in (name_file, data_file):
+            for leftover in (name_file, data_file, segment.with_suffix(".end")):
                 with contextlib.suppress(FileNotFoundError):
                     leftover.unlink()
             return []
@@ -919,7 +948,7 @@ class AvroSpool:
                 batch.name, batch.attempted, batch.unrecorded = record["name"], True, True
             batches.append(batch)
         if not batches:
-            for leftover in (segment, name_file, data_file):
+            for leftover in (segment, name_file, data_file, segment.with_suffix(".end")):
                 with contextlib.suppress(FileNotFoundError):
                     leftover.unlink()
         return batches
