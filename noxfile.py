@@ -59,14 +59,17 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def crash(session: nox.Session) -> None:
-    """The SIGKILL crash trials at length: 200 kills per storage instead of the default run's 20, and 400 SIGTERMs
-    landing inside write() instead of 40."""
+    """The crash and fault trials at length: 200 SIGKILLs per storage instead of the default run's 20, 400 SIGTERMs
+    landing inside write() instead of 40, and 200 trials of the spool's fault sweep instead of 16
+    (CIO_SYNC_SPOOL_TRIALS=all for every write point)."""
     session.install("-e", ".[test]")
-    trials = os.environ.get("CIO_SYNC_CRASH_TRIALS", "200")
-    rounds = os.environ.get("CIO_SYNC_SIGNAL_ROUNDS", "400")
-    session.run("pytest", "--timeout=7200", "tests/test_crash.py", "tests/test_faults.py", "tests/test_signals.py",
-                *session.posargs, env={"CIO_SYNC_CRASH_TRIALS": trials, "CIO_SYNC_SIGNAL_ROUNDS": rounds,
-                                       "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"})
+    env = {
+        "CIO_SYNC_CRASH_TRIALS": os.environ.get("CIO_SYNC_CRASH_TRIALS", "200"),
+        "CIO_SYNC_SIGNAL_ROUNDS": os.environ.get("CIO_SYNC_SIGNAL_ROUNDS", "400"),
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+    }
+    files = ["tests/test_crash.py", "tests/test_faults.py", "tests/test_signals.py", "tests/test_spool_faults.py"]
+    session.run("pytest", "--timeout=7200", *files, *session.posargs, env=env)
 
 
 @nox.session

@@ -47,7 +47,9 @@ class AdvancedSink(BaseSink):
     :class:`~cio_sync.WrittenFile` as it lands (from whichever thread published it).
 
     Reliability (docs/reliability.md): with ``spool_dir``, every accepted call is appended to a local Avro spool
-    before ``write`` returns and survives a crash (``spool_sync``: "always", "interval" or "os"). All rows held in
+    before ``write`` returns and survives a crash (``spool_sync``: "always", "interval" or "os"); if the spool cannot
+    take a call (a full disk), ``write`` raises :class:`~cio_sync.StorageError` and the call is not accepted. One
+    spool directory serves one sink: another sink on it raises :class:`~cio_sync.StateError`. All rows held in
     memory are bounded by ``max_buffer_bytes``: past it the sink publishes early, and if storage does not take the
     files it spills them to the spool (``when_full="spill"``, the default with a spool) or waits
     (``"block"``, up to ``block_timeout`` seconds, then raises ``BufferFull``). ``manifests`` writes a manifest
@@ -108,22 +110,27 @@ class AdvancedSink(BaseSink):
         if manifests:
             header = {"mode": "advanced", "destination_id": self.destination_id, "format": self.format.name}
             manifest = ManifestSpec(self._manifest_name, header, "received_at")
-        self._publisher = Publisher(
-            label=f"AdvancedSink({writer.url!r})",
-            writer=writer,
-            format=self.format,
-            name_for=self._name_for,
-            flush_interval=flush_interval,
-            max_rows=max_rows,
-            max_bytes=max_bytes,
-            on_publish=on_publish,
-            store=self.spool,
-            max_buffer_bytes=max_buffer_bytes,
-            when_full=when_full or ("spill" if self.spool is not None else "block"),
-            block_timeout=block_timeout,
-            manifest=manifest,
-            keep_rejected=keep_rejected,
-        )
+        try:
+            self._publisher = Publisher(
+                label=f"AdvancedSink({writer.url!r})",
+                writer=writer,
+                format=self.format,
+                name_for=self._name_for,
+                flush_interval=flush_interval,
+                max_rows=max_rows,
+                max_bytes=max_bytes,
+                on_publish=on_publish,
+                store=self.spool,
+                max_buffer_bytes=max_buffer_bytes,
+                when_full=when_full or ("spill" if self.spool is not None else "block"),
+                block_timeout=block_timeout,
+                manifest=manifest,
+                keep_rejected=keep_rejected,
+            )
+        except BaseException:
+            if self.spool is not None:
+                self.spool.close()  # lets go of the spool directory's lock
+            raise
         if self._publisher.stats().batches_pending:
             # Calls spooled before a crash: publish them first, under the names they were given.
             self._publisher.publish_ready()

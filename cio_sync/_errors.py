@@ -114,4 +114,6 @@ class UnknownPerson(CioSyncError, LookupError):
 
 
 class StateError(CioSyncError):
-    """The workspace state cannot be used: in use by another process, or made for another workspace."""
+    """Local state cannot be used: the workspace state file or a spool directory is in use by another sink or
+    process (one serves one sink at a time), or the state was made for another workspace. The message names the
+    file or directory."""

@@ -97,6 +97,12 @@ class Batch:
     last_time: int | None = None
     #: SHA-256 of ``encoded``, for the manifest.
     sha256: str | None = None
+    #: ``name`` was claimed but the store has not recorded it yet: :meth:`RowStore.named` must succeed before any
+    #: upload under it (a name that is not recorded would be given again, to the same rows, after a crash).
+    unrecorded: bool = False
+    #: Set by a store for bytes it could not read back (``data`` then describes them, under ``schema``): the batch
+    #: goes to the dead letters with this reason instead of being published.
+    damage: BaseException | None = None
 
 
 class Buffered(NamedTuple):
@@ -125,7 +131,8 @@ class RowStore(Protocol):
         ...
 
     def cut(self, table: str) -> Batch | None:
-        """Take every buffered row of ``table`` as one batch (``None`` if there are none)."""
+        """Take buffered rows of ``table`` as one batch (``None`` if there are none). Called again until it returns
+        ``None``: a store may hold several batches of one table (e.g. a spool segment retired after a fault)."""
         ...
 
     def pending(self) -> list[Batch]:
@@ -421,6 +428,8 @@ class Publisher:
         self._publish_lock = threading.RLock()
         self._closed = False
         self._closing = False
+        #: The batch being published (a spill never lets go of its bytes meanwhile).
+        self._busy: Batch | None = None
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
         if flush_interval is not None:
@@ -482,6 +491,8 @@ class Publisher:
         if self.when_full == "spill":
             with self.lock:
                 for batch in self._pending:
+                    if batch is self._busy:
+                        continue  # being published by another thread right now
                     if batch.data is not None or batch.encoded is not None:
                         self.store.release(batch)
                         if batch.data is None and batch.encoded is None:
@@ -553,8 +564,9 @@ class Publisher:
 
     def _cut(self, table: str) -> None:
         batch = self.store.cut(table)
-        if batch is not None:
+        while batch is not None:
             self._pending.append(batch)
+            batch = self.store.cut(table)
 
     # -- publishing ----------------------------------------------------------------------------------------------
 
@@ -597,6 +609,8 @@ class Publisher:
             for batch in queue:
                 if batch.table in failed:
                     continue
+                with self.lock:
+                    self._busy = batch
                 try:
                     landed.append((batch, self._publish_one(batch)))
                 except CioSyncError as exc:
@@ -604,6 +618,8 @@ class Publisher:
                     first_error = first_error or exc
                     with self.lock:
                         self._counts.last_error = str(exc)
+                finally:
+                    self._busy = None
             files = [(b, w) for b, w in landed if w is not None]
             if files and self.manifest is not None:
                 try:
@@ -638,8 +654,13 @@ class Publisher:
 
     def _publish_one(self, batch: Batch) -> WrittenFile | None:
         """Encode, name and upload one batch; ``None`` if its rows could not be encoded and went to dead letters."""
+        if batch.damage is not None:
+            self._dead_letter(batch, batch.damage)
+            return None
         if batch.data is None and batch.encoded is None:
             self.store.load(batch)  # spilled: read back from the spool
+            with self.lock:
+                self._memory += batch.nbytes  # in memory again (let go of once more by the next spill or publish)
         if batch.encoded is None:
             try:
                 assert batch.data is not None
@@ -654,8 +675,12 @@ class Publisher:
         for _ in range(_MAX_RENAMES):
             if batch.name is None:
                 batch.name = self._name_for(batch.table)
+                batch.unrecorded = True
+            if batch.unrecorded:
+                # If recording fails the batch keeps its name and records it on the next try, before any upload.
                 with self.lock:
                     self.store.named(batch)
+                batch.unrecorded = False
             batch.attempted = True
             try:
                 # Always as a resume: the name is ours (claimed from the counter), so a file already under it
@@ -711,8 +736,8 @@ class Publisher:
             lines.append(json.dumps(record, default=str, ensure_ascii=True))
         data = ("\n".join(lines) + "\n").encode()
         self.writer.publish(name, data, table=batch.table, rows=batch.rows)
-        log.error("%s: %d rows of %s could not be encoded (%s); kept in %s", self.label, batch.rows, batch.table,
-                  reason, name)
+        log.error("%s: %d rows of %s could not be %s (%s); kept in %s", self.label, batch.rows, batch.table,
+                  "encoded" if batch.damage is None else "read back", reason, name)
         with self.lock:
             self._counts.dead_letters += batch.rows
 

@@ -4,40 +4,82 @@ With a spool, ``write()`` returns only after the call's row was appended to a se
 policy, flushed to the disk), so a call it accepted survives the process being killed. Layout, one folder per
 table::
 
-    <spool_dir>/<table>/000000000007.avro    rows of one batch, one Avro block per row
-    <spool_dir>/<table>/000000000007.data    the encoded file of that batch, once it has a name
-    <spool_dir>/<table>/000000000007.name    its name, row count and SHA-256 (written after .data)
+    <spool_dir>/.lock                         locked (flock) by the one sink that uses the directory
+    <spool_dir>/<table>/000000000007.avro     rows of one batch, one Avro block per row
+    <spool_dir>/<table>/000000000007.data     the encoded file of that batch once it has a name, then its name record
+    <spool_dir>/<table>/000000000007.name     the name record: name, row count, size and SHA-256 of the file
+    <spool_dir>/<table>/000000000007.end      rare: where the whole blocks of a retired segment end (see below)
 
-A batch is cut by closing its segment. Before the upload, the batch's file name and bytes are written beside the
-segment; after the upload, the three files are deleted. On start, every segment left behind becomes a pending
-batch: named ones are published again under their name with their bytes (an upload that had landed is recognised,
-not repeated), unnamed ones get the next name. A segment's torn last block (the row of a ``write()`` that never
-returned) is dropped.
+A batch is cut by closing its segment. Before the upload, the batch's file and name are recorded beside the
+segment (``.data`` then ``.name``, each written to a temporary file, fsynced and renamed); no name is uploaded
+before it is recorded. After the upload, the three files are deleted (the segment first).
+
+Framing. A segment is an Avro object container file (codec null) of ``SpooledRow`` records: the row, its size, its
+time, and a CRC-32 of those three fields. fastavro writes the header; each row is then one block framed here and
+appended with a single ``os.write``: its record count (1), its byte size, the record, and the segment's 16-byte
+sync marker. The spool remembers each segment's length:
+
+- a failed append (a write that fails part-way, a failed fsync) truncates the segment back to that length and the
+  call is refused with :class:`~cio_sync.StorageError`; nothing of it stays in the segment or in memory;
+- if even the truncation fails, the segment is retired: its rows become a batch of their own, nothing is ever
+  appended behind the torn block, the table's next row starts a new segment, and the segment's length is recorded
+  in ``.end`` (best effort) so that a refused row whose bytes are whole is never read back; a failed fsync with
+  ``spool_sync="interval"`` retires the segment too (the rows since the last fsync may not be on disk: they are
+  published from memory);
+- a failure creating a segment (its folder, its header, the fsyncs of the file and its folder) refuses the call
+  and removes the file.
+
+Recovery. A sink opened on the spool reads what an earlier process left, and never fails on what it finds:
+
+- a segment is read block by block; a block counts only if its sync marker, its size and its CRC agree. Bytes that
+  do not form a whole, valid block (damage, garbage) are skipped: the reader resynchronises at the next valid
+  block (one that ends exactly at the next sync marker). They are kept as a dead letter with the reason and their
+  offsets (under ``_cio_sync/dead_letters/<table>/`` on the target), and every whole record around them is
+  published;
+- a torn last block (a block cut short by the end of the file: the row of a ``write()`` that never returned, never
+  accepted) is dropped, and so is a segment whose header is missing or cut short (its creation never finished, so
+  it holds no row). A segment whose header is damaged is read with the sync marker its blocks end with;
+- a batch whose name was recorded is published again under that name with its recorded bytes (an upload that had
+  landed is recognised, not repeated). The name comes from ``.name``, or from the copy at the end of ``.data`` if
+  ``.name`` is damaged; if ``.data`` is damaged, the rows are read from the segment and encoded again, under the
+  recorded name. Other segments get the next names;
+- the spool's own temporary files are removed; files and folders that are not the spool's are left alone (logged).
 
 Sync policies (``spool_sync``): ``"always"`` fsyncs after every row (a call that ``write`` accepted survives power
 loss); ``"interval"`` fsyncs at most every ``spool_sync_interval`` seconds (a power loss may lose that window);
 ``"os"`` leaves it to the operating system. In every policy a row is handed to the OS before ``write`` returns, so
 a crash of the process alone never loses an accepted call.
+
+One spool directory serves one sink: the sink holds an exclusive ``flock`` on ``<spool_dir>/.lock`` from its start
+to its ``close()``, and a second sink (in this process or another) raises :class:`~cio_sync.StateError`.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import errno as errnos
+import fcntl
 import hashlib
+import io
+import json
 import logging
 import os
+import re
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import Any, Final
 
 import fastavro
 import orjson
 import pyarrow as pa
 from fastavro.write import Writer as AvroWriter
 
-from cio_sync._errors import ConfigError, StorageError
+from cio_sync._errors import ConfigError, StateError, StorageError
 from cio_sync._publisher import Batch, Buffered, Filled, TableRows
 from cio_sync._schemas import is_document_schema
 
@@ -50,15 +92,32 @@ _AVRO_SCHEMA: Final = fastavro.parse_schema({
         {"name": "row", "type": "bytes"},
         {"name": "size", "type": "long"},
         {"name": "time", "type": ["null", "long"]},
+        # CRC-32 (little-endian) of the encoding of the three fields above: a block with a flipped byte is found.
+        {"name": "crc", "type": {"type": "fixed", "name": "crc32", "size": 4}},
     ],
 })
 _WIDTH: Final = 12
+_MAGIC: Final = b"Obj\x01"
+_SYNC_SIZE: Final = 16
+_LOCK_FILE: Final = ".lock"
+#: The files of the spool in a table's folder, and its own temporary files.
+_OWN_FILE: Final = re.compile(r"(\d+)\.(avro|data|name|end)")
+_OWN_TMP: Final = re.compile(r"\d+\.(data|name|end)\.tmp")
+#: The files of one batch beside its segment, deleted in this order once it is published (the segment first).
+_SUFFIXES: Final = (".avro", ".data", ".name", ".end")
+#: Ends a ``.data`` file: the name record (JSON), its length (4 bytes, little-endian), then these 16 bytes.
+_TRAILER: Final = b"cio_sync:name:v1"
+#: The rows of a dead letter for bytes of a segment that could not be read.
+LETTER_SCHEMA: Final = pa.schema([
+    ("segment", pa.string()), ("offset", pa.int64()), ("length", pa.int64()), ("reason", pa.string()),
+    ("text", pa.string()), ("base64", pa.string()),
+])
 
 
 # Avro blocks are framed here rather than by fastavro's Writer: a block per row through Writer.write + flush costs
-# ~6 us a row, framing it by hand ~1 us (the record is three fields; the layout is the Avro 1.11 spec's "Object
+# ~6 us a row, framing it by hand ~1 us (the record is four fields; the layout is the Avro 1.11 spec's "Object
 # Container Files": a block is its record count and byte size as zigzag varints, the records, the sync marker).
-# fastavro still writes each segment's header and reads segments back.
+# fastavro still writes each segment's header; segments are read back here, leniently (see _read_segment).
 
 
 def _varint(n: int) -> bytes:
@@ -94,9 +153,268 @@ def _long(value: int) -> bytes:
 
 
 def _block(row: bytes, size: int, at: int | None, sync: bytes) -> bytes:
-    """One Avro block holding one SpooledRow record (fields: row bytes, size long, time union null|long)."""
+    """One Avro block holding one SpooledRow record (fields: row bytes, size long, time union null|long, crc)."""
     record = b"".join((_long(len(row)), row, _long(size), b"\x00" if at is None else b"\x02" + _long(at)))
-    return b"".join((b"\x02", _long(len(record)), record, sync))
+    return b"".join((b"\x02", _long(len(record) + 4), record, zlib.crc32(record).to_bytes(4, "little"), sync))
+
+
+# -- reading segments back ---------------------------------------------------------------------------------------
+
+
+class _Torn(Exception):
+    """The bytes end before the structure being read does."""
+
+
+def _read_long(data: bytes, pos: int) -> tuple[int, int]:
+    """The Avro long at ``pos`` and the position after it; :class:`_Torn` if the bytes end first."""
+    try:
+        byte = data[pos]
+        n = byte & 0x7F
+        shift = 7
+        while byte & 0x80:
+            pos += 1
+            byte = data[pos]
+            n |= (byte & 0x7F) << shift
+            shift += 7
+            if shift > 70:
+                raise ValueError("a number longer than ten bytes")
+    except IndexError:
+        raise _Torn from None
+    return (n >> 1) ^ -(n & 1), pos + 1
+
+
+def _read_bytes(data: bytes, pos: int) -> tuple[bytes, int]:
+    n, pos = _read_long(data, pos)
+    if n < 0:
+        raise ValueError("a negative length")
+    if pos + n > len(data):
+        raise _Torn
+    return data[pos:pos + n], pos + n
+
+
+#: A record read back: row bytes, size, time, and the offsets of the block that held it.
+_Record = tuple[bytes, int, int | None, int, int]
+
+
+def _header(data: bytes, *, check_magic: bool = True) -> tuple[bytes, int, bool]:
+    """The sync marker, where the first block starts, and whether records carry a CRC (segments written before
+    the CRC field do not). :class:`_Torn` if the header is cut short, ``ValueError`` if it is not ours."""
+    if check_magic and data[:4] != _MAGIC:
+        if len(data) < 4 and _MAGIC.startswith(data):
+            raise _Torn
+        raise ValueError("the file does not start as an Avro container")
+    pos = 4
+    meta: dict[bytes, bytes] = {}
+    while True:
+        count, pos = _read_long(data, pos)
+        if count == 0:
+            break
+        if count < 0:
+            count = -count
+            _, pos = _read_long(data, pos)
+        if count > 64:
+            raise ValueError("the header's metadata is not a map")
+        for _ in range(count):
+            key, pos = _read_bytes(data, pos)
+            meta[key], pos = _read_bytes(data, pos)
+    if pos + _SYNC_SIZE > len(data):
+        raise _Torn
+    codec = meta.get(b"avro.codec", b"null")
+    if codec != b"null":
+        raise ValueError(f"the codec is {codec!r}, not null")
+    try:
+        names = [f["name"] for f in json.loads(meta[b"avro.schema"])["fields"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError("the header holds no SpooledRow schema") from exc
+    if names[:3] != ["row", "size", "time"] or names[3:] not in ([], ["crc"]):
+        raise ValueError(f"the header's schema has fields {names}, not a SpooledRow's")
+    return data[pos:pos + _SYNC_SIZE], pos + _SYNC_SIZE, names[3:] == ["crc"]
+
+
+def _block_at(data: bytes, start: int, end: int, crc: bool) -> list[_Record]:
+    """The records of the block at ``start`` that must end where the sync marker at ``end`` begins; ``ValueError``
+    (saying why) if the bytes there are not such a block."""
+    try:
+        count, pos = _read_long(data, start)
+        size, pos = _read_long(data, pos)
+    except _Torn:
+        raise ValueError("the block is cut short") from None
+    if count < 1 or count > end - pos:
+        raise ValueError(f"not a block (a record count of {count})")
+    if pos + size != end:
+        raise ValueError("the block's size does not match where its sync marker is")
+    records: list[_Record] = []
+    try:
+        for _ in range(count):
+            first = pos
+            row, pos = _read_bytes(data, pos)
+            size_field, pos = _read_long(data, pos)
+            branch, pos = _read_long(data, pos)
+            at: int | None = None
+            if branch == 1:
+                at, pos = _read_long(data, pos)
+            elif branch != 0:
+                raise ValueError("the record's time is neither null nor a long")
+            if crc:
+                if pos + 4 > end or zlib.crc32(data[first:pos]) != int.from_bytes(data[pos:pos + 4], "little"):
+                    raise ValueError("the record does not match its CRC")
+                pos += 4
+            if pos > end:
+                raise ValueError("a record runs past its block")
+            records.append((row, size_field, at, start, end + _SYNC_SIZE))
+    except _Torn:
+        raise ValueError("a record runs past its block") from None
+    if pos != end:
+        raise ValueError("the block holds bytes after its records")
+    return records
+
+
+@dataclass
+class _Reading:
+    """What a segment held: its whole records, the byte ranges that could not be read (offset, length, why), and
+    the size of a torn last block that was dropped."""
+
+    records: list[_Record] = field(default_factory=list)
+    damaged: list[tuple[int, int, str]] = field(default_factory=list)
+    torn: int = 0
+
+
+def _own_block(data: bytes, pos: int, sync: bytes) -> tuple[bytes, int, int | None, int] | None:
+    """The fast path for a block as the spool writes it (one record with a CRC, its sync marker right where its size
+    says): its row, size and time and where the next block starts; ``None`` if it is anything else. The varints are
+    read inline: this is most of the time of reading a segment back."""
+    try:
+        if data[pos] != 2:
+            return None
+        byte = data[pos + 1]
+        n = byte & 0x7F
+        at = pos + 2
+        shift = 7
+        while byte & 0x80:
+            byte = data[at]
+            at += 1
+            n |= (byte & 0x7F) << shift
+            shift += 7
+        end = at + ((n >> 1) ^ -(n & 1))
+        if end <= at or data[end:end + _SYNC_SIZE] != sync:
+            return None
+        first = at
+        values = [0, 0, 0]
+        row = b""
+        for i in range(3):  # the row's length (then the row), its size, the union branch of its time
+            byte = data[at]
+            n = byte & 0x7F
+            at += 1
+            shift = 7
+            while byte & 0x80:
+                byte = data[at]
+                at += 1
+                n |= (byte & 0x7F) << shift
+                shift += 7
+            values[i] = (n >> 1) ^ -(n & 1)
+            if i == 0:
+                row = data[at:at + values[0]]
+                at += values[0]
+        time: int | None = None
+        if values[2] == 1:
+            byte = data[at]
+            n = byte & 0x7F
+            at += 1
+            shift = 7
+            while byte & 0x80:
+                byte = data[at]
+                at += 1
+                n |= (byte & 0x7F) << shift
+                shift += 7
+            time = (n >> 1) ^ -(n & 1)
+        elif values[2] != 0:
+            return None
+        if at + 4 != end or values[0] < 0 or zlib.crc32(memoryview(data)[first:at]) != int.from_bytes(
+                data[at:end], "little"):
+            return None
+    except IndexError:
+        return None
+    return row, values[1], time, end + _SYNC_SIZE
+
+
+def _scan(data: bytes, pos: int, sync: bytes, crc: bool) -> _Reading:
+    reading = _Reading()
+    n = len(data)
+    records = reading.records
+    while pos < n:
+        own = _own_block(data, pos, sync) if crc else None
+        if own is not None:
+            records.append((own[0], own[1], own[2], pos, own[3]))
+            pos = own[3]
+            continue
+        end = data.find(sync, pos)
+        if end < 0:
+            why = _tail(data, pos)
+            if why is None:
+                reading.torn = n - pos
+            else:
+                reading.damaged.append((pos, n - pos, why))
+            break
+        try:
+            records += _block_at(data, pos, end, crc)
+        except ValueError as exc:
+            # Resynchronise: the first position after ``pos`` where a whole block ends exactly at this marker.
+            for start in range(pos + 1, end):
+                try:
+                    found = _block_at(data, start, end, crc)
+                except ValueError:
+                    continue
+                reading.damaged.append((pos, start - pos, str(exc)))
+                records += found
+                break
+            else:
+                reading.damaged.append((pos, end + _SYNC_SIZE - pos, str(exc)))
+        pos = end + _SYNC_SIZE
+    return reading
+
+
+def _tail(data: bytes, pos: int) -> str | None:
+    """``None`` if the bytes from ``pos`` to the end are a block cut short (a torn last write), else why not."""
+    try:
+        count, at = _read_long(data, pos)
+        size, at = _read_long(data, at)
+    except _Torn:
+        return None
+    except ValueError as exc:
+        return f"the bytes after the last whole block are not a block ({exc})"
+    if count == 1 and size >= 0 and at + size + _SYNC_SIZE > len(data):
+        return None
+    return "the bytes after the last whole block are not a block"
+
+
+def _read_segment(data: bytes) -> _Reading:
+    """Every whole record of a segment, what could not be read, and a torn tail (see the module docstring)."""
+    try:
+        sync, start, crc = _header(data)
+        return _scan(data, start, sync, crc)
+    except _Torn:
+        # A header cut short: the segment's creation never finished, and no row is ever appended before it did.
+        return _Reading(torn=len(data))
+    except ValueError as exc:
+        damage = f"the segment's header is damaged ({exc})"
+    with contextlib.suppress(_Torn, ValueError):  # only the magic is damaged
+        sync, start, crc = _header(data, check_magic=False)
+        reading = _scan(data, start, sync, crc)
+        reading.damaged.insert(0, (0, 4, damage))
+        return reading
+    # Read with the marker the last block ends with; the header is what comes before its first occurrence.
+    if len(data) > _SYNC_SIZE:
+        sync = data[-_SYNC_SIZE:]
+        start = data.find(sync) + _SYNC_SIZE
+        if start < len(data):
+            reading = max((_scan(data, start, sync, crc) for crc in (True, False)), key=lambda r: len(r.records))
+            if reading.records:
+                reading.damaged.insert(0, (0, start, damage))
+                return reading
+    return _Reading(damaged=[(0, len(data), damage)])
+
+
+# -- files -------------------------------------------------------------------------------------------------------
 
 
 def _text_of_bytes(value: Any) -> str:
@@ -104,6 +422,15 @@ def _text_of_bytes(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8")
     raise TypeError(f"cannot spool a {type(value).__name__}")
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errnos.ENOSPC, os.strerror(errnos.ENOSPC))
+        view = view[written:]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -114,30 +441,82 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def _write_atomically(path: Path, parts: Iterable[bytes]) -> None:
+    """``path`` holds ``parts`` whole, or is left as it was (its temporary file removed)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            for part in parts:
+                _write_all(fd, part)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
-@dataclass
+def _name_record(data: bytes) -> dict[str, Any] | None:
+    """A name record (``.name``, or the end of ``.data``) if it is whole, else ``None``."""
+    try:
+        record = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if not (isinstance(record, dict) and isinstance(record.get("name"), str) and record["name"]
+            and isinstance(record.get("rows"), int) and isinstance(record.get("bytes"), int)
+            and isinstance(record.get("sha256"), str)):
+        return None
+    return record
+
+
+def _read_data(path: Path, record: dict[str, Any] | None) -> tuple[bytes, dict[str, Any]] | None:
+    """The encoded file kept in ``path`` and its name record (from the file's end, else ``record``), if they
+    agree with each other; ``None`` if the file is damaged. ``OSError`` if it cannot be read."""
+    with open(path, "rb") as f:
+        total = f.seek(0, os.SEEK_END)
+        body = total
+        if total >= 4 + len(_TRAILER):
+            f.seek(total - 4 - len(_TRAILER))
+            end = f.read(4 + len(_TRAILER))
+            length = int.from_bytes(end[:4], "little")
+            if end[4:] == _TRAILER and length <= total - len(end):
+                f.seek(total - len(end) - length)
+                record = _name_record(f.read(length)) or record
+                body = total - len(end) - length
+        if record is None or record["bytes"] != body:
+            return None
+        f.seek(0)
+        encoded = f.read(body)
+    if hashlib.sha256(encoded).hexdigest() != record["sha256"]:
+        return None
+    return encoded, record
+
+
+@dataclass(eq=False)
 class _Segment:
     """The open segment of one table: rows appended since the last cut."""
 
     generation: int
     path: Path
-    file: IO[bytes]
-    writer: AvroWriter
-    buffer: TableRows
+    #: The segment's file descriptor, opened with O_APPEND.
+    fd: int
+    #: Bytes of the segment that hold whole blocks: where the next block starts, and what a failed append leaves.
+    size: int
     #: The segment's sync marker (from its header), which ends each block appended by hand.
     sync: bytes
+    buffer: TableRows
 
 
 class AvroSpool:
-    """A :class:`~cio_sync._publisher.RowStore` that keeps every row on local disk until its file is published."""
+    """A :class:`~cio_sync._publisher.RowStore` that keeps every row on local disk until its file is published.
+
+    Raises :class:`~cio_sync.ConfigError` for a bad policy or a directory that cannot be made,
+    :class:`~cio_sync.StateError` if another sink uses the directory, :class:`~cio_sync.StorageError` if the
+    directory cannot be read. An ``OSError`` of any later operation is raised as a ``StorageError`` naming the path.
+    """
 
     def __init__(self, directory: str | os.PathLike[str], *, schema_of: Callable[[str], pa.Schema],
                  sync: str = "always", sync_interval: float = 0.2) -> None:
@@ -153,8 +532,41 @@ class AvroSpool:
         self._sync_interval = sync_interval
         self._last_sync = 0.0
         self._open: dict[str, _Segment] = {}
+        #: Segments that could not be restored after a failed append (and dead letters found by a load): cut before
+        #: the table's open segment. Guarded by ``_retired_lock``: ``load`` runs outside the publisher's lock.
+        self._retired: dict[str, list[Batch]] = {}
+        self._retired_lock = threading.Lock()
         self._next_generation: dict[str, int] = {}
-        self._recovered = self._recover()
+        #: Recovered segments shared by several pending batches (dead letters, then rows): deleted with the last.
+        self._shares: dict[Path, int] = {}
+        self._lock_fd: int | None = self._take_lock()
+        self._lock_pid = os.getpid()
+        try:
+            self._recovered = self._recover()
+        except BaseException:
+            self.close()
+            raise
+
+    def _take_lock(self) -> int:
+        path = self.directory / _LOCK_FILE
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StorageError(f"cannot open the lock file of spool directory {self.directory}: {exc}",
+                               path=str(path)) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errnos.EWOULDBLOCK, errnos.EAGAIN, errnos.EACCES):
+                raise StateError(f"spool directory {self.directory} is in use by another sink or process; one "
+                                 "spool directory serves one sink at a time") from None
+            raise StorageError(f"cannot lock spool directory {self.directory}: {exc}", path=str(path)) from exc
+        return fd
+
+    def _error(self, what: str, exc: OSError, path: Path | None = None) -> StorageError:
+        where = path if path is not None else self.directory
+        return StorageError(f"spool {self.directory}: {what}: {exc}", path=str(where))
 
     # -- encoding rows -------------------------------------------------------------------------------------------
 
@@ -168,98 +580,206 @@ class AvroSpool:
     def _decode(schema: pa.Schema, data: bytes) -> tuple[Any, ...]:
         if is_document_schema(schema):
             return (data,)
-        return tuple(orjson.loads(data))
+        row = orjson.loads(data)
+        if not isinstance(row, list) or len(row) != len(schema):
+            raise ValueError(f"the record is not a row of {len(schema)} values")
+        return tuple(row)
 
     # -- appending -----------------------------------------------------------------------------------------------
 
-    def _segment(self, table: str) -> _Segment:
-        segment = self._open.get(table)
-        if segment is not None:
-            return segment
+    def _start(self, table: str) -> _Segment:
+        """A new segment for ``table``: its header written (and fsynced with its folder, by the policy)."""
         folder = self.directory / table
-        folder.mkdir(exist_ok=True)
         generation = self._next_generation.get(table, 1)
         self._next_generation[table] = generation + 1
         path = folder / f"{generation:0{_WIDTH}d}.avro"
-        file = open(path, "xb")  # noqa: SIM115 - stays open until the batch is cut
-        writer = AvroWriter(file, _AVRO_SCHEMA)
+        buffer = io.BytesIO()
+        writer = AvroWriter(buffer, _AVRO_SCHEMA)
         writer.flush()
-        file.flush()
-        if self._sync != "os":
-            os.fsync(file.fileno())
-            _fsync_dir(folder)
-        segment = self._open[table] = _Segment(generation, path, file, writer, TableRows(self._schema_of(table)),
-                                               bytes(writer.sync_marker))  # type: ignore[attr-defined]
+        header = buffer.getvalue()
+        try:
+            if not folder.is_dir():
+                folder.mkdir(exist_ok=True)
+                if self._sync != "os":
+                    _fsync_dir(self.directory)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        except OSError as exc:
+            raise self._error("could not start a segment", exc, path) from exc
+        try:
+            _write_all(fd, header)
+            if self._sync != "os":
+                os.fsync(fd)
+                _fsync_dir(folder)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise self._error("could not start a segment", exc, path) from exc
+        segment = self._open[table] = _Segment(generation, path, fd, len(header),
+                                               bytes(writer.sync_marker),  # type: ignore[attr-defined]
+                                               TableRows(self._schema_of(table)))
         return segment
 
     def append(self, table: str, schema: pa.Schema, row: tuple[Any, ...], size: int,
                at: int | None = None) -> Filled:
+        segment = self._open.get(table)
+        if segment is None:
+            segment = self._start(table)
+        block = _block(self._encode(schema, row), size, at, segment.sync)
+        fd = segment.fd
+        synced = False
         try:
-            segment = self._segment(table)
-            block = _block(self._encode(schema, row), size, at, segment.sync)
-            fd = segment.file.fileno()
             written = os.write(fd, block)
-            while written < len(block):  # a short write (a signal, a full disk that raises next time)
-                written += os.write(fd, block[written:])
+            if written < len(block):  # a short write (a signal, a disk filling up): finish it or fail
+                _write_all(fd, memoryview(block)[written:])
             if self._sync == "always" or (
                 self._sync == "interval" and time.monotonic() - self._last_sync >= self._sync_interval
             ):
-                os.fsync(segment.file.fileno())
+                synced = True
+                os.fsync(fd)
                 self._last_sync = time.monotonic()
         except OSError as exc:
-            raise StorageError(f"could not append to the spool in {self.directory}: {exc}",
-                               path=str(self.directory)) from exc
+            self._undo(table, segment, synced)
+            raise self._error(f"could not append a {table} row, the call is refused", exc, segment.path) from exc
+        segment.size += len(block)
         return segment.buffer.add(row, size, at)
 
+    def _undo(self, table: str, segment: _Segment, synced: bool) -> None:
+        """Put a segment back as it was before a failed append, or retire it if that cannot be done for sure."""
+        try:
+            os.ftruncate(segment.fd, segment.size)
+        except OSError as exc:
+            log.error("spool %s: could not truncate %s back after a failed write (%s); its %d rows are cut as a "
+                      "batch and the next row starts a new segment", self.directory, segment.path, exc,
+                      segment.buffer.count)
+            try:  # where its whole blocks end, so that the refused row is never read back (best effort)
+                _write_atomically(segment.path.with_suffix(".end"), (str(segment.size).encode(),))
+                _fsync_dir(segment.path.parent)
+            except OSError as error:
+                log.error("spool %s: could not record where %s ends either (%s)", self.directory, segment.path,
+                          error)
+            self._retire(table, segment)
+            return
+        if synced and self._sync == "interval":
+            # The rows since the last fsync may never reach the disk: publish them now, from memory.
+            self._retire(table, segment)
+
+    def _retire(self, table: str, segment: _Segment) -> None:
+        del self._open[table]
+        with contextlib.suppress(OSError):
+            os.close(segment.fd)
+        if segment.buffer.count:
+            batch = segment.buffer.take(table, key=segment.path)
+            with self._retired_lock:
+                self._retired.setdefault(table, []).append(batch)
+        else:
+            for suffix in _SUFFIXES:  # no row was accepted into it; whatever stays, recovery drops
+                with contextlib.suppress(OSError):
+                    segment.path.with_suffix(suffix).unlink()
+
     def tables(self) -> list[str]:
-        return [t for t, s in self._open.items() if s.buffer.count]
+        tables = [t for t, s in self._open.items() if s.buffer.count]
+        with self._retired_lock:
+            return tables + [t for t in self._retired if t not in tables]
 
     def cut(self, table: str) -> Batch | None:
+        with self._retired_lock:
+            retired = self._retired.get(table)
+            if retired:
+                batch = retired.pop(0)
+                if not retired:
+                    del self._retired[table]
+                return batch
         segment = self._open.get(table)
         if segment is None or not segment.buffer.count:
             return None
         del self._open[table]
-        self._close(segment)
+        self._seal(segment)
         return segment.buffer.take(table, key=segment.path)
 
-    def _close(self, segment: _Segment) -> None:
-        segment.writer.flush()
-        segment.file.flush()
-        if self._sync != "os":
-            os.fsync(segment.file.fileno())
-        segment.file.close()
+    def _seal(self, segment: _Segment) -> None:
+        """Close a segment for good. Its rows are in memory and go on to be published, so a failure is logged."""
+        try:
+            if self._sync == "interval":
+                os.fsync(segment.fd)
+        except OSError as exc:
+            log.warning("spool %s: could not fsync %s (%s); its rows are published from memory", self.directory,
+                        segment.path, exc)
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(segment.fd)
 
     # -- the life of a batch -------------------------------------------------------------------------------------
 
     def named(self, batch: Batch) -> None:
+        """Record the batch's name and bytes beside its segment (``.data`` ends with a copy of the name record)."""
         assert batch.name is not None
         assert batch.encoded is not None
         segment: Path = batch.key
-        _write_atomically(segment.with_suffix(".data"), batch.encoded)
-        record = {"name": batch.name, "rows": batch.rows, "bytes": len(batch.encoded),
-                  "sha256": hashlib.sha256(batch.encoded).hexdigest(),
-                  "first_time": batch.first_time, "last_time": batch.last_time}
-        _write_atomically(segment.with_suffix(".name"), orjson.dumps(record))
-        _fsync_dir(segment.parent)
+        record = orjson.dumps({"name": batch.name, "rows": batch.rows, "bytes": len(batch.encoded),
+                               "sha256": batch.sha256 or hashlib.sha256(batch.encoded).hexdigest(),
+                               "first_time": batch.first_time, "last_time": batch.last_time})
+        try:
+            _write_atomically(segment.with_suffix(".data"),
+                              (batch.encoded, record, len(record).to_bytes(4, "little"), _TRAILER))
+            _write_atomically(segment.with_suffix(".name"), (record,))
+            _fsync_dir(segment.parent)
+        except OSError as exc:
+            raise self._error(f"could not record the name {batch.name} before its upload", exc, segment) from exc
 
     def published(self, batch: Batch) -> None:
         segment: Path = batch.key
-        for suffix in (".avro", ".data", ".name"):
-            with contextlib.suppress(FileNotFoundError):
-                segment.with_suffix(suffix).unlink()
-        if self._sync != "os":
-            _fsync_dir(segment.parent)
+        shares = self._shares.pop(segment, 1)
+        if shares > 1:
+            self._shares[segment] = shares - 1
+            return
+        try:
+            for suffix in _SUFFIXES:  # the segment first: a batch that keeps it is not done
+                with contextlib.suppress(FileNotFoundError):
+                    segment.with_suffix(suffix).unlink()
+            if self._sync != "os":
+                _fsync_dir(segment.parent)
+        except OSError as exc:
+            raise self._error(f"could not delete the published batch {batch.name}", exc, segment) from exc
 
     def load(self, batch: Batch) -> None:
         """Read a batch's rows (or its encoded file) back from disk, after they were let go from memory."""
         segment: Path = batch.key
-        if batch.name is not None:
-            batch.encoded = segment.with_suffix(".data").read_bytes()
-        else:
-            batch.data = self._read_rows(segment, batch.table)[0]
+        try:
+            if batch.name is not None and not batch.unrecorded:
+                name_file, data_file = segment.with_suffix(".name"), segment.with_suffix(".data")
+                record = _name_record(name_file.read_bytes()) if name_file.exists() else None
+                found = _read_data(data_file, record) if data_file.exists() else None
+                if found is not None:
+                    batch.encoded = found[0]
+                    return
+                log.error("spool %s: %s is damaged; the batch's rows are read from its segment and encoded again "
+                          "under its name %s", self.directory, segment.with_suffix(".data"), batch.name)
+                batch.unrecorded = True
+                batch.sha256 = None
+            rows, _, _, _, letter = self._read_rows(segment, batch.table)
+        except OSError as exc:
+            raise self._error(f"could not read back the {batch.table} batch", exc, segment) from exc
+        # The batch's rows come first; a whole row after them is a refused one that could not be taken back.
+        del rows[batch.rows:]
+        if letter is not None or len(rows) != batch.rows:
+            log.error("spool %s: %s changed on disk while its batch waited: %d of its %d rows are whole",
+                      self.directory, segment, len(rows), batch.rows)
+            batch.rows = len(rows)
+            if letter is not None:
+                with self._retired_lock:
+                    self._retired.setdefault(batch.table, []).insert(0, letter)
+        batch.data = rows
 
     def release(self, batch: Batch) -> None:
-        """Let go of a pending batch's rows and bytes in memory: they are on disk and :meth:`load` brings them back."""
+        """Let go of a pending batch's rows and bytes in memory: they are on disk and :meth:`load` brings them back
+        (the recorded file of a named batch; else the rows, encoded again: nothing was uploaded under a name that is
+        not recorded)."""
+        if batch.damage is not None:
+            return  # a dead letter's description is only in memory
+        if batch.name is None or batch.unrecorded:
+            batch.sha256 = None
         batch.data = None
         batch.encoded = None
 
@@ -268,75 +788,167 @@ class AvroSpool:
         return recovered
 
     def buffered(self) -> dict[str, Buffered]:
-        return {t: s.buffer.buffered() for t, s in self._open.items() if s.buffer.count}
+        out = {t: s.buffer.buffered() for t, s in self._open.items() if s.buffer.count}
+        with self._retired_lock:
+            retired = {t: list(b) for t, b in self._retired.items()}
+        for table, batches in retired.items():
+            rows, nbytes, since = out.get(table, (0, 0, None))
+            out[table] = Buffered(rows + sum(b.rows for b in batches), nbytes + sum(b.nbytes for b in batches),
+                                  since)
+        return out
 
     def close(self) -> None:
+        """Close the open segments and let go of the directory's lock (taken by this process: a forked child that
+        inherited it never unlocks its parent's spool)."""
         for segment in self._open.values():
-            with contextlib.suppress(OSError, ValueError):
-                self._close(segment)
+            self._seal(segment)
         self._open.clear()
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            if os.getpid() == self._lock_pid:
+                with contextlib.suppress(OSError):
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     # -- recovery ------------------------------------------------------------------------------------------------
 
-    def _read_rows(self, path: Path, table: str) -> tuple[list[tuple[Any, ...]], int, int | None, int | None]:
+    def _read_rows(self, path: Path, table: str
+                   ) -> tuple[list[tuple[Any, ...]], int, int | None, int | None, Batch | None]:
+        """The whole rows of a segment with their bytes and time range, and a dead-letter batch for what could not
+        be read (``None`` if everything could). ``OSError`` if the file cannot be read."""
         schema = self._schema_of(table)
+        data = path.read_bytes()
+        length = path.with_suffix(".end")
+        if length.exists():  # a retired segment: what follows its whole blocks was refused
+            with contextlib.suppress(ValueError):
+                data = data[:int(length.read_bytes())]
+        reading = _read_segment(data)
         rows: list[tuple[Any, ...]] = []
         nbytes = 0
         first: int | None = None
         last: int | None = None
-        try:
-            with open(path, "rb") as f:
-                for record in fastavro.reader(f):
-                    assert isinstance(record, dict)
-                    rows.append(self._decode(schema, record["row"]))
-                    nbytes += int(record["size"])
-                    at = record.get("time")
-                    if at is not None:
-                        first = at if first is None else min(first, at)
-                        last = at if last is None else max(last, at)
-        except (EOFError, ValueError, StopIteration, OSError) as exc:
+        damaged = reading.damaged
+        for row, size, at, start, end in reading.records:
+            try:
+                rows.append(self._decode(schema, row))
+            except (ValueError, TypeError) as exc:
+                damaged.append((start, end - start, f"the record does not decode ({exc})"))
+                continue
+            nbytes += size
+            if at is not None:
+                first = at if first is None else min(first, at)
+                last = at if last is None else max(last, at)
+        if reading.torn:
             # A torn last block: the row of a write() that never returned. Everything before it is kept.
-            log.warning("spool segment %s ends in a torn block after %d rows (%s); the rest is dropped",
-                        path, len(rows), type(exc).__name__)
-        return rows, nbytes, first, last
+            log.warning("spool segment %s ends in a torn block of %d bytes after %d rows; the torn block is dropped",
+                        path, reading.torn, len(rows))
+        letter = None
+        if damaged:
+            damaged.sort()
+            lost = sum(length for _, length, _ in damaged)
+            log.error("spool segment %s is damaged: %d bytes in %d places could not be read (%s); its %d whole rows "
+                      "are kept and the rest goes to the dead letters", path, lost, len(damaged), damaged[0][2],
+                      len(rows))
+            letters = [(str(path), offset, length, why, data[offset:offset + length].decode("utf-8", "replace"),
+                        base64.b64encode(data[offset:offset + length]).decode("ascii"))
+                       for offset, length, why in damaged]
+            reason = StorageError(f"spool segment {path} is damaged: {lost} bytes in {len(damaged)} places could "
+                                  f"not be read ({'; '.join(sorted({why for _, _, why in damaged}))}); the "
+                                  f"{len(rows)} whole rows around them were published", path=str(path))
+            letter = Batch(table, len(letters), letters, LETTER_SCHEMA, key=path, nbytes=lost, damage=reason)
+        return rows, nbytes, first, last, letter
 
     def _recover(self) -> list[Batch]:
-        batches: list[tuple[int, str, Batch]] = []
-        for folder in sorted(p for p in self.directory.iterdir() if p.is_dir()):
+        found: list[tuple[int, str, int, Batch]] = []
+        try:
+            folders = sorted(self.directory.iterdir())
+        except OSError as exc:
+            raise self._error("could not list the spool directory", exc) from exc
+        for folder in folders:
+            if folder.name == _LOCK_FILE:
+                continue
+            if not folder.is_dir():
+                log.warning("spool %s: %s is not the spool's; left alone", self.directory, folder)
+                continue
             table = folder.name
-            generations = sorted({int(p.stem) for p in folder.iterdir() if p.stem.isdigit()})
-            self._next_generation[table] = (generations[-1] + 1) if generations else 1
-            for generation in generations:
+            try:
+                self._schema_of(table)
+            except Exception:
+                log.warning("spool %s: %s is not the folder of a table; left alone", self.directory, folder)
+                continue
+            generations: set[int] = set()
+            try:
+                entries = sorted(folder.iterdir())
+            except OSError as exc:
+                log.error("spool %s: cannot list %s (%s); its batches wait for the next start", self.directory,
+                          folder, exc)
+                self._next_generation[table] = 10**_WIDTH  # never collide with what cannot be seen
+                continue
+            for entry in entries:
+                own = _OWN_FILE.fullmatch(entry.name)
+                if own is not None:
+                    generations.add(int(own.group(1)))
+                elif _OWN_TMP.fullmatch(entry.name):
+                    with contextlib.suppress(OSError):
+                        entry.unlink()
+                else:
+                    log.warning("spool %s: %s is not the spool's; left alone", self.directory, entry)
+            self._next_generation[table] = (max(generations) + 1) if generations else 1
+            for generation in sorted(generations):
                 segment = folder / f"{generation:0{_WIDTH}d}.avro"
-                batch = self._recover_one(table, segment)
-                if batch is not None:
-                    batches.append((generation, table, batch))
-            for stray in folder.glob("*.tmp"):
-                stray.unlink()
-        if batches:
-            log.info("spool %s: recovered %d batches (%d rows) not yet published", self.directory, len(batches),
-                     sum(b.rows for _, _, b in batches))
-        return [b for _, _, b in sorted(batches, key=lambda x: (x[0], x[1]))]
+                try:
+                    batches = self._recover_one(table, segment)
+                except Exception as exc:
+                    # Never stop the sink from starting: the files stay as they are, for the next start.
+                    log.error("spool %s: could not recover %s (%s: %s); its files are left for the next start",
+                              self.directory, segment, type(exc).__name__, exc)
+                    continue
+                if len(batches) > 1:
+                    self._shares[segment] = len(batches)
+                found += [(generation, table, i, b) for i, b in enumerate(batches)]
+        if found:
+            log.info("spool %s: recovered %d batches (%d rows) not yet published", self.directory, len(found),
+                     sum(b.rows for *_, b in found if b.damage is None))
+        return [b for *_, b in sorted(found, key=lambda x: (x[0], x[1], x[2]))]
 
-    def _recover_one(self, table: str, segment: Path) -> Batch | None:
+    def _recover_one(self, table: str, segment: Path) -> list[Batch]:
+        """The pending batches one segment left: dead letters for what could not be read, then its rows."""
         name_file, data_file = segment.with_suffix(".name"), segment.with_suffix(".data")
-        if name_file.exists() and data_file.exists():
-            record = orjson.loads(name_file.read_bytes())
-            data = data_file.read_bytes()
-            if hashlib.sha256(data).hexdigest() == record["sha256"]:
-                return Batch(table, int(record["rows"]), None, self._schema_of(table), name=record["name"],
-                             encoded=data, key=segment, attempted=True, nbytes=len(data),
-                             first_time=record.get("first_time"), last_time=record.get("last_time"))
-            log.warning("spool %s: %s does not match its checksum; the batch is encoded again", self.directory,
-                        data_file)
-        for leftover in (name_file, data_file):
-            with contextlib.suppress(FileNotFoundError):
-                leftover.unlink()
+        record = _name_record(name_file.read_bytes()) if name_file.exists() else None
+        if name_file.exists() and record is None:
+            log.error("spool %s: %s is damaged; the batch's name is taken from %s", self.directory, name_file,
+                      data_file)
+        found = _read_data(data_file, record) if data_file.exists() else None
+        schema = self._schema_of(table)
+        if found is not None:
+            data, record = found
+            return [Batch(table, int(record["rows"]), None, schema, name=record["name"], encoded=data, key=segment,
+                          attempted=True, nbytes=len(data), first_time=record.get("first_time"),
+                          last_time=record.get("last_time"))]
         if not segment.exists():
-            return None
-        rows, nbytes, first, last = self._read_rows(segment, table)
-        if not rows:
-            segment.unlink()
-            return None
-        return Batch(table, len(rows), rows, self._schema_of(table), key=segment, nbytes=nbytes, first_time=first,
-                     last_time=last)
+            # Published (the segment is deleted first, once the upload and its manifest landed), or never a batch.
+            for leftover in (name_file, data_file, segment.with_suffix(".end")):
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
+            return []
+        if record is not None:
+            log.error("spool %s: %s is damaged; the batch is encoded again from its segment, under its name %s",
+                      self.directory, data_file, record["name"])
+        elif data_file.exists():
+            log.error("spool %s: the name of the batch in %s is lost (%s and %s are damaged); its rows get a new "
+                      "name, and if the old one had been published they are published twice", self.directory,
+                      segment, name_file, data_file)
+        rows, nbytes, first, last, letter = self._read_rows(segment, table)
+        batches = [letter] if letter is not None else []
+        if rows:
+            batch = Batch(table, len(rows), rows, schema, key=segment, nbytes=nbytes, first_time=first,
+                          last_time=last)
+            if record is not None:
+                batch.name, batch.attempted, batch.unrecorded = record["name"], True, True
+            batches.append(batch)
+        if not batches:
+            for leftover in (segment, name_file, data_file, segment.with_suffix(".end")):
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
+        return batches

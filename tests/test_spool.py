@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -26,7 +27,10 @@ def abandon(sink: cio_sync.AdvancedSink) -> None:
     _OPEN.discard(sink._publisher)
     if sink.spool is not None:
         for segment in sink.spool._open.values():
-            segment.file.close()
+            os.close(segment.fd)
+        if sink.spool._lock_fd is not None:  # a dead process holds no lock
+            os.close(sink.spool._lock_fd)
+            sink.spool._lock_fd = None
 
 
 def ids_in(storage: Storage) -> list[str]:
@@ -236,8 +240,6 @@ def test_rejected_calls_can_be_kept_as_dead_letters(memory_storage: Storage) -> 
 
 
 def test_hand_framed_blocks_are_avro_that_fastavro_reads_back(tmp_path: Path) -> None:
-    import os
-
     import fastavro
     from fastavro.write import Writer
 
