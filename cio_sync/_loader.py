@@ -820,14 +820,23 @@ def _target(into: str) -> _Target:
     return _DuckDBTarget(duckdb_path(into))
 
 
-def list_files(fs: AbstractFileSystem, root: str) -> list[SourceFile]:
-    """The loadable files directly under ``root``, in load order."""
-    fs.invalidate_cache(root)
+def _list(fs: AbstractFileSystem, folder: str) -> list[str]:
+    """The entries of ``folder`` (none if it does not exist); raises :class:`StorageError` naming it."""
+    fs.invalidate_cache(folder)
     try:
-        entries = fs.ls(root, detail=False)
+        return [str(e) for e in fs.ls(folder, detail=False)]
     except FileNotFoundError:
         return []
-    files = [classify(str(e).rstrip("/").rsplit("/", 1)[-1]) for e in entries]
+    except OSError as exc:
+        shown = display_url(fs, folder)
+        raise StorageError(f"cannot list {shown}: {redact(str(exc), ())}", path=shown) from exc
+
+
+def list_files(fs: AbstractFileSystem, root: str) -> list[SourceFile]:
+    """The loadable files directly under ``root``, in load order; raises :class:`StorageError` if it cannot be
+    listed."""
+    entries = _list(fs, root)
+    files = [classify(e.rstrip("/").rsplit("/", 1)[-1]) for e in entries]
     return sorted(f for f in files if f is not None)
 
 
@@ -875,12 +884,7 @@ def _manifests(fs: AbstractFileSystem, root: str, *, where: str, target: _Target
     """Every manifest under ``root/_manifests``; one that is unreadable or of the wrong shape is quarantined (its
     files then wait: a file is loaded only when a readable manifest lists it)."""
     folder = f"{root}/{MANIFESTS_FOLDER}"
-    found = _Manifests()
-    fs.invalidate_cache(folder)
-    try:
-        found.paths = sorted(str(p) for p in fs.ls(folder, detail=False) if str(p).endswith(".json"))
-    except FileNotFoundError:
-        return found
+    found = _Manifests(paths=sorted(p for p in _list(fs, folder) if p.endswith(".json")))
     for path in found.paths:
         name = f"{MANIFESTS_FOLDER}/{path.rsplit('/', 1)[-1]}"
         status = state.get(name)
