@@ -17,10 +17,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import re
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Final, Protocol
 
 import orjson
@@ -89,6 +92,8 @@ _FIRST_MICROS: Final = -62_135_596_800_000_000
 _LAST_MICROS: Final = 253_402_300_799_999_999
 _SHA256: Final = re.compile(r"[0-9a-fA-F]{64}")
 _MAX_REASON: Final = 600
+#: DuckDB database names that are no local file (``md:`` for MotherDuck, ...); a drive letter is one character.
+_NOT_A_FILE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")
 _FORMATS: Final = {"parquet": "Parquet", "csv": "CSV", "json": "JSON lines"}
 _LIST_OF_TEXT: Final = pa.list_(pa.string())
 
@@ -536,6 +541,31 @@ class _Target(Protocol):
         ...
 
 
+def _remove_stale(path: str) -> None:
+    """Remove the temporary databases that loads killed while creating ``path`` left beside it."""
+    folder, name = os.path.split(os.path.abspath(path))
+    try:
+        candidates = list(Path(folder).glob(f".{name}.*.tmp"))
+    except OSError:
+        return
+    for stale in candidates:
+        pid = stale.name.removeprefix(f".{name}.").split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            for leftover in (stale, Path(f"{stale}.wal")):
+                with contextlib.suppress(OSError):
+                    leftover.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class _DuckDBTarget:
     """Loads into a DuckDB database file (or ``:memory:``)."""
 
@@ -549,6 +579,10 @@ class _DuckDBTarget:
         self.name = f"the DuckDB database {path}"
         self.con: Any = None
         try:
+            if path != ":memory:" and not _NOT_A_FILE.match(path):
+                _remove_stale(path)
+                if not os.path.exists(path):
+                    self._create(path)
             self.con = duckdb.connect(path)
             self.con.execute("SET TimeZone = 'UTC'")
             self.con.execute(_state_sql("duckdb"))
@@ -557,9 +591,32 @@ class _DuckDBTarget:
                 "AND table_schema = current_schema()", [LOAD_STATE_TABLE]).fetchall()}
             for sql in _migrations(have, "duckdb"):
                 self.con.execute(sql)
-        except duckdb.Error as exc:
+        except (duckdb.Error, OSError) as exc:
             self.close()
             raise StorageError(f"cannot open {self.name}: {exc}", path=path) from exc
+
+    def _create(self, path: str) -> None:
+        """A new database, made whole under a temporary name and then linked into place.
+
+        DuckDB writes a new file's header in several writes; a full disk or a kill between them would leave a file
+        that no later load can open. Made aside, the database at ``path`` is either whole or absent; a temporary
+        file left by a killed load is removed by the next one.
+        """
+        folder, name = os.path.split(os.path.abspath(path))
+        temporary = os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            con = self._duckdb.connect(temporary)
+            try:
+                con.execute(_state_sql("duckdb"))
+                con.execute("CHECKPOINT")
+            finally:
+                con.close()
+            with contextlib.suppress(FileExistsError):  # never replace a database another load made meanwhile
+                os.link(temporary, path)
+        finally:
+            for leftover in (temporary, f"{temporary}.wal"):
+                with contextlib.suppress(OSError):  # best effort: the next load removes what stays
+                    Path(leftover).unlink(missing_ok=True)
 
     def _failed(self, what: str, exc: BaseException) -> StorageError:
         return StorageError(f"{what}: {self.name} failed: {exc}", path=self.path)

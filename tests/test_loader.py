@@ -18,7 +18,6 @@ import pytest
 import cio_sync
 from cio_sync._sample import sample_calls, sample_records
 from tests.conftest import Storage
-from tests.faults import SmallDisk
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -500,32 +499,3 @@ def test_the_load_command_prints_each_quarantined_file_and_exits_1(tmp_path: Pat
     out, err = capsys.readouterr()
     assert "loaded 1 files" in out
     assert err == ""
-
-
-def test_the_duckdb_database_on_a_full_disk_fails_naming_it_and_a_rerun_loads_each_file_once(
-        small_disk: SmallDisk, tmp_path: Path) -> None:
-    prefix = tmp_path / "prefix"
-    with cio_sync.AdvancedSink(str(prefix), flush_interval=None, max_rows=50) as sink:
-        ids = [sink.write(c) for c in sample_calls(600, seed=3)]
-    database = small_disk.path / "w.duckdb"
-    into = f"duckdb:///{database}"
-    cio_sync.load(str(prefix), into)  # creates the database; then the next files meet a full disk
-    first = len(ids)
-    with cio_sync.AdvancedSink(str(prefix), flush_interval=None, max_rows=50) as sink:
-        ids += [sink.write(c) for c in sample_calls(600, seed=5)]
-    small_disk.fill(leave=64 * 1024)
-    with pytest.raises(cio_sync.StorageError, match=str(database)) as raised:
-        cio_sync.load(str(prefix), into)
-    assert isinstance(raised.value, OSError)
-    small_disk.free()
-    # Every file the state says is loaded is in the tables, and no other.
-    types = ("identify", "track", "page", "screen", "group", "alias")
-    in_state = count(database, "SELECT coalesce(sum(rows), 0) FROM _cio_sync_loaded")
-    assert in_state == sum(count(database, f"SELECT count(*) FROM raw_{t}") for t in types)
-    assert first <= in_state < len(ids)
-    report = cio_sync.load(str(prefix), into)
-    assert report.quarantined == []
-    assert sum(count(database, f"SELECT count(*) FROM raw_{t}") for t in types) == len(ids)
-    assert sum(count(database, f'SELECT count(DISTINCT "messageId") FROM raw_{t}') for t in types) == len(ids)
-    assert count(database, "SELECT count(*) FROM _cio_sync_loaded") == len(
-        [p for p in prefix.iterdir() if p.is_file()])
