@@ -937,7 +937,7 @@ class _Manifests:
 
 
 def _manifests(fs: AbstractFileSystem, root: str, *, where: str, target: _Target, state: Mapping[str, str],
-               retry: bool, report: LoadReport) -> _Manifests:
+               retry: bool, report: LoadReport, tell: Callable[[QuarantinedFile], None] | None) -> _Manifests:
     """Every manifest under ``root/_manifests``; one that is unreadable or of the wrong shape is quarantined (its
     files then wait: a file is loaded only when a readable manifest lists it)."""
     folder = f"{root}/{MANIFESTS_FOLDER}"
@@ -962,7 +962,7 @@ def _manifests(fs: AbstractFileSystem, root: str, *, where: str, target: _Target
             entries = manifest_files(document)
         except _Unloadable as exc:
             _quarantine(target, report, name, table=MANIFESTS_FOLDER, reason=f"manifest {exc}",
-                        replace=status is not None)
+                        replace=status is not None, tell=tell)
             continue
         if status is not None:
             target.forget(where, name)
@@ -972,11 +972,15 @@ def _manifests(fs: AbstractFileSystem, root: str, *, where: str, target: _Target
     return found
 
 
-def _quarantine(target: _Target, report: LoadReport, name: str, *, table: str, reason: str, replace: bool) -> None:
-    where = report.source
-    target.record(where, name, table, reason, replace=replace)
-    report.quarantined.append(QuarantinedFile(name, table, reason))
-    log.warning("quarantined %s/%s: %s", where, name, reason)
+def _quarantine(target: _Target, report: LoadReport, name: str, *, table: str, reason: str, replace: bool,
+                tell: Callable[[QuarantinedFile], None] | None) -> None:
+    target.record(report.source, name, table, reason, replace=replace)
+    file = QuarantinedFile(name, table, reason)
+    report.quarantined.append(file)
+    # A caller that is told of each quarantined file reports it itself; otherwise the log does.
+    log.log(logging.INFO if tell else logging.WARNING, "quarantined %s/%s: %s", report.source, name, reason)
+    if tell is not None:
+        tell(file)
 
 
 def load(
@@ -988,6 +992,7 @@ def load(
     delete_after_load: bool = False,
     retry_quarantined: bool = False,
     progress: Callable[[SourceFile, int], None] | None = None,
+    on_quarantine: Callable[[QuarantinedFile], None] | None = None,
 ) -> LoadReport:
     """Load every file of ``source`` not loaded before into ``into``; build the current-state views.
 
@@ -1003,7 +1008,8 @@ def load(
     format, a known column of another type family, a column name that is not a plain identifier, a size or checksum
     its manifest does not list, rows the warehouse refuses) and a manifest of the wrong shape are quarantined: their
     entry in ``_cio_sync_loaded`` has status ``quarantined`` and the reason, the report lists them, and the load goes
-    on. Later loads skip them (never deleting them) unless ``retry_quarantined`` is true.
+    on. Later loads skip them (never deleting them) unless ``retry_quarantined`` is true. Each is logged as a warning,
+    or, with ``on_quarantine``, given to it as soon as it is recorded (and logged at info level only).
 
     Raises :class:`StorageError` naming the file or the database when the prefix cannot be read or the warehouse
     fails (a full disk, a lost connection): the file being loaded is rolled back, every file before it stays loaded.
@@ -1016,7 +1022,7 @@ def load(
     try:
         state = target.state(where)
         manifests = _manifests(fs, root, where=where, target=target, state=state, retry=retry_quarantined,
-                               report=report)
+                               report=report, tell=on_quarantine)
         for file in list_files(fs, root):
             path = f"{root}/{file.name}"
             status = state.get(file.name)
@@ -1039,7 +1045,8 @@ def load(
                 table = read_file(data, file, target.columns(file.table))
                 target.load(where, file, table, replace=status is not None)
             except _Unloadable as exc:
-                _quarantine(target, report, file.name, table=file.table, reason=str(exc), replace=status is not None)
+                _quarantine(target, report, file.name, table=file.table, reason=str(exc), replace=status is not None,
+                            tell=on_quarantine)
                 continue
             report.files_loaded += 1
             report.rows_loaded += table.num_rows

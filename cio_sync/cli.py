@@ -19,6 +19,7 @@ from cio_sync._loader import inspect_prefix, load
 from cio_sync._pipeline import Pipeline
 from cio_sync._sample import sample_calls, sample_records
 from cio_sync._standard import StandardSink
+from cio_sync._storage import redact
 from cio_sync._writer import WrittenFile
 
 FORMATS = ("parquet", "csv", "json")
@@ -118,15 +119,21 @@ def load_command(args: argparse.Namespace) -> int:
     if sys.stderr.isatty() and not args.quiet:
         def progress(file: Any, rows: int) -> None:
             print(f"\r  loaded {file.name} ({rows:,} rows)\033[K", end="", file=sys.stderr, flush=True)
+    source = redact(args.source.rstrip("/"), ())
+
+    def quarantined(file: Any) -> None:
+        # As it happens, so that a load a warehouse failure stops later still showed it.
+        if progress is not None:
+            print("\r\033[K", end="", file=sys.stderr)
+        print(f"cio-sync: quarantined {source}/{file.name}: {file.reason}", file=sys.stderr, flush=True)
+
     try:
         report = load(args.source, args.into, storage_options=_options(args.storage_option),
                       delete_after_load=args.delete_after_load, retry_quarantined=args.retry_quarantined,
-                      progress=progress)
+                      progress=progress, on_quarantine=quarantined)
     finally:
         if progress is not None:
             print("\r\033[K", end="", file=sys.stderr)
-    for file in report.quarantined:
-        print(f"cio-sync: quarantined {report.source}/{file.name}: {file.reason}", file=sys.stderr)
     print(report)
     if report.quarantined or report.files_still_quarantined:
         total = report.files_quarantined + report.files_still_quarantined
