@@ -96,6 +96,9 @@ _MAX_REASON: Final = 600
 _NOT_A_FILE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")
 _FORMATS: Final = {"parquet": "Parquet", "csv": "CSV", "json": "JSON lines"}
 _LIST_OF_TEXT: Final = pa.list_(pa.string())
+#: The columns of a warehouse table: lower-case name -> (name, Arrow type, ``None`` for a type the loader does not
+#: know).
+Columns = dict[str, tuple[str, pa.DataType | None]]
 
 
 @dataclass(frozen=True, order=True)
@@ -502,8 +505,30 @@ def _extras(table: pa.Table, source: SourceFile) -> list[pa.Field]:
     return [f for f in table.schema if f.name not in known]
 
 
-def _columns(rows: list[tuple[Any, ...]]) -> dict[str, tuple[str, pa.DataType | None]]:
+def _columns(rows: list[tuple[Any, ...]]) -> Columns:
     return {str(name).lower(): (str(name), _WAREHOUSE_TYPES.get(str(kind).lower())) for name, kind in rows}
+
+
+def _ddl(have: Columns, file: SourceFile, table: pa.Table, dialect: str) -> list[str]:
+    """What makes the warehouse table of ``file`` (whose columns are ``have``) hold every column of ``table``."""
+    if not have:
+        return [_create_table_sql(file.table, known_schema(file), dialect)] + [
+            _add_column_sql(file.table, f, dialect) for f in _extras(table, file)]
+    return [_add_column_sql(file.table, f, dialect) for f in [*known_schema(file), *_extras(table, file)]
+            if f.name.lower() not in have]
+
+
+def _add_column_sql(table: str, column: pa.Field, dialect: str) -> str:
+    return (f"ALTER TABLE {quote_identifier(table)} ADD COLUMN IF NOT EXISTS {quote_identifier(column.name)} "
+            f"{_sql_type(column.type, dialect)}")
+
+
+def _grown(have: Columns, file: SourceFile, table: pa.Table) -> Columns:
+    """The columns of the warehouse table once ``table`` was loaded into it."""
+    grown = dict(have)
+    for f in [*known_schema(file), *_extras(table, file)]:
+        grown.setdefault(f.name.lower(), (f.name, f.type))
+    return grown
 
 
 class _Target(Protocol):
@@ -516,7 +541,7 @@ class _Target(Protocol):
         """The load-state entries of ``source``: name -> status."""
         ...
 
-    def columns(self, table: str) -> dict[str, tuple[str, pa.DataType | None]]:
+    def columns(self, table: str) -> Columns:
         """The columns ``table`` has in the warehouse (lower-case name -> name, Arrow type); empty if none yet."""
         ...
 
@@ -578,6 +603,8 @@ class _DuckDBTarget:
         self.path = path
         self.name = f"the DuckDB database {path}"
         self.con: Any = None
+        #: The columns of each warehouse table as this connection knows them (it is the only writer).
+        self._tables: dict[str, Columns] = {}
         try:
             if path != ":memory:" and not _NOT_A_FILE.match(path):
                 _remove_stale(path)
@@ -629,13 +656,15 @@ class _DuckDBTarget:
             raise self._failed(f"reading the load state of {source}", exc) from exc
         return {str(name): str(status) for name, status in rows}
 
-    def columns(self, table: str) -> dict[str, tuple[str, pa.DataType | None]]:
-        try:
-            return _columns(self.con.execute(
-                "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ? "
-                "AND table_schema = current_schema()", [table]).fetchall())
-        except self._duckdb.Error as exc:
-            raise self._failed(f"reading the columns of {table}", exc) from exc
+    def columns(self, table: str) -> Columns:
+        if table not in self._tables:
+            try:
+                self._tables[table] = _columns(self.con.execute(
+                    "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ? "
+                    "AND table_schema = current_schema()", [table]).fetchall())
+            except self._duckdb.Error as exc:
+                raise self._failed(f"reading the columns of {table}", exc) from exc
+        return self._tables[table]
 
     def _entry(self, source: str, name: str, *, table: str, rows: int, status: str, reason: str | None,
                replace: bool) -> None:
@@ -657,13 +686,12 @@ class _DuckDBTarget:
         duckdb = self._duckdb
         target = quote_identifier(file.table)
         incoming = "_cio_sync_incoming"
+        have = self.columns(file.table)
         try:
             self.con.execute("BEGIN TRANSACTION")
             try:
-                self.con.execute(_create_table_sql(file.table, known_schema(file), "duckdb"))
-                for extra in _extras(table, file):
-                    self.con.execute(f"ALTER TABLE {target} ADD COLUMN IF NOT EXISTS "
-                                     f"{quote_identifier(extra.name)} {_sql_type(extra.type, 'duckdb')}")
+                for sql in _ddl(have, file, table, "duckdb"):
+                    self.con.execute(sql)
                 self.con.register(incoming, table)
                 self.con.execute(f"INSERT INTO {target} BY NAME SELECT * FROM {incoming}")
                 self._entry(source, file.name, table=file.table, rows=table.num_rows, status=LOADED, reason=None,
@@ -671,10 +699,12 @@ class _DuckDBTarget:
                 self.con.execute("COMMIT")
             except BaseException:
                 self._rollback()
+                self._tables.pop(file.table, None)
                 raise
             finally:
                 with contextlib.suppress(duckdb.Error):
                     self.con.unregister(incoming)
+            self._tables[file.table] = _grown(have, file, table)
         except duckdb.DataError as exc:
             raise _Unloadable(f"DuckDB refused its rows: {exc}") from exc
         except duckdb.Error as exc:
@@ -748,6 +778,8 @@ class _PostgresTarget:
         self._psycopg = psycopg
         self.path = redact(dsn, ())
         self.name = f"PostgreSQL at {self.path}"
+        #: The columns of each warehouse table as this connection knows them (a load is their only writer).
+        self._tables: dict[str, Columns] = {}
         try:
             # Autocommit, so that each ``transaction()`` block is a real transaction of its own.
             self.con = psycopg.connect(dsn, autocommit=True)
@@ -777,14 +809,16 @@ class _PostgresTarget:
             raise self._failed(f"reading the load state of {source}", exc) from exc
         return {str(name): str(status) for name, status in rows}
 
-    def columns(self, table: str) -> dict[str, tuple[str, pa.DataType | None]]:
-        try:
-            return _columns(self.con.execute(
-                "SELECT column_name, CASE WHEN data_type = 'ARRAY' THEN udt_name ELSE data_type END "
-                "FROM information_schema.columns WHERE table_name = %s AND table_schema = current_schema()",
-                [table]).fetchall())
-        except self._psycopg.Error as exc:
-            raise self._failed(f"reading the columns of {table}", exc) from exc
+    def columns(self, table: str) -> Columns:
+        if table not in self._tables:
+            try:
+                self._tables[table] = _columns(self.con.execute(
+                    "SELECT column_name, CASE WHEN data_type = 'ARRAY' THEN udt_name ELSE data_type END "
+                    "FROM information_schema.columns WHERE table_name = %s AND table_schema = current_schema()",
+                    [table]).fetchall())
+            except self._psycopg.Error as exc:
+                raise self._failed(f"reading the columns of {table}", exc) from exc
+        return self._tables[table]
 
     def _entry(self, source: str, name: str, *, table: str, rows: int, status: str, reason: str | None,
                replace: bool) -> None:
@@ -801,21 +835,24 @@ class _PostgresTarget:
         psycopg = self._psycopg
         target = quote_identifier(file.table)
         names = ", ".join(quote_identifier(f.name) for f in table.schema)
+        have = self.columns(file.table)
         try:
             with self.con.transaction():
-                self.con.execute(_create_table_sql(file.table, known_schema(file), "postgres"))
-                for extra in _extras(table, file):
-                    self.con.execute(f"ALTER TABLE {target} ADD COLUMN IF NOT EXISTS "
-                                     f"{quote_identifier(extra.name)} {_sql_type(extra.type, 'postgres')}")
+                for sql in _ddl(have, file, table, "postgres"):
+                    self.con.execute(sql)
                 with self.con.cursor().copy(f"COPY {target} ({names}) FROM STDIN") as copy:
                     for row in table.to_pylist():
                         copy.write_row(list(row.values()))
                 self._entry(source, file.name, table=file.table, rows=table.num_rows, status=LOADED, reason=None,
                             replace=replace)
-        except (psycopg.DataError, ValueError, OverflowError) as exc:
-            raise _Unloadable(f"PostgreSQL refused its rows: {redact(str(exc).strip(), ())}") from exc
-        except psycopg.Error as exc:
-            raise self._failed(f"loading {source}/{file.name}", exc) from exc
+        except BaseException as exc:
+            self._tables.pop(file.table, None)
+            if isinstance(exc, psycopg.DataError | ValueError | OverflowError):
+                raise _Unloadable(f"PostgreSQL refused its rows: {redact(str(exc).strip(), ())}") from exc
+            if isinstance(exc, psycopg.Error):
+                raise self._failed(f"loading {source}/{file.name}", exc) from exc
+            raise
+        self._tables[file.table] = _grown(have, file, table)
 
     def record(self, source: str, name: str, table: str, reason: str, *, replace: bool) -> None:
         try:
