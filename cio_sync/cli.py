@@ -1,8 +1,9 @@
 """The ``cio-sync`` command line (also ``python -m cio_sync``).
 
-Exit codes: 0 success, 1 the work failed (storage, data), 2 the command line was wrong, 128 + the signal's number
-when ``replay`` or ``load`` was stopped by SIGTERM, SIGINT or SIGHUP (143, 130, 129) after finishing what it had
-accepted: ``replay`` publishes every call it accepted, ``load`` stops between two files.
+Exit codes: 0 success, 1 the work failed (storage, data) or, for ``load``, files were quarantined by this run,
+2 the command line was wrong, 128 + the signal's number when ``replay`` or ``load`` was stopped by SIGTERM, SIGINT
+or SIGHUP (143, 130, 129) after finishing what it had accepted: ``replay`` publishes every call it accepted,
+``load`` stops between two files.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from cio_sync._pipeline import Pipeline
 from cio_sync._sample import sample_calls, sample_records
 from cio_sync._signals import close_on_signals
 from cio_sync._standard import StandardSink
+from cio_sync._storage import redact
 from cio_sync._writer import WrittenFile
 
 FORMATS = ("parquet", "csv", "json")
@@ -130,10 +132,20 @@ def load_command(args: argparse.Namespace) -> int:
             print(f"\r  loaded {file.name} ({rows:,} rows)\033[K", end="", file=sys.stderr, flush=True)
         guard.checkpoint()  # the file is committed: a signal that came meanwhile stops the load here
 
+    source = redact(args.source.rstrip("/"), ())
+
+    def quarantined(file: Any) -> None:
+        # As it happens, so that a load a warehouse failure stops later still showed it.
+        if show:
+            print("\r\033[K", end="", file=sys.stderr)
+        print(f"cio-sync: quarantined {source}/{file.name}: {file.reason}", file=sys.stderr, flush=True)
+        guard.checkpoint()  # its entry is committed too
+
     try:
         with guard:
             report = load(args.source, args.into, storage_options=_options(args.storage_option),
-                          delete_after_load=args.delete_after_load, progress=progress)
+                          delete_after_load=args.delete_after_load, retry_quarantined=args.retry_quarantined,
+                          progress=progress, on_quarantine=quarantined)
             if show:
                 print("\r\033[K", end="", file=sys.stderr)
             print(report)
@@ -145,15 +157,22 @@ def load_command(args: argparse.Namespace) -> int:
         print(f"cio-sync: stopped by {signal.Signals(guard.received).name} after loading {done['files']:,} files "
               f"({done['rows']:,} rows); the next load goes on from there", file=sys.stderr)
         return int(exc.code or 0)
-    return 0
+    if report.quarantined or report.files_still_quarantined:
+        total = report.files_quarantined + report.files_still_quarantined
+        print(f"cio-sync: {total} file(s) of {report.source} are quarantined (status 'quarantined' in "
+              "_cio_sync_loaded, with the reason); fix or replace them, then load again with --retry-quarantined",
+              file=sys.stderr)
+    return 1 if report.quarantined else 0
 
 
 def inspect_command(args: argparse.Namespace) -> int:
     """Describe a prefix."""
     found = inspect_prefix(args.prefix, storage_options=_options(args.storage_option))
     tables = found["tables"]
+    for bad in found["unreadable"]:
+        print(f"cio-sync: unreadable {found['source']}/{bad['name']}: {bad['reason']}", file=sys.stderr)
     if not tables:
-        print(f"{found['source']}: no cio_sync or Customer.io files")
+        print(f"{found['source']}: no readable cio_sync or Customer.io files")
         return 0
     print(f"{found['source']}:")
     for name, t in sorted(tables.items()):
@@ -244,7 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Loads every file of SOURCE (written by either sink, or a Customer.io export) that was not "
                     "loaded before into the target, in position/sequence order, each file in one transaction with "
                     "its entry in _cio_sync_loaded; then builds the current-state views (people_current, "
-                    "attributes_current, deliveries_current, subjects_current, metrics_unique, raw_<type>_unique).",
+                    "attributes_current, deliveries_current, subjects_current, metrics_unique, raw_<type>_unique). "
+                    "A file that cannot load is quarantined (one line on stderr with its name and the reason) and "
+                    "the load goes on; later loads skip it unless --retry-quarantined is given. Exit code 1 when "
+                    "this run quarantined a file or failed, 0 otherwise.",
     )
     p.add_argument("source", help="the prefix: s3://bucket/raw, gs://..., az://..., or a local folder")
     p.add_argument("--into", default="duckdb:///cio_sync.duckdb",
@@ -253,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delete-after-load", action="store_true",
                    help="delete each file once its rows are committed (and manifests whose files are all loaded); "
                         "the _cio_sync/ counters stay")
+    p.add_argument("--retry-quarantined", action="store_true",
+                   help="try again the files an earlier load quarantined (by default they are skipped)")
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option for the storage backend, e.g. endpoint_url=http://127.0.0.1:9000 (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line")

@@ -7,9 +7,12 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import cio_sync
@@ -42,18 +45,38 @@ class Warehouse:
         [(n,)] = self.rows(sql)
         return int(n)  # type: ignore[call-overload]
 
+    def execute(self, *statements: str) -> None:
+        if self.kind == "duckdb":
+            con = duckdb.connect(self.into.removeprefix("duckdb:///"))
+            try:
+                for sql in statements:
+                    con.execute(sql)
+            finally:
+                con.close()
+            return
+        import psycopg
 
-@pytest.fixture(params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
-def warehouse(request: pytest.FixtureRequest, tmp_path: Path) -> Warehouse:
-    if request.param == "duckdb":
-        return Warehouse(f"duckdb:///{tmp_path}/warehouse.duckdb", "duckdb")
+        with psycopg.connect(self.into, autocommit=True) as pg:
+            for sql in statements:
+                pg.execute(sql)  # type: ignore[arg-type]
+
+
+def pg_warehouse(request: pytest.FixtureRequest) -> Warehouse:
+    """A fresh database on the test PostgreSQL server."""
     import psycopg
 
     server = request.getfixturevalue("postgres_server")
     name = f"w_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(server.dsn, autocommit=True) as con:
-        con.execute(f"CREATE DATABASE {name}")
+        con.execute(f"CREATE DATABASE {name}")  # type: ignore[arg-type]
     return Warehouse(server.dsn.rsplit("/", 1)[0] + f"/{name}", "postgres")
+
+
+@pytest.fixture(params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
+def warehouse(request: pytest.FixtureRequest, tmp_path: Path) -> Warehouse:
+    if request.param == "duckdb":
+        return Warehouse(f"duckdb:///{tmp_path}/warehouse.duckdb", "duckdb")
+    return pg_warehouse(request)
 
 
 def count(db: Path, sql: str) -> int:
@@ -150,17 +173,23 @@ def test_customer_io_exports_without_manifests_load(memory_storage: Storage, tmp
     assert report.tables == {"people": 1, "attributes": 1}
 
 
-def test_a_manifest_checksum_mismatch_stops_the_load(memory_storage: Storage, tmp_path: Path) -> None:
-    with cio_sync.AdvancedSink(memory_storage.url, flush_interval=None) as sink:
-        sink.write({"type": "track", "userId": "1", "event": "E"})
-        [written] = sink.flush()
+def test_a_file_that_does_not_match_its_manifest_is_quarantined_and_the_load_goes_on(memory_storage: Storage,
+                                                                                    tmp_path: Path) -> None:
+    with cio_sync.AdvancedSink(memory_storage.url, flush_interval=None, max_rows=1) as sink:
+        for user in ("1", "2"):
+            sink.write({"type": "track", "userId": user, "event": "E"})
+        written = sorted(f.name for f in sink.flush())
     fs = memory_storage.fs
-    path = f"{memory_storage.root}/{written.name}"
+    path = f"{memory_storage.root}/{written[0]}"
     data = fs.cat_file(path)
     fs.rm_file(path)
     fs.pipe_file(path, data[:-1] + b"\0")
-    with pytest.raises(cio_sync.CioSyncError, match="checksum"):
-        cio_sync.load(memory_storage.url, f"duckdb:///{tmp_path}/w.duckdb")
+    report = cio_sync.load(memory_storage.url, f"duckdb:///{tmp_path}/w.duckdb")
+    assert report.files_loaded == 1
+    [bad] = report.quarantined
+    assert bad.name == written[0]
+    assert "checksum" in bad.reason
+    assert "_manifests/advanced.1.1.json" in bad.reason
 
 
 def test_a_load_killed_midway_and_rerun_loads_each_file_once(local_storage: Storage,
@@ -239,3 +268,234 @@ def test_customer_io_named_exports_of_other_versions_load(memory_storage: Storag
     assert report.tables == {"delivery_contents": 1, "deliveries": 1}
     assert warehouse.rows("SELECT delivery_id, new_column FROM deliveries") == [("d1", "x")]
     assert warehouse.rows("SELECT subject FROM delivery_contents") == [("Hi",)]
+
+
+# -- a hostile prefix: files that must never run SQL, stop a load, or change a table's types ------------------------
+
+#: Column names that ran SQL in earlier loaders: each closes the quoted name in a statement that loader built from it
+#: (DuckDB's ``SELECT typeof("...")``, PostgreSQL's ``CREATE TABLE ... ("..." TEXT)``) and drops the load state.
+SQL_NAMES = {
+    "duckdb": 'workspace_id") FROM incoming; DROP TABLE _cio_sync_loaded; COMMIT; SELECT typeof("workspace_id',
+    "postgres": 'x" TEXT); DROP TABLE _cio_sync_loaded; COMMIT; --',
+}
+
+
+def put_parquet(storage: Storage, name: str, table: pa.Table) -> None:
+    out = pa.BufferOutputStream()
+    pq.write_table(table, out)
+    storage.fs.pipe_file(f"{storage.root}/{name}", out.getvalue().to_pybytes())
+
+
+def person(cio_id: str, **columns: object) -> pa.Table:
+    at = pa.array([datetime(2026, 1, 1, tzinfo=UTC)], pa.timestamp("us", tz="UTC"))
+    return pa.table({"workspace_id": [7], "internal_customer_id": [cio_id], "updated_at": at,
+                     **{k: [v] for k, v in columns.items()}})
+
+
+def people_file(sequence: int) -> str:
+    return f"people_v1_7_{sequence}.parquet"
+
+
+def column_type(warehouse: Warehouse, table: str, column: str) -> str:
+    [(kind,)] = warehouse.rows(f"SELECT lower(data_type) FROM information_schema.columns WHERE table_name = "
+                               f"'{table}' AND column_name = '{column}'")
+    return str(kind)
+
+
+def test_a_column_named_with_sql_never_runs_and_its_file_is_quarantined(memory_storage: Storage,
+                                                                          warehouse: Warehouse) -> None:
+    put_parquet(memory_storage, people_file(1), person("a"))
+    assert cio_sync.load(memory_storage.url, warehouse.into).files_loaded == 1
+    hostile = SQL_NAMES[warehouse.kind]
+    put_parquet(memory_storage, people_file(2), person("b", **{hostile: "z"}))
+    put_parquet(memory_storage, people_file(3), person("c"))
+    report = cio_sync.load(memory_storage.url, warehouse.into)
+    assert report.files_loaded == 1
+    [bad] = report.quarantined
+    assert bad.name == people_file(2)
+    assert "not a plain name" in bad.reason
+    assert warehouse.count("SELECT count(*) FROM _cio_sync_loaded") == 3
+    again = cio_sync.load(memory_storage.url, warehouse.into)
+    assert (again.files_loaded, again.files_already_loaded, again.files_still_quarantined) == (0, 2, 1)
+    assert warehouse.rows("SELECT internal_customer_id FROM people ORDER BY 1") == [("a",), ("c",)]
+
+
+def test_a_wrong_schema_file_first_is_quarantined_and_the_timestamp_column_stays_a_timestamp(
+        memory_storage: Storage, warehouse: Warehouse) -> None:
+    wrong = person("a").set_column(2, "updated_at", pa.array(["yesterday"]))
+    put_parquet(memory_storage, people_file(1), wrong)
+    put_parquet(memory_storage, people_file(2), person("b"))
+    report = cio_sync.load(memory_storage.url, warehouse.into)
+    [bad] = report.quarantined
+    assert bad.name == people_file(1)
+    assert "updated_at" in bad.reason
+    assert report.tables == {"people": 1}
+    assert column_type(warehouse, "people", "updated_at") == "timestamp with time zone"
+    assert warehouse.rows("SELECT internal_customer_id FROM people") == [("b",)]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not parquet"])
+def test_a_file_that_is_not_whole_parquet_is_quarantined_and_the_next_files_load(
+        memory_storage: Storage, warehouse: Warehouse, damage: str) -> None:
+    with cio_sync.AdvancedSink(memory_storage.url, flush_interval=None, max_rows=10, manifests=False) as sink:
+        for i in range(30):
+            sink.write({"type": "track", "userId": str(i), "event": "E"})
+    broken = "1.2.2.track.parquet"
+    data = memory_storage.read(broken)
+    memory_storage.fs.pipe_file(f"{memory_storage.root}/{broken}",
+                                data[: len(data) // 2] if damage == "truncated" else b"<html>Access Denied</html>")
+    report = cio_sync.load(memory_storage.url, warehouse.into)
+    assert (report.files_loaded, report.rows_loaded) == (2, 20)
+    [bad] = report.quarantined
+    assert bad.name == broken
+    assert "cannot be read as Parquet" in bad.reason
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_a_call_with_a_2_mib_property_written_by_our_sink_loads(memory_storage: Storage, warehouse: Warehouse,
+                                                                fmt: str) -> None:
+    big = "x" * (2 * 2**20)
+    with cio_sync.AdvancedSink(memory_storage.url, format=fmt, flush_interval=None) as sink:
+        sink.write({"type": "track", "userId": "1", "event": "Big", "properties": {"blob": big}})
+        sink.write({"type": "track", "userId": "2", "event": "Small", "properties": {"line": "a\nb"}})
+    report = cio_sync.load(memory_storage.url, warehouse.into)
+    assert report.files_loaded == 1
+    assert warehouse.count("SELECT max(length(properties)) FROM raw_track") == len(big) + len('{"blob":""}')
+    assert warehouse.count("SELECT count(*) FROM raw_track") == 2
+
+
+def test_a_json_lines_file_with_a_line_that_is_not_a_call_is_quarantined(memory_storage: Storage,
+                                                                         tmp_path: Path) -> None:
+    memory_storage.fs.pipe_file(f"{memory_storage.root}/1.2.1.track.json",
+                                b'{"type": "track", "userId": "1", "event": "E"}\n[1, 2]\n')
+    memory_storage.fs.pipe_file(f"{memory_storage.root}/1.2.2.track.json",
+                                b'{"type": "track", "userId": "2", "event": "E"}\n')
+    report = cio_sync.load(memory_storage.url, f"duckdb:///{tmp_path}/w.duckdb")
+    assert report.files_loaded == 1
+    [bad] = report.quarantined
+    assert (bad.name, bad.reason) == ("1.2.1.track.json", "line 2 is not a JSON object (a call)")
+
+
+@pytest.mark.parametrize("document", [b"{not json", b"[]", b'{"files": {"name": "x"}}', b'{"files": [{"rows": 1}]}',
+                                      b'{"files": [{"name": "1.2.2.track.parquet", "bytes": "12"}]}'])
+def test_a_manifest_of_the_wrong_shape_is_quarantined_and_only_its_files_wait(memory_storage: Storage,
+                                                                              tmp_path: Path,
+                                                                              document: bytes) -> None:
+    with cio_sync.AdvancedSink(memory_storage.url, flush_interval=None) as sink:
+        sink.write({"type": "track", "userId": "1", "event": "E"})
+        sink.flush()
+        sink.write({"type": "track", "userId": "2", "event": "E"})
+    fs = memory_storage.fs
+    manifest = f"{memory_storage.root}/_manifests/advanced.1.2.json"
+    fs.rm_file(manifest)
+    fs.pipe_file(manifest, document)
+    into = f"duckdb:///{tmp_path}/w.duckdb"
+    report = cio_sync.load(memory_storage.url, into)
+    assert (report.files_loaded, report.files_waiting) == (1, 1)
+    [bad] = report.quarantined
+    assert bad.name == "_manifests/advanced.1.2.json"
+    assert bad.reason.startswith("manifest ")
+    again = cio_sync.load(memory_storage.url, into, delete_after_load=True)
+    assert (again.files_still_quarantined, again.quarantined) == (1, [])
+    assert fs.exists(manifest)
+
+
+def test_a_quarantined_file_is_not_retried_until_the_load_is_asked_to(memory_storage: Storage,
+                                                                        warehouse: Warehouse) -> None:
+    memory_storage.fs.pipe_file(f"{memory_storage.root}/{people_file(1)}", b"PAR1 half a file")
+    put_parquet(memory_storage, people_file(2), person("b"))
+    first = cio_sync.load(memory_storage.url, warehouse.into)
+    assert [q.name for q in first.quarantined] == [people_file(1)]
+    # The user puts a good copy in its place: nothing tries it until asked.
+    memory_storage.fs.rm_file(f"{memory_storage.root}/{people_file(1)}")
+    put_parquet(memory_storage, people_file(1), person("a"))
+    second = cio_sync.load(memory_storage.url, warehouse.into)
+    assert (second.files_loaded, second.files_still_quarantined, second.quarantined) == (0, 1, [])
+    third = cio_sync.load(memory_storage.url, warehouse.into, retry_quarantined=True)
+    assert (third.files_loaded, third.files_still_quarantined, third.quarantined) == (1, 0, [])
+    assert warehouse.rows("SELECT internal_customer_id FROM people ORDER BY 1") == [("a",), ("b",)]
+    assert warehouse.rows("SELECT name, status, reason FROM _cio_sync_loaded ORDER BY name") == [
+        (people_file(1), "loaded", None), (people_file(2), "loaded", None)]
+
+
+def test_delete_after_load_never_deletes_a_quarantined_file_or_its_manifest(memory_storage: Storage,
+                                                                            tmp_path: Path) -> None:
+    with cio_sync.AdvancedSink(memory_storage.url, flush_interval=None, max_rows=1) as sink:
+        for user in ("1", "2", "3"):
+            sink.write({"type": "track", "userId": user, "event": "E"})
+    fs = memory_storage.fs
+    broken = f"{memory_storage.root}/1.2.2.track.parquet"
+    data = fs.cat_file(broken)
+    fs.rm_file(broken)
+    fs.pipe_file(broken, data[:-1] + b"\0")
+    for _ in range(2):
+        cio_sync.load(memory_storage.url, f"duckdb:///{tmp_path}/w.duckdb", delete_after_load=True)
+        assert memory_storage.data_files() == ["1.2.2.track.parquet"]
+        fs.invalidate_cache()
+        assert [p.rsplit("/", 1)[-1] for p in fs.ls(f"{memory_storage.root}/_manifests", detail=False)] == [
+            "advanced.1.2.json"]
+
+
+@pytest.mark.postgres
+def test_rows_postgresql_refuses_roll_back_only_their_file(memory_storage: Storage,
+                                                           request: pytest.FixtureRequest) -> None:
+    warehouse = pg_warehouse(request)
+    put_parquet(memory_storage, people_file(1), person("a\0b", note="x"))
+    put_parquet(memory_storage, people_file(2), person("c"))
+    report = cio_sync.load(memory_storage.url, warehouse.into)
+    [bad] = report.quarantined
+    assert bad.name == people_file(1)
+    assert "NUL" in bad.reason
+    assert warehouse.rows("SELECT internal_customer_id FROM people") == [("c",)]
+    # The column that file would have added went with its transaction.
+    assert warehouse.count("SELECT count(*) FROM information_schema.columns WHERE column_name = 'note'") == 0
+
+
+def test_a_load_state_of_an_earlier_release_is_migrated_in_place(memory_storage: Storage,
+                                                                 warehouse: Warehouse) -> None:
+    warehouse.execute(
+        "CREATE TABLE _cio_sync_loaded (source TEXT NOT NULL, name TEXT NOT NULL, table_name TEXT NOT NULL, "
+        "rows BIGINT NOT NULL, loaded_at TIMESTAMPTZ NOT NULL, PRIMARY KEY (source, name))",
+        f"INSERT INTO _cio_sync_loaded VALUES ('{memory_storage.url}', '{people_file(1)}', "
+        "'people', 1, now())")
+    put_parquet(memory_storage, people_file(1), person("a"))
+    memory_storage.fs.pipe_file(f"{memory_storage.root}/{people_file(2)}", b"not parquet")
+    report = cio_sync.load(memory_storage.url, warehouse.into)
+    assert (report.files_already_loaded, report.files_loaded) == (1, 0)
+    assert [q.name for q in report.quarantined] == [people_file(2)]
+    assert warehouse.rows("SELECT name, status FROM _cio_sync_loaded ORDER BY name") == [
+        (people_file(1), "loaded"), (people_file(2), "quarantined")]
+
+
+def test_inspect_lists_a_file_it_cannot_read_with_the_reason(memory_storage: Storage) -> None:
+    put_parquet(memory_storage, people_file(1), person("a"))
+    memory_storage.fs.pipe_file(f"{memory_storage.root}/{people_file(2)}", b"not parquet")
+    found = cio_sync.inspect_prefix(memory_storage.url)
+    assert found["tables"]["people"]["files"] == 1
+    [bad] = found["unreadable"]
+    assert bad["name"] == people_file(2)
+    assert "cannot be read as Parquet" in bad["reason"]
+
+
+def test_the_load_command_prints_each_quarantined_file_and_exits_1(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from cio_sync.cli import main
+
+    folder = tmp_path / "prefix"
+    folder.mkdir()
+    (folder / people_file(1)).write_bytes(b"not parquet")
+    pq.write_table(person("b"), folder / people_file(2))
+    into = f"duckdb:///{tmp_path}/w.duckdb"
+    assert main(["load", str(folder), "--into", into, "-q"]) == 1
+    out, err = capsys.readouterr()
+    assert "loaded 1 files" in out
+    [line] = [x for x in err.splitlines() if "quarantined " in x and "cannot be read" in x]
+    assert line.startswith(f"cio-sync: quarantined {folder}/{people_file(1)}: cannot be read as Parquet")
+    assert "Traceback" not in err
+    assert main(["load", str(folder), "--into", into, "-q"]) == 0
+    assert "--retry-quarantined" in capsys.readouterr().err
+    pq.write_table(person("a"), folder / people_file(1))
+    assert main(["load", str(folder), "--into", into, "-q", "--retry-quarantined"]) == 0
+    out, err = capsys.readouterr()
+    assert "loaded 1 files" in out
+    assert err == ""
