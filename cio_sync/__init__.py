@@ -27,7 +27,7 @@ from cio_sync._errors import (
     UnknownPerson,
 )
 from cio_sync._formats import CsvFormat, Format, JsonLinesFormat, ParquetFormat, get_format, register_format
-from cio_sync._loader import LoadReport, inspect_prefix, load
+from cio_sync._loader import LoadReport, QuarantinedFile, inspect_prefix, load
 from cio_sync._pipeline import Pipeline
 from cio_sync._publisher import BufferFull, SinkStats
 from cio_sync._registry import open_sink, register_sink, sink_names
@@ -56,6 +56,7 @@ __all__ = [
     "ParquetFormat",
     "Pipeline",
     "PublishConflict",
+    "QuarantinedFile",
     "RetryPolicy",
     "SinkClosed",
     "SinkStats",
