@@ -427,10 +427,6 @@ class WorkspaceState:
         self._journal.append((sql, params, False))
         return cursor
 
-    def _executemany(self, db: sqlite3.Connection, sql: str, params: list[Any]) -> None:
-        db.executemany(sql, params)
-        self._journal.append((sql, params, True))
-
     def _stage(self, table: int, sql: str, params: tuple[Any, ...]) -> None:
         self._staged[table].append((sql, params))
 
@@ -457,9 +453,9 @@ class WorkspaceState:
                     else:
                         row[1], row[2], row[3], row[4], row[6] = params[:5]
             if changed:
-                self._executemany(db, _FORGET_PERSON_ID, [(cio_id,) for cio_id in changed])
-                self._executemany(db, _UPDATE_PERSON, list(changed.values()))
-            self._executemany(db, _INSERT_PERSON_ROW, list(new.values()))
+                self._many(db, _FORGET_PERSON_ID, [(cio_id,) for cio_id in changed])
+                self._many(db, _UPDATE_PERSON, list(changed.values()))
+            self._many(db, _INSERT_PERSON_ROW, list(new.values()))
         elif table == _OUTBOX:
             # One entry per table holding all its rows, in order, encoded with one orjson call: a few inserts
             # instead of one per row.
@@ -478,23 +474,20 @@ class WorkspaceState:
                 packs.append((name, _pack(rows), sum([entry[2] for entry in entries]),
                               min(times, default=None), max(times, default=None), len(rows)))
                 written.append((name, rows))
-            self._executemany(db, _ADD_ROWS, packs)
+            db.executemany(_ADD_ROWS, packs)
+            self._journal.append((_ADD_ROWS, packs, True))
             for name, rows in written:  # only once they are in the database
                 known = self._open_rows.setdefault(name, [])
                 if known is not None:
                     known.extend(rows)
         else:
-            self._executemany(db, statements[0][0], [params for _, params in statements])
+            sql, params = statements[0][0], [params for _, params in statements]
+            db.executemany(sql, params)
+            self._journal.append((sql, params, True))
 
-    def _run_whole(self, db: sqlite3.Connection, table: int, statements: list[Any]) -> None:
-        """:meth:`_run`, journaled as a whole or not at all: a statement that fails leaves none of the run's in the
-        journal (the statements stay staged)."""
-        start = len(self._journal)
-        try:
-            self._run(db, table, statements)
-        except BaseException:
-            del self._journal[start:]
-            raise
+    def _many(self, db: sqlite3.Connection, sql: str, params: list[Any]) -> None:
+        db.executemany(sql, params)
+        self._journal.append((sql, params, True))
 
     def _apply_staged(self, table: int | None = None) -> None:
         """Write the staged statements of ``table`` (or of all tables) to the database, inside the transaction.
@@ -514,30 +507,51 @@ class WorkspaceState:
 
     def _write_staged(self, tables: Iterable[int]) -> None:
         marks = self._marks
-        if marks is not None and not self._step_db and any(len(self._staged[t]) > marks[t] for t in tables):
+        journal = self._journal
+        if marks is not None and not self._step_db:
             if not self._in_tx and not any(marks):
-                # The transaction will hold this step alone: undoing it is a rollback (no savepoint to pay for).
+                # Every staged statement is the step's, and the transaction will hold this step alone: undoing it
+                # is a rollback (no savepoint to pay for).
                 self._tx()
                 self._step_db = _OWNS_TX
-            else:
-                # First every earlier step's statements, then a savepoint for the step's own.
-                db = self._tx()
-                for t in range(_TABLES):
-                    self._run_whole(db, t, self._staged[t][:marks[t]])
-                    del self._staged[t][:marks[t]]
-                    marks[t] = 0
-                db.execute("SAVEPOINT step")
+                self._step_mark = 0
+            elif any(len(self._staged[t]) > marks[t] for t in tables):
+                # The step's statements must reach the database: first every earlier step's, then a savepoint.
+                self._write_earlier(marks)
+                self._db.execute("SAVEPOINT step")
                 self._step_db = _UNDER_SAVEPOINT
-            self._step_mark = len(self._journal)
+                self._step_mark = len(journal)
         db = self._tx()
-        for t in tables:
-            statements = self._staged[t]
-            if statements:
-                self._run_whole(db, t, statements)
-                statements.clear()
-                if marks is not None:
-                    marks[t] = 0
-            self._forget_staged(t)
+        start = len(journal)
+        try:
+            for t in tables:
+                statements = self._staged[t]
+                if statements:
+                    start = len(journal)
+                    self._run(db, t, statements)
+                    statements.clear()
+                    if marks is not None:
+                        marks[t] = 0
+                self._forget_staged(t)
+        except BaseException:
+            del journal[start:]  # a statement of the run failed: none of the run counts (it stays staged)
+            raise
+
+    def _write_earlier(self, marks: list[int]) -> None:
+        """Write the statements of the steps before the current one (those before ``marks``)."""
+        db = self._tx()
+        journal = self._journal
+        for t in range(_TABLES):
+            earlier = self._staged[t][:marks[t]]
+            if earlier:
+                start = len(journal)
+                try:
+                    self._run(db, t, earlier)
+                except BaseException:
+                    del journal[start:]
+                    raise
+                del self._staged[t][:marks[t]]
+                marks[t] = 0
 
     def _forget_staged(self, table: int) -> None:
         if table == _PEOPLE:
