@@ -147,16 +147,17 @@ def trials(runs: list[dict[str, Any]]) -> dict[str, Any]:
 STATE_OPS = "write,fsync,truncate"
 
 
-def sweep_steps(arm: dict[str, Any]) -> list[list[Any]]:
+def sweep_steps(arm: dict[str, Any], pragmas: list[str]) -> list[list[Any]]:
     """One trial of the state sweep: calls committed, then (the phase under ``arm``) calls, flushes (cuts, names,
     publishes, clears) and more calls; then the fault clears, and calls and a flush must simply work; the end is a
-    crash after a commit."""
-    return [["open"], ["write", 3], ["flush"],
+    crash after a commit. ``pragmas`` tune SQLite first (e.g. a checkpoint at every commit)."""
+    return [["open"], *(["pragma", pragma] for pragma in pragmas), ["write", 3], ["flush"],
             ["arm", arm], ["write", 6], ["flush"], ["write", 6], ["flush"], ["seen"], ["disarm"],
             ["write", 4], ["flush"], ["write", 2], ["commit"]]
 
 
-def sweep(base: str, options: dict[str, Any], fault: dict[str, Any], sample: int) -> dict[str, Any]:
+def sweep(base: str, options: dict[str, Any], fault: dict[str, Any], sample: int,
+          pragmas: list[str] | None = None) -> dict[str, Any]:
     """Count the state's write points in the sweep's phase on a clean run, then fail each of them in turn (or
     ``sample`` of them, evenly spread; 0: all) as ``fault`` says, each trial on its own state and target under
     ``base`` (the states under ``<base>/states``, the faultfs prefix; the targets under ``<base>/targets``)."""
@@ -166,13 +167,13 @@ def sweep(base: str, options: dict[str, Any], fault: dict[str, Any], sample: int
         return {"state": os.path.join(base, "states", str(n), "ws.sqlite"),
                 "target": os.path.join(base, "targets", str(n))}
 
-    probe = drive(paths(0), sweep_steps({"ops": STATE_OPS, "nth": 0}), options)
+    probe = drive(paths(0), sweep_steps({"ops": STATE_OPS, "nth": 0}, pragmas or []), options)
     total = probe["seen"][0]
     if sample and total > sample:
         points = sorted({1 + round(i * (total - 1) / (sample - 1)) for i in range(sample)})
     else:
         points = list(range(1, total + 1))
-    runs = [{"paths": paths(n), "steps": sweep_steps({"ops": STATE_OPS, "nth": point, **fault}),
+    runs = [{"paths": paths(n), "steps": sweep_steps({"ops": STATE_OPS, "nth": point, **fault}, pragmas or []),
              "options": options} for n, point in enumerate(points, start=1)]
     result = trials(runs)
     result.update(total=total, points=points, probe=probe, paths=[run["paths"] for run in runs])
