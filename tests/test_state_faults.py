@@ -26,7 +26,7 @@ from tests.faults import EIO, ENOSPC
 
 WORKSPACE = state_scenarios.WORKSPACE
 #: Write points failed per sweep in the default run (evenly spread over all of them); every one with the variable.
-SAMPLE = 0 if os.environ.get("CIO_SYNC_CRASH_TRIALS") else 8
+SAMPLE = 0 if os.environ.get("CIO_SYNC_CRASH_TRIALS") else 6
 #: How a sweep's fault behaves: a disk that fills up (the first failing write writes half its bytes, and every
 #: write fails until the fault clears), or a single I/O error.
 FAULTS: dict[str, dict[str, Any]] = {
