@@ -109,8 +109,7 @@ def test_a_write_on_a_full_disk_is_refused_naming_the_state_and_the_sink_goes_on
     small_disk.fill(leave=0)
     write(12)  # the state's next commit needs room: refused (with commit_every=5, the calls before it are kept)
     assert refused
-    assert refused == [f"c{i}" for i in range(index - len(refused), index)]
-    assert all(str(state) in error and "full" in error for error in errors)  # from the first refusal, all of them
+    assert all(str(state) in error and "full" in error for error in errors)
     small_disk.free()
     write(8)
     assert accepted[-8:] == [f"c{i}" for i in range(index - 8, index)]
