@@ -748,6 +748,11 @@ class WorkspaceState:
         """The error to raise for ``exc`` from a read or write outside a step, after recovering (:meth:`_recover`)."""
         return self._recover(exc, doing, self._keep())
 
+    def error(self, exc: sqlite3.Error, doing: str) -> CioSyncError:
+        """The error to raise for ``exc`` from a read made outside the sink's lock, without recovering: if SQLite
+        dropped the transaction, the next write finds out (:meth:`_tx`) and recovers."""
+        return self._error(exc, doing)
+
     def _error(self, exc: sqlite3.Error, doing: str, note: str = "") -> CioSyncError:
         """``exc`` as a cio_sync error naming the state file: a :class:`~cio_sync.StorageError` for a fault of the
         storage (a full disk, an I/O error), else a :class:`~cio_sync.StateError`."""
@@ -958,18 +963,24 @@ class WorkspaceState:
         except sqlite3.Error as exc:
             raise self.fault(exc, "read the outbox") from exc
 
-    def outbox_encoded(self, batch_id: int) -> bytes:
+    def outbox_encoded(self, batch_id: int, *, recover: bool = True) -> bytes:
+        """The batch's recorded bytes. Raises a cio_sync error (after recovering, :meth:`fault`), or with
+        ``recover=False`` the raw ``sqlite3.Error``."""
         try:
             row = self._db.execute("SELECT data FROM batches WHERE id = ?", (batch_id,)).fetchone()
         except sqlite3.Error as exc:
+            if not recover:
+                raise
             raise self.fault(exc, "read a batch") from exc
         return bytes(row[0])
 
-    def outbox_batch_rows(self, batch_id: int) -> list[Any]:
-        """The batch's rows, decoded."""
+    def outbox_batch_rows(self, batch_id: int, *, recover: bool = True) -> list[Any]:
+        """The batch's rows, decoded. Raises as :meth:`outbox_encoded` does."""
         try:
             return _unpack(self._db.execute(_BATCH_ENTRIES, (batch_id,)))
         except sqlite3.Error as exc:
+            if not recover:
+                raise
             raise self.fault(exc, "read a batch") from exc
 
     def outbox_named(self, batch_id: int, name: str, data: bytes) -> None:
@@ -1056,23 +1067,26 @@ class SqliteOutbox:
         batch.encoded = None
 
     def load(self, batch: Batch) -> None:
-        if batch.name is not None:
-            batch.encoded = self._state.outbox_encoded(batch.key)
-        else:
-            batch.data = self._state.outbox_batch_rows(batch.key)
+        # The publisher loads outside its lock, while calls may be applied: a read error is reported as it is,
+        # without recovering here (a write that finds the transaction gone recovers, in the calls' own thread).
+        try:
+            if batch.name is not None:
+                batch.encoded = self._state.outbox_encoded(batch.key, recover=False)
+            else:
+                batch.data = self._state.outbox_batch_rows(batch.key, recover=False)
+        except sqlite3.Error as exc:
+            raise self._state.error(exc, f"read back a batch of {batch.table}") from exc
 
     def named(self, batch: Batch) -> None:
+        """Record the batch's name and bytes (and commit). If that fails the batch keeps its name, unrecorded and
+        never uploaded: the publisher records it on the next try, before any upload."""
         assert batch.name is not None
         assert batch.encoded is not None
-        try:
-            if not self.holds(batch):
-                raise StorageError(f"workspace state {self._state.path}: the batch of {batch.table} for "
-                                   f"{batch.name} was undone by a failed write of the state; its rows go in a later "
-                                   f"batch", path=self._state.path)
-            self._state.outbox_named(batch.key, batch.name, batch.encoded)
-        except CioSyncError:
-            batch.name = None  # not recorded, and never uploaded: the next try names the batch again
-            raise
+        if not self.holds(batch):
+            raise StorageError(f"workspace state {self._state.path}: the batch of {batch.table} for {batch.name} was "
+                               f"undone by a failed write of the state; its rows go in a later batch",
+                               path=self._state.path)
+        self._state.outbox_named(batch.key, batch.name, batch.encoded)
 
     def published(self, batch: Batch) -> None:
         self._state.outbox_published(batch.key)
