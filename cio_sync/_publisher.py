@@ -568,6 +568,14 @@ class Publisher:
             self._pending.append(batch)
             batch = self.store.cut(table)
 
+    def reconcile(self, holds: Callable[[Batch], bool]) -> None:
+        """After a durable store undid changes (a failed write rolled back): drop the queued batches it no longer
+        ``holds``, and count the memory held again from what is left."""
+        with self.lock:
+            self._pending = deque(batch for batch in self._pending if holds(batch))
+            self._memory = sum(b.nbytes for b in self._pending if b.data is not None or b.encoded is not None) + sum(
+                b.nbytes for b in self.store.buffered().values())
+
     # -- publishing ----------------------------------------------------------------------------------------------
 
     def publish_ready(self) -> None:

@@ -9,7 +9,9 @@ What each call type does to the workspace, and why, is in docs/standard.md.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
@@ -20,7 +22,7 @@ from fsspec import AbstractFileSystem
 
 from cio_sync._calls import JSON_OPTIONS, Call, call_document, parse_call
 from cio_sync._counters import Counters
-from cio_sync._errors import InvalidCall, InvalidRecord, InvalidRecords, UnknownPerson
+from cio_sync._errors import CioSyncError, InvalidCall, InvalidRecord, InvalidRecords, UnknownPerson
 from cio_sync._formats import ParquetFormat
 from cio_sync._publisher import MANIFESTS_FOLDER, ManifestSpec, Publisher
 from cio_sync._records import DEFINITION_KEYS, check_record
@@ -29,6 +31,8 @@ from cio_sync._sink import BaseSink, check_int, make_writer
 from cio_sync._state import Definition, Person, SqliteOutbox, WorkspaceState
 from cio_sync._values import shown
 from cio_sync._writer import RetryPolicy, Writer, WrittenFile
+
+log = logging.getLogger("cio_sync.sink")
 
 #: One row a step produced: table, schema, values, approximate size, change time (µs).
 Row = tuple[str, pa.Schema, tuple[Any, ...], int, int | None]
@@ -72,9 +76,17 @@ class StandardSink(BaseSink):
     durable counter under ``_cio_sync/`` that starts from the current time in microseconds).
 
     ``state`` is the path of the workspace's SQLite state file (people, their ids and attributes, definitions, and
-    the outbox of rows not yet published), or ``None`` to keep it in memory for the sink's life. ``commit_every``
-    is how many calls or records are applied between commits of the state (1: each one is durable before
-    ``write`` returns; more is faster, and a crash may then lose up to that many, with their rows).
+    the outbox of rows not yet published), or ``None`` to keep it in memory for the sink's life. A missing file
+    starts a new workspace; an empty one (0 bytes) raises :class:`~cio_sync.StateError`, as it may be a state
+    whose content was lost, unless ``new_workspace=True`` says that an empty state file may start a new workspace.
+    ``commit_every`` is how many calls or records are applied between commits of the state (1: each one is durable
+    before ``write`` returns; more is faster, and a crash may then lose up to that many, with their rows).
+
+    If the state cannot be written (a full disk, an I/O error), the call or record being applied is refused with
+    :class:`~cio_sync.StorageError` naming the state file, and nothing of it is kept; the calls accepted before it
+    are kept, and the sink goes on as soon as the disk takes writes again. A failed ``flush``, ``commit`` or
+    ``close`` keeps everything and can be called again. (Only if SQLite cannot even restore the uncommitted calls
+    are they undone with their rows, and the error says how many: with ``commit_every=1`` there are none.)
     Publishing works as for :class:`~cio_sync.AdvancedSink`: on :meth:`flush`, :meth:`close`, every
     ``flush_interval`` seconds (900 by default) and early at ``max_rows`` / ``max_bytes`` per table.
     """
@@ -99,14 +111,17 @@ class StandardSink(BaseSink):
         block_timeout: float | None = None,
         manifests: bool = True,
         keep_rejected: bool = False,
+        new_workspace: bool = False,
     ) -> None:
         self.workspace_id = check_int("workspace_id", workspace_id)
         self.commit_every = check_int("commit_every", commit_every, minimum=1)
         self.format = ParquetFormat(compression=compression)
         writer = make_writer(target, filesystem=filesystem, storage_options=storage_options, retry=retry)
         self._counters = Counters(writer)
-        self.state = WorkspaceState(state, workspace_id=self.workspace_id)
+        self._uncommitted = 0
+        self.state = WorkspaceState(state, workspace_id=self.workspace_id, new_workspace=new_workspace)
         try:
+            self._outbox = SqliteOutbox(self.state)
             self._publisher = Publisher(
                 label=f"StandardSink({writer.url!r})",
                 writer=writer,
@@ -115,7 +130,7 @@ class StandardSink(BaseSink):
                 flush_interval=flush_interval,
                 max_rows=max_rows,
                 max_bytes=max_bytes,
-                store=SqliteOutbox(self.state),
+                store=self._outbox,
                 on_publish=on_publish,
                 max_buffer_bytes=max_buffer_bytes,
                 when_full=when_full,
@@ -128,7 +143,7 @@ class StandardSink(BaseSink):
         except BaseException:
             self.state.close()
             raise
-        self._uncommitted = 0
+        self.state.on_recover = self._state_recovered
         if self._publisher.stats().batches_pending:
             # Batches cut before a crash or a failed close: publish them (under their recorded names) first.
             self._publisher.publish_ready()
@@ -149,6 +164,11 @@ class StandardSink(BaseSink):
         return f"{MANIFESTS_FOLDER}/{key}_{sequence}.json"
 
     def close(self) -> list[WrittenFile]:
+        """Commit the state, publish what is buffered and stop the timer. Idempotent; after it, writes raise
+        ``SinkClosed``. Raises :class:`~cio_sync.StorageError` if the state cannot be committed or storage fails
+        for good: then nothing is dropped and ``close()`` may be called again."""
+        if not self._publisher.closed:
+            self.commit()
         files = self._publisher.close()
         self.state.close()
         return files
@@ -157,37 +177,69 @@ class StandardSink(BaseSink):
 
     def _apply(self, produce: Callable[[], list[Row]]) -> int:
         """Run ``produce`` (which changes the state and returns the rows of the change) as one step: its state
-        changes and rows are kept together or not at all."""
+        changes and rows are kept together or not at all. The commit that ``commit_every`` calls for is part of the
+        step, so a failed commit refuses this step alone."""
         publisher, state = self._publisher, self.state
         publisher.make_room()
         with publisher.lock:
             publisher.check_open()
             state.savepoint()
+            rows = None
             try:
                 rows = produce()
                 full = publisher.append_rows(rows)
-            except BaseException:
-                state.rollback_savepoint()
+                commit = self._uncommitted + 1 >= self.commit_every
+                if commit:
+                    state.commit()
+                state.release_savepoint()
+            except BaseException as exc:
+                error = state.rollback_savepoint(exc)
+                if rows:
+                    self._resync()  # the step's rows were counted as buffered
+                if error is not None:
+                    raise error from exc
                 raise
-            state.release_savepoint()
+            self._uncommitted = 0 if commit else self._uncommitted + 1
             publisher.accept()
-            cut = publisher.cut_tables(full)
-            self._uncommitted += 1
-            if self._uncommitted >= self.commit_every:
-                state.commit()
-                self._uncommitted = 0
+            try:
+                cut = publisher.cut_tables(full)
+            except CioSyncError as exc:
+                # The call is kept; the rows stay open and are cut with the next ones, or by flush.
+                log.warning("%s: could not cut a batch, the rows stay buffered: %s", publisher.label, exc)
+                cut = True  # a table cut before the failure is published
         if cut:
             publisher.publish_ready()
         return len(rows)
 
+    def _resync(self) -> None:
+        """Count the outbox and the publisher's queue again from what the state holds (after a failure)."""
+        self._outbox.resync()
+        self._publisher.reconcile(self._outbox.holds)
+
+    def _state_recovered(self, lost: bool) -> str:
+        """Called by the state after it rolled a failed write back (WorkspaceState.on_recover); with ``lost``, the
+        changes since the last commit were undone too: say how many calls that was."""
+        self._resync()
+        if not lost:
+            return ""
+        undone, self._uncommitted = self._uncommitted, 0
+        if not undone:
+            return ""
+        return (f"; the state could not be restored either, so the {undone} call(s) or record(s) accepted since its "
+                f"last commit (commit_every={self.commit_every}) were undone with their rows: send them again")
+
     def flush(self) -> list[WrittenFile]:
+        """Commit the state and publish everything buffered now (see :meth:`BaseSink.flush`). Raises
+        :class:`~cio_sync.StorageError` if the state cannot be committed: nothing is lost, call it again."""
         with self._publisher.lock:
             self.state.commit()
             self._uncommitted = 0
         return self._publisher.flush()
 
     def commit(self) -> None:
-        """Make every change applied so far durable in the state (``flush`` and ``close`` do it too)."""
+        """Make every change applied so far durable in the state (``flush`` and ``close`` do it too). Raises
+        :class:`~cio_sync.StorageError` if the state cannot be written: the changes stay applied, to be committed
+        by the next try."""
         with self._publisher.lock:
             self.state.commit()
             self._uncommitted = 0
@@ -415,9 +467,13 @@ class StandardSink(BaseSink):
     def person(self, id: str | None = None, *, cio_id: str | None = None) -> dict[str, Any]:
         """A person as the workspace knows them now: ids, email, flags and attributes (values as stored)."""
         with self._publisher.lock:
-            person = self._find(id, cio_id)
+            try:
+                person = self._find(id, cio_id)
+                attributes = dict(self.state.attrs(person))
+            except sqlite3.Error as exc:
+                raise self.state.fault(exc, "read a person") from exc
             return {"cio_id": person.cio_id, "id": person.id, "email": person.email,
-                    "suppressed": person.suppressed, "attributes": dict(self.state.attrs(person))}
+                    "suppressed": person.suppressed, "attributes": attributes}
 
     # -- records -------------------------------------------------------------------------------------------------
 

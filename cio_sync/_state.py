@@ -24,24 +24,41 @@ Outbox: rows are staged as Python tuples and packed into one JSON entry per tabl
 the staging is applied. The rows written since the table's last cut are also kept in memory, so cutting a batch does
 not decode them back from SQLite (it does when they are not all there: after a restart, or after a transaction was
 rolled back).
+
+Faults (a full disk, an I/O error): SQLite may roll the whole open transaction back by itself when a write or a
+commit fails (it does on SQLITE_FULL and SQLITE_IOERR), and an ``executemany`` that fails part-way leaves its first
+rows applied. So every write statement of the open transaction is also kept in a journal (the statement and its
+parameters, which exist anyway), and a failed write is handled the same way wherever it happens: the failing
+operation (a step, a cut, naming a batch, clearing a published one) is dropped from the journal, the transaction
+is rolled back whole and the journal replayed into a new one, so the database holds exactly what it held before
+that operation, and the in-memory views match it again. If even the replay fails, everything since the last commit
+is forgotten, in memory too (:attr:`WorkspaceState.on_recover` tells the sink, which says so in the error). The
+error raised is a :class:`~cio_sync.StorageError` naming the state file (:class:`~cio_sync.StateError` for a state
+that cannot be used), never a raw ``sqlite3`` error. None of this costs anything until a write fails, but keeping
+the journal's references until the commit.
+
+A new state is created whole under a temporary name and moved into place, so a process killed while creating it
+never leaves an empty state file; an empty one found at open is refused (it could be a lost state) unless
+``new_workspace`` allows it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO, Any, Final
 
 import orjson
 import pyarrow as pa
 
-from cio_sync._errors import StateError
+from cio_sync._errors import CioSyncError, StateError, StorageError
 from cio_sync._publisher import Batch, Buffered, Filled
 from cio_sync._schemas import STANDARD_SCHEMAS, STANDARD_VERSION
 
@@ -80,7 +97,7 @@ CREATE TABLE IF NOT EXISTS batches (
 
 
 #: Indices of the per-table staging lists; statements on different tables never constrain each other. (Attributes
-#: are not staged as statements: see _write_attributes.)
+#: are not staged as statements: see _commit_tail.)
 _PEOPLE, _ANONYMOUS, _DEFINITIONS, _OUTBOX = range(4)
 _TABLES: Final = 4
 _INSERT_PERSON: Final = ("INSERT INTO people (cio_id, id, email, deleted, suppressed, created_at, updated_at) "
@@ -160,26 +177,99 @@ def now_micros() -> int:
     return time.time_ns() // 1000
 
 
-class WorkspaceState:
-    """People, attributes, definitions and the outbox, in SQLite. Not thread-safe: the sink serialises calls."""
+#: Where a new state file is created before it is moved into place (beside it, so the move is a rename).
+_CREATING: Final = ".creating"
+#: Primary SQLite result codes that are faults of the storage under the state file (a full disk, an I/O error, a
+#: file that cannot be opened or written, a lock held elsewhere): a StorageError. Any other code means the state
+#: cannot be used as it is (corrupt, not a database, a constraint broken): a StateError.
+#: (BUSY, LOCKED, NOMEM, READONLY, IOERR, FULL, CANTOPEN, PROTOCOL.)
+_STORAGE_CODES: Final = frozenset({5, 6, 7, 8, 10, 13, 14, 15})
+_FULL: Final = 13
+#: Where the current step's statements are in the database (WorkspaceState._step_db).
+_UNDER_SAVEPOINT: Final = 1
+_OWNS_TX: Final = 2
 
-    def __init__(self, path: str | os.PathLike[str] | None, *, workspace_id: int, cache_size: int = 200_000) -> None:
+log = logging.getLogger("cio_sync.state")
+
+
+def _nonempty(path: str) -> bool:
+    try:
+        return os.stat(path).st_size > 0
+    except FileNotFoundError:
+        return False
+
+
+def _create_state(temporary: str, path: str, workspace_id: int) -> None:
+    """Create a new state at ``path`` whole: its schema and metadata are written and synced under ``temporary``,
+    which is then renamed to ``path``; on any failure the temporary file is removed and ``path`` is left as it
+    was."""
+    try:
+        db = sqlite3.connect(temporary, isolation_level=None)
+        try:
+            # One transaction in the default rollback journal with synchronous=FULL: the file holds everything (no
+            # -wal beside it) and is on disk when COMMIT returns.
+            db.executescript(
+                f"BEGIN IMMEDIATE; {_SCHEMA} INSERT INTO meta VALUES ('format', '{int(STATE_FORMAT)}'), "
+                f"('workspace_id', '{int(workspace_id)}'), ('schema_version', '{int(STANDARD_VERSION)}'), "
+                f"('seq_num', '0'); COMMIT;")
+        finally:
+            db.close()
+        for stale in (path + "-wal", path + "-shm"):  # beside an empty file being replaced: empty or stale
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stale)
+        os.replace(temporary, path)
+    except BaseException:
+        for leftover in (temporary, temporary + "-journal"):
+            with contextlib.suppress(OSError):
+                os.unlink(leftover)
+        raise
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself survives a crash of the machine
+    finally:
+        os.close(folder)
+
+
+class WorkspaceState:
+    """People, attributes, definitions and the outbox, in SQLite. Not thread-safe: the sink serialises calls.
+
+    ``path`` is the state file (``None``: in memory). A missing file starts a new workspace; an empty file (zero
+    bytes) raises :class:`~cio_sync.StateError` unless ``new_workspace`` is true, as it may be a state whose
+    content was lost. Raises :class:`~cio_sync.StateError` for a file that is in use or belongs to another workspace
+    and :class:`~cio_sync.StorageError` when the file cannot be created or read.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None, *, workspace_id: int, cache_size: int = 200_000,
+                 new_workspace: bool = False) -> None:
         self.path = None if path is None else os.fspath(path)
         self.workspace_id = workspace_id
+        #: Called after a failed write was rolled back, with whether everything since the last commit was lost
+        #: (see :meth:`_recover`); returns words to add to the error. The sink sets it.
+        self.on_recover: Callable[[bool], str] | None = None
         self._lock_file: IO[str] | None = None
-        if self.path is not None:
-            self._lock_file = self._take_lock(self.path)
         self._in_tx = False
+        # Every write statement of the open transaction, in order: (sql, parameters, executemany), to replay it
+        # into a new transaction after SQLite rolled it back by itself (see _recover).
+        self._journal: list[tuple[str, Any, bool]] = []
+        self._recovering = False
         try:
+            if self.path is not None:
+                self._lock_file = self._take_lock(self.path)
+                self._prepare(self.path, new_workspace, workspace_id)
             self._db = sqlite3.connect(self.path or ":memory:", isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode: a commit survives a crash of the process; the OS crashing may lose the last ones.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
             self._check_meta()
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.Error as exc:
             self.close()
-            raise StateError(f"cannot use workspace state {self.path}: {exc}") from exc
+            raise self._error(exc, "open it") from exc
+        except OSError as exc:
+            self.close()
+            if isinstance(exc, CioSyncError):
+                raise
+            raise StorageError(f"cannot open workspace state {self.path}: {exc}", path=self.path) from exc
         except BaseException:
             self.close()
             raise
@@ -194,7 +284,11 @@ class WorkspaceState:
         #: Rows for the outbox, staged as (table, row, size, change time): SqliteOutbox appends to this list.
         self.outbox_staged: list[tuple[str, tuple[Any, ...], int, int | None]] = self._staged[_OUTBOX]
         self._marks: list[int] | None = None  # where the current step's statements start, per table
-        self._step_savepoint = False  # the current step's statements reached the database under a savepoint
+        # Where the current step's statements are in the database: 0 not there yet, _UNDER_SAVEPOINT (a savepoint
+        # "step"), _OWNS_TX (the step began the transaction: undoing it is a rollback); and where the step's
+        # entries of the journal begin.
+        self._step_db = 0
+        self._step_mark = 0
         # What the staged statements touch, so that a read of the database can tell whether it must apply them
         # first: people with staged changes (by cio_id) and whether each of them is in the cache under its current
         # id; people with staged attribute changes; anonymous ids with their staged value.
@@ -208,13 +302,40 @@ class WorkspaceState:
         self._step_attrs: list[tuple[str, dict[str, str], dict[str, str], bool]] = []
         # Outbox rows written to the database since each table's last cut, when all of them are known here (None:
         # read them from the database at the cut).
-        self._open_rows: dict[str, list[Any] | None] = {
-            table: None for (table,) in self._db.execute("SELECT DISTINCT tbl FROM outbox WHERE batch IS NULL")}
-        self._seq_num = int(self._meta("seq_num") or 0)
+        self._open_rows: dict[str, list[Any] | None] = {}
+        try:
+            self._open_rows = {
+                table: None for (table,) in self._db.execute("SELECT DISTINCT tbl FROM outbox WHERE batch IS NULL")}
+            self._seq_num = int(self._meta("seq_num") or 0)
+        except sqlite3.Error as exc:
+            self.close()
+            raise self._error(exc, "open it") from exc
         self._seq_dirty = False
         self._clock = 0
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _prepare(path: str, new_workspace: bool, workspace_id: int) -> None:
+        """Make sure ``path`` is a whole state file before SQLite opens it (called with the lock held): create a
+        missing one under a temporary name and move it into place, so that no crash leaves an empty file behind;
+        refuse an empty one unless ``new_workspace``."""
+        creating = path + _CREATING
+        for leftover in (creating, creating + "-journal"):  # a creation that was interrupted (we hold the lock)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            size = None
+        if size is not None and (size > 0 or _nonempty(path + "-wal")):
+            return
+        if size == 0 and not new_workspace:
+            raise StateError(
+                f"workspace state {path} is empty (0 bytes): it may be a state whose content was lost, and starting "
+                f"a new workspace on it would give its people new internal ids; restore it from a backup, or pass "
+                f"new_workspace=True to start a new workspace there")
+        _create_state(creating, path, workspace_id)
 
     @staticmethod
     def _take_lock(path: str) -> IO[str]:
@@ -292,7 +413,19 @@ class WorkspaceState:
         if not self._in_tx:
             self._db.execute("BEGIN IMMEDIATE")
             self._in_tx = True
+        elif not self._db.in_transaction:
+            # SQLite rolled the transaction back on an error that was not seen here: never go on in autocommit (each
+            # statement would commit alone). The caller recovers from this as from any failed write.
+            lost = sqlite3.OperationalError("SQLite rolled the open transaction back after an I/O error")
+            lost.sqlite_errorcode, lost.sqlite_errorname = 10, "SQLITE_IOERR"
+            raise lost
         return self._db
+
+    def _execute(self, sql: str, params: tuple[Any, ...]) -> sqlite3.Cursor:
+        """Run one write statement in the transaction, and journal it."""
+        cursor = self._tx().execute(sql, params)
+        self._journal.append((sql, params, False))
+        return cursor
 
     def _stage(self, table: int, sql: str, params: tuple[Any, ...]) -> None:
         self._staged[table].append((sql, params))
@@ -320,9 +453,9 @@ class WorkspaceState:
                     else:
                         row[1], row[2], row[3], row[4], row[6] = params[:5]
             if changed:
-                db.executemany(_FORGET_PERSON_ID, [(cio_id,) for cio_id in changed])
-                db.executemany(_UPDATE_PERSON, list(changed.values()))
-            db.executemany(_INSERT_PERSON_ROW, list(new.values()))
+                self._many(db, _FORGET_PERSON_ID, [(cio_id,) for cio_id in changed])
+                self._many(db, _UPDATE_PERSON, list(changed.values()))
+            self._many(db, _INSERT_PERSON_ROW, list(new.values()))
         elif table == _OUTBOX:
             # One entry per table holding all its rows, in order, encoded with one orjson call: a few inserts
             # instead of one per row.
@@ -334,46 +467,91 @@ class WorkspaceState:
                 else:
                     entries.append(entry)
             packs = []
+            written = []
             for name, entries in by_table.items():
                 rows = [entry[1] for entry in entries]
                 times = [entry[3] for entry in entries if entry[3] is not None]
                 packs.append((name, _pack(rows), sum([entry[2] for entry in entries]),
                               min(times, default=None), max(times, default=None), len(rows)))
+                written.append((name, rows))
+            db.executemany(_ADD_ROWS, packs)
+            self._journal.append((_ADD_ROWS, packs, True))
+            for name, rows in written:  # only once they are in the database
                 known = self._open_rows.setdefault(name, [])
                 if known is not None:
                     known.extend(rows)
-            db.executemany(_ADD_ROWS, packs)
         else:
-            db.executemany(statements[0][0], [params for _, params in statements])
+            sql, params = statements[0][0], [params for _, params in statements]
+            db.executemany(sql, params)
+            self._journal.append((sql, params, True))
+
+    def _many(self, db: sqlite3.Connection, sql: str, params: list[Any]) -> None:
+        db.executemany(sql, params)
+        self._journal.append((sql, params, True))
 
     def _apply_staged(self, table: int | None = None) -> None:
         """Write the staged statements of ``table`` (or of all tables) to the database, inside the transaction.
 
-        Within a step, the step's own statements go under a SQLite savepoint (opened here, the first time they are
-        needed, after every earlier step's statements are written), so that failing the step can still undo them.
+        Within a step, the step's own statements are marked where they begin (after every earlier step's
+        statements are written, the first time they are needed), so that failing the step can still undo them.
+        Raises :class:`~cio_sync.StorageError` or :class:`~cio_sync.StateError` if a write fails (see
+        :meth:`_recover`).
         """
         tables = range(_TABLES) if table is None else (table,)
         if not any(self._staged[t] for t in tables):
             return
-        db = self._tx()
+        try:
+            self._write_staged(tables)
+        except sqlite3.Error as exc:
+            raise self._recover(exc, "write its changes", self._keep()) from exc
+
+    def _write_staged(self, tables: Iterable[int]) -> None:
         marks = self._marks
-        if marks is not None and not self._step_savepoint and any(
-                len(self._staged[t]) > marks[t] for t in tables):
-            # The step's statements must reach the database: first every earlier step's, then a savepoint.
-            for t in range(_TABLES):
-                self._run(db, t, self._staged[t][:marks[t]])
+        journal = self._journal
+        if marks is not None and not self._step_db:
+            if not self._in_tx and not any(marks):
+                # Every staged statement is the step's, and the transaction will hold this step alone: undoing it
+                # is a rollback (no savepoint to pay for).
+                self._tx()
+                self._step_db = _OWNS_TX
+                self._step_mark = 0
+            elif any(len(self._staged[t]) > marks[t] for t in tables):
+                # The step's statements must reach the database: first every earlier step's, then a savepoint.
+                self._write_earlier(marks)
+                self._db.execute("SAVEPOINT step")
+                self._step_db = _UNDER_SAVEPOINT
+                self._step_mark = len(journal)
+        db = self._tx()
+        start = len(journal)
+        try:
+            for t in tables:
+                statements = self._staged[t]
+                if statements:
+                    start = len(journal)
+                    self._run(db, t, statements)
+                    statements.clear()
+                    if marks is not None:
+                        marks[t] = 0
+                self._forget_staged(t)
+        except BaseException:
+            del journal[start:]  # a statement of the run failed: none of the run counts (it stays staged)
+            raise
+
+    def _write_earlier(self, marks: list[int]) -> None:
+        """Write the statements of the steps before the current one (those before ``marks``)."""
+        db = self._tx()
+        journal = self._journal
+        for t in range(_TABLES):
+            earlier = self._staged[t][:marks[t]]
+            if earlier:
+                start = len(journal)
+                try:
+                    self._run(db, t, earlier)
+                except BaseException:
+                    del journal[start:]
+                    raise
                 del self._staged[t][:marks[t]]
                 marks[t] = 0
-            db.execute("SAVEPOINT step")
-            self._step_savepoint = True
-        for t in tables:
-            statements = self._staged[t]
-            if statements:
-                self._run(db, t, statements)
-                statements.clear()
-                if marks is not None:
-                    marks[t] = 0
-            self._forget_staged(t)
 
     def _forget_staged(self, table: int) -> None:
         if table == _PEOPLE:
@@ -382,19 +560,14 @@ class WorkspaceState:
         elif table == _ANONYMOUS:
             self._staged_anonymous.clear()
 
-    def _write_attributes(self) -> None:
-        """Write the attributes of the people changed since the last commit: one row per person.
-
-        Only between steps (at commit): within a step they stay in memory, where a failing step puts them back."""
-        changed = self._changed_attrs
-        if not changed:
-            return
-        db = self._tx()
-        db.executemany(_SET_ATTRIBUTES, [(cio_id, orjson.dumps(attrs)) for cio_id, attrs in changed.items() if attrs])
-        removed = [(cio_id,) for cio_id, attrs in changed.items() if not attrs]
-        if removed:
-            db.executemany(_REMOVE_ATTRIBUTES, removed)
-        changed.clear()
+    def _reindex_staged(self) -> None:
+        """Rebuild what the staged statements touch from the statements themselves (after some were dropped); the
+        cache is empty, so the people they change are not in it."""
+        self._staged_people = {params[0] if sql is _INSERT_PERSON else params[5]
+                               for sql, params in self._staged[_PEOPLE]}
+        self._people_cached = not self._staged_people
+        self._staged_anonymous = {params[0]: (params[1], orjson.loads(params[2]) if params[2] else {})
+                                  for _, params in self._staged[_ANONYMOUS]}
 
     def _invalidate_open_rows(self) -> None:
         """Outbox rows were undone in the database: read each table's open rows from it at its next cut."""
@@ -402,36 +575,76 @@ class WorkspaceState:
             self._open_rows[table] = None
 
     def commit(self) -> None:
-        """Make every change so far durable, with the rows it produced."""
-        assert self._marks is None, "commit within a step"
+        """Make every change so far durable, with the rows it produced. Within a step (the sink's last step before
+        its ``commit_every``), the step is included, and if the commit fails the step can still be undone alone.
+
+        Raises :class:`~cio_sync.StorageError` (or :class:`~cio_sync.StateError`) if it fails: then nothing was
+        committed and the changes are still applied, to be committed next time (but see :meth:`_recover`).
+        """
         self._apply_staged()
-        self._write_attributes()
+        try:
+            self._commit_tail()
+        except sqlite3.Error as exc:
+            raise self._recover(exc, "commit", self._keep()) from exc
+
+    def _commit_tail(self) -> None:
+        """Write the attributes of the people changed since the last commit (one row per person) and the sequence
+        number, then commit. These writes are not journaled: until the commit succeeds, ``_changed_attrs`` and
+        ``_seq_dirty`` keep what they write, to write it again next time."""
+        changed = self._changed_attrs
+        if changed:
+            db = self._tx()
+            db.executemany(_SET_ATTRIBUTES, [(cio_id, orjson.dumps(attrs)) for cio_id, attrs in changed.items()
+                                             if attrs])
+            removed = [(cio_id,) for cio_id, attrs in changed.items() if not attrs]
+            if removed:
+                db.executemany(_REMOVE_ATTRIBUTES, removed)
         if self._seq_dirty:
             self._tx().execute("UPDATE meta SET value = ? WHERE key = 'seq_num'", (str(self._seq_num),))
-            self._seq_dirty = False
-        if not self._in_tx:
-            return
-        self._db.execute("COMMIT")
-        self._in_tx = False
+        if self._in_tx:
+            self._tx().execute("COMMIT")
+            self._in_tx = False
+        self._journal.clear()
+        changed.clear()
+        self._seq_dirty = False
+        self._step_db = 0  # a step being committed can no longer be undone
 
     def savepoint(self) -> None:
         """Start one step (a call or a record) that is kept whole or undone whole."""
         self._marks = [len(statements) for statements in self._staged]
-        self._step_savepoint = False
+        self._step_db = 0
         self._step_attrs.clear()
 
     def release_savepoint(self) -> None:
-        if self._step_savepoint:
-            self._db.execute("RELEASE step")
+        """End the current step, keeping it. Raises like :meth:`commit`; then undo the step
+        (:meth:`rollback_savepoint`)."""
+        if self._step_db == _UNDER_SAVEPOINT:
+            try:
+                self._db.execute("RELEASE step")
+            except sqlite3.Error as exc:
+                raise self._recover(exc, "end a step", self._step_mark) from exc
         self._marks = None
-        self._step_savepoint = False
+        self._step_db = 0
         self._step_attrs.clear()
 
-    def rollback_savepoint(self) -> None:
-        """Undo the current step; the in-memory view is dropped and reread from the database."""
-        if self._step_savepoint:
-            self._db.execute("ROLLBACK TO step")
-            self._db.execute("RELEASE step")
+    def rollback_savepoint(self, exc: BaseException | None = None) -> CioSyncError | None:
+        """Undo the current step, which failed with ``exc``; the in-memory view is dropped and reread from the
+        database. Returns the error to raise instead when ``exc`` is a raw SQLite error (the state then recovered
+        as :meth:`_recover` says), else ``None``."""
+        error = None
+        if isinstance(exc, sqlite3.Error):
+            error = self._recover(exc, "apply a step", self._keep())
+        elif self._step_db:
+            try:
+                if self._step_db == _UNDER_SAVEPOINT:
+                    self._db.execute("ROLLBACK TO step")
+                    self._db.execute("RELEASE step")
+                else:
+                    self._db.execute("ROLLBACK")
+                    self._in_tx = False
+                del self._journal[self._step_mark:]
+            except sqlite3.Error as failed:
+                error = self._recover(failed, "undo a failed step", self._step_mark)
             self._invalidate_open_rows()
         for cio_id, attrs, before, was_changed in reversed(self._step_attrs):
             attrs.clear()
@@ -443,32 +656,114 @@ class WorkspaceState:
             for statements, mark in zip(self._staged, self._marks, strict=True):
                 del statements[mark:]
         self._marks = None
-        self._step_savepoint = False
+        self._step_db = 0
+        # The people the step changed may be cached as it left them: read them again (with the earlier steps'
+        # staged changes, which the indexes now name alone).
         self._cache.clear()
         self._by_cio.clear()
-        # The indexes of the staged statements may name the step's changes: apply the earlier steps' statements
-        # (rare: only when a step fails) so that the database alone is the truth again.
-        self._apply_staged()
-        for t in range(_TABLES):
-            self._forget_staged(t)
+        self._reindex_staged()
+        return error
 
-    def rollback(self) -> None:
-        """Forget the changes since the last commit (and the cache, which may hold them)."""
-        for t, statements in enumerate(self._staged):
+    # -- faults --------------------------------------------------------------------------------------------------
+
+    def _keep(self) -> int:
+        """How much of the journal a failed write keeps: all of it, but within a step the step's own part (a write
+        failing within a step fails the step)."""
+        return self._step_mark if self._marks is not None and self._step_db else len(self._journal)
+
+    def _recover(self, exc: sqlite3.Error, doing: str, keep: int) -> CioSyncError:
+        """After ``exc`` from a write, put the database back as the first ``keep`` entries of the journal left it,
+        and return the error to raise (naming the state file).
+
+        SQLite may have rolled the transaction back by itself (it does on a full disk and on I/O errors), or kept it
+        with part of a statement applied: either way it is rolled back whole and the kept journal is replayed into
+        a new transaction, so the failed operation is undone and everything before it is as it was, in the database
+        and in memory. A step's savepoint is gone with it: the step, which fails with this error, is undone in memory
+        (:meth:`rollback_savepoint`). If the replay fails too, the database is left as of the last commit and
+        everything since is forgotten in memory as well; :attr:`on_recover` is told which of the two happened.
+        """
+        if self._recovering:  # a read made while recovering (on_recover counting the outbox) failed too
+            return self._error(exc, doing)
+        del self._journal[keep:]
+        self._step_db = 0
+        lost = not self._restore()
+        self._recovering = True
+        try:
+            note = self.on_recover(lost) if self.on_recover is not None else ""
+            if self._in_tx and not self._db.in_transaction:
+                # Reading (to count the outbox again) failed as well, and SQLite dropped the restored transaction.
+                self._forget_transaction()
+                note = self.on_recover(True) if self.on_recover is not None else ""
+        finally:
+            self._recovering = False
+        return self._error(exc, doing, note)
+
+    def _restore(self) -> bool:
+        """Roll the transaction back and replay the journal into a new one; else (False) forget everything since
+        the last commit. The in-memory views are made to match either way."""
+        self._in_tx = False
+        try:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            if self._journal:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._in_tx = True
+                for sql, params, many in self._journal:
+                    if many:
+                        self._db.executemany(sql, params)
+                    else:
+                        self._db.execute(sql, params)
+        except sqlite3.Error as again:
+            log.warning("workspace state %s: could not restore the open transaction (%s); the changes since the "
+                        "last commit are undone", self.path, again)
+            self._forget_transaction()
+            return False
+        self._invalidate_open_rows()
+        self._cache.clear()
+        self._by_cio.clear()
+        self._reindex_staged()
+        return True
+
+    def _forget_transaction(self) -> None:
+        """Forget everything since the last commit, in the database and in memory: the last commit is the truth."""
+        with contextlib.suppress(sqlite3.Error):
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+        self._in_tx = False
+        self._journal.clear()
+        for statements in self._staged:
             statements.clear()
-            self._forget_staged(t)
-        self._marks = None
-        self._step_savepoint = False
+        if self._marks is not None:
+            self._marks = [0] * _TABLES
+        self._step_db = 0
         self._changed_attrs.clear()
         self._step_attrs.clear()
-        if self._in_tx:
-            self._db.execute("ROLLBACK")
-            self._in_tx = False
-            self._invalidate_open_rows()
         self._cache.clear()
         self._by_cio.clear()
-        self._seq_num = int(self._meta("seq_num") or 0)
-        self._seq_dirty = False
+        self._reindex_staged()
+        self._invalidate_open_rows()
+        self._seq_dirty = True  # numbers given since are not reused (they may have been seen): store the last one
+
+    def fault(self, exc: sqlite3.Error, doing: str) -> CioSyncError:
+        """The error to raise for ``exc`` from a read or write outside a step, after recovering (:meth:`_recover`)."""
+        return self._recover(exc, doing, self._keep())
+
+    def error(self, exc: sqlite3.Error, doing: str) -> CioSyncError:
+        """The error to raise for ``exc`` from a read made outside the sink's lock, without recovering: if SQLite
+        dropped the transaction, the next write finds out (:meth:`_tx`) and recovers."""
+        return self._error(exc, doing)
+
+    def _error(self, exc: sqlite3.Error, doing: str, note: str = "") -> CioSyncError:
+        """``exc`` as a cio_sync error naming the state file: a :class:`~cio_sync.StorageError` for a fault of the
+        storage (a full disk, an I/O error), else a :class:`~cio_sync.StateError`."""
+        code = getattr(exc, "sqlite_errorcode", None)
+        name = getattr(exc, "sqlite_errorname", None)
+        where = self.path if self.path is not None else "(in memory)"
+        detail = f"{exc} ({name})" if name else str(exc)
+        if code is not None and code & 0xFF in _STORAGE_CODES:
+            hint = "; free some space, then go on" if code & 0xFF == _FULL else ""
+            return StorageError(f"workspace state {where}: could not {doing}: {detail}{hint}{note}", path=self.path)
+        return StateError(f"workspace state {where} cannot be used: could not {doing}: {detail}{note}")
 
     # -- time and numbers ----------------------------------------------------------------------------------------
 
@@ -614,53 +909,103 @@ class WorkspaceState:
 
     # -- the outbox (used by SqliteOutbox) -----------------------------------------------------------------------
 
-    def outbox_counts(self) -> Iterator[tuple[str, int, int]]:
-        self._apply_staged(_OUTBOX)
-        yield from self._db.execute(
-            "SELECT tbl, coalesce(sum(coalesce(rows, 1)), 0), coalesce(sum(size), 0) FROM outbox "
-            "WHERE batch IS NULL GROUP BY tbl")
+    def outbox_counts(self) -> dict[str, tuple[int, int]]:
+        """Rows and bytes of each table's open rows (not cut yet): those in the database and those staged. Reads
+        only (it runs after a failed write, too)."""
+        try:
+            counts = {str(table): [int(rows), int(size)] for table, rows, size in self._db.execute(
+                "SELECT tbl, coalesce(sum(coalesce(rows, 1)), 0), coalesce(sum(size), 0) FROM outbox "
+                "WHERE batch IS NULL GROUP BY tbl")}
+        except sqlite3.Error as exc:
+            raise self.fault(exc, "read the outbox") from exc
+        for table, _, size, _ in self.outbox_staged:
+            known = counts.setdefault(table, [0, 0])
+            known[0] += 1
+            known[1] += size
+        return {table: (rows, size) for table, (rows, size) in counts.items()}
+
+    def outbox_batch_ids(self) -> set[int]:
+        try:
+            return {int(batch_id) for (batch_id,) in self._db.execute("SELECT id FROM batches")}
+        except sqlite3.Error as exc:
+            raise self.fault(exc, "read the outbox") from exc
 
     def outbox_cut(self, table: str) -> tuple[int, list[Any], int, int | None, int | None]:
         """Close the table's open rows into a new batch; its id, rows (decoded), bytes and time range."""
         self._apply_staged(_OUTBOX)
-        db = self._tx()
-        cursor = db.execute("INSERT INTO batches (tbl, rows) VALUES (?, 0)", (table,))
-        batch_id = int(cursor.lastrowid or 0)
-        db.execute("UPDATE outbox SET batch = ? WHERE batch IS NULL AND tbl = ?", (batch_id, table))
-        rows = self._open_rows.get(table, [])
-        if rows is None:
-            rows = _unpack(db.execute(_BATCH_ENTRIES, (batch_id,)))
+        keep = self._keep()
+        try:
+            cursor = self._execute("INSERT INTO batches (tbl, rows) VALUES (?, 0)", (table,))
+            batch_id = int(cursor.lastrowid or 0)
+            self._execute("UPDATE outbox SET batch = ? WHERE batch IS NULL AND tbl = ?", (batch_id, table))
+            rows = self._open_rows.get(table)
+            if rows is None:
+                rows = _unpack(self._db.execute(_BATCH_ENTRIES, (batch_id,)))
+            nbytes, first, last = self._db.execute(
+                "SELECT coalesce(sum(size), 0), min(at), max(coalesce(last_at, at)) FROM outbox WHERE batch = ?",
+                (batch_id,)).fetchone()
+            if rows:
+                self._execute("UPDATE batches SET rows = ?, nbytes = ?, first_at = ?, last_at = ? WHERE id = ?",
+                              (len(rows), nbytes, first, last, batch_id))
+            else:  # nothing was open after all: no empty batch to publish
+                self._execute("DELETE FROM batches WHERE id = ?", (batch_id,))
+        except sqlite3.Error as exc:
+            raise self._recover(exc, f"cut a batch of {table}", keep) from exc
         self._open_rows[table] = []
-        nbytes, first, last = db.execute(
-            "SELECT coalesce(sum(size), 0), min(at), max(coalesce(last_at, at)) FROM outbox WHERE batch = ?",
-            (batch_id,)).fetchone()
-        db.execute("UPDATE batches SET rows = ?, nbytes = ?, first_at = ?, last_at = ? WHERE id = ?",
-                   (len(rows), nbytes, first, last, batch_id))
         # No commit here: a cut may happen inside a step (a call's savepoint); it becomes durable with the next
         # commit, at the latest when the batch is named, before its upload.
         return batch_id, rows, int(nbytes), first, last
 
     def outbox_batches(self) -> list[tuple[Any, ...]]:
-        return [tuple(r) for r in self._db.execute(
-            "SELECT id, tbl, rows, name, data, nbytes, first_at, last_at FROM batches ORDER BY id")]
+        try:
+            return [tuple(r) for r in self._db.execute(
+                "SELECT id, tbl, rows, name, data, nbytes, first_at, last_at FROM batches ORDER BY id")]
+        except sqlite3.Error as exc:
+            raise self.fault(exc, "read the outbox") from exc
 
-    def outbox_encoded(self, batch_id: int) -> bytes:
-        row = self._db.execute("SELECT data FROM batches WHERE id = ?", (batch_id,)).fetchone()
+    def outbox_encoded(self, batch_id: int, *, recover: bool = True) -> bytes:
+        """The batch's recorded bytes. Raises a cio_sync error (after recovering, :meth:`fault`), or with
+        ``recover=False`` the raw ``sqlite3.Error``."""
+        try:
+            row = self._db.execute("SELECT data FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        except sqlite3.Error as exc:
+            if not recover:
+                raise
+            raise self.fault(exc, "read a batch") from exc
         return bytes(row[0])
 
-    def outbox_batch_rows(self, batch_id: int) -> list[Any]:
-        """The batch's rows, decoded."""
-        return _unpack(self._db.execute(_BATCH_ENTRIES, (batch_id,)))
+    def outbox_batch_rows(self, batch_id: int, *, recover: bool = True) -> list[Any]:
+        """The batch's rows, decoded. Raises as :meth:`outbox_encoded` does."""
+        try:
+            return _unpack(self._db.execute(_BATCH_ENTRIES, (batch_id,)))
+        except sqlite3.Error as exc:
+            if not recover:
+                raise
+            raise self.fault(exc, "read a batch") from exc
 
     def outbox_named(self, batch_id: int, name: str, data: bytes) -> None:
-        self._tx().execute("UPDATE batches SET name = ?, data = ? WHERE id = ?", (name, data, batch_id))
-        self.commit()
+        """Record the batch's file name and bytes, and commit (with everything before: the batch's rows come from
+        it). If that fails, the batch has no name, and everything before is still applied."""
+        self._apply_staged()
+        keep = self._keep()
+        try:
+            cursor = self._execute("UPDATE batches SET name = ?, data = ? WHERE id = ?", (name, data, batch_id))
+            if cursor.rowcount != 1:
+                raise StateError(f"workspace state {self.path}: the batch for {name} is not in the outbox")
+            self._commit_tail()
+        except sqlite3.Error as exc:
+            raise self._recover(exc, f"record the name of the batch {name}", keep) from exc
 
     def outbox_published(self, batch_id: int) -> None:
-        db = self._tx()
-        db.execute("DELETE FROM outbox WHERE batch = ?", (batch_id,))
-        db.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
-        self.commit()
+        """Forget a batch whose file landed, and commit. If that fails, the batch is still there, name and bytes."""
+        self._apply_staged()
+        keep = self._keep()
+        try:
+            self._execute("DELETE FROM outbox WHERE batch = ?", (batch_id,))
+            self._execute("DELETE FROM batches WHERE id = ?", (batch_id,))
+            self._commit_tail()
+        except sqlite3.Error as exc:
+            raise self._recover(exc, "clear a published batch", keep) from exc
 
 
 class SqliteOutbox:
@@ -671,7 +1016,10 @@ class SqliteOutbox:
         self._state = state
         self._stage = state.outbox_staged.append
         self._buffered: dict[str, list[Any]] = {}  # table -> [rows, bytes, since]
-        for table, rows, size in state.outbox_counts():
+        #: The batches handed out (cut, or pending at start) that the state still holds, by id. A batch that a
+        #: failed write undid is never named or cleared: its id may belong to a later cut.
+        self._live: dict[int, Batch] = {}
+        for table, (rows, size) in state.outbox_counts().items():
             self._buffered[table] = [rows, size, time.monotonic()]
 
     def append(self, table: str, schema: pa.Schema, row: tuple[Any, ...], size: int,
@@ -695,20 +1043,23 @@ class SqliteOutbox:
         counts[0] = counts[1] = 0
         if not rows:
             return None
-        return Batch(table, len(rows), rows, STANDARD_SCHEMAS[table], key=batch_id,
-                     nbytes=nbytes, first_time=first, last_time=last)
+        batch = Batch(table, len(rows), rows, STANDARD_SCHEMAS[table], key=batch_id,
+                      nbytes=nbytes, first_time=first, last_time=last)
+        self._live[batch_id] = batch
+        return batch
 
     def pending(self) -> list[Batch]:
         batches = []
         for batch_id, table, rows, name, data, nbytes, first, last in self._state.outbox_batches():
             if name is not None and data is not None:
-                batches.append(Batch(table, rows, None, STANDARD_SCHEMAS[table], name=name, encoded=data,
-                                     key=batch_id, attempted=True, nbytes=nbytes, first_time=first,
-                                     last_time=last))
+                batch = Batch(table, rows, None, STANDARD_SCHEMAS[table], name=name, encoded=data, key=batch_id,
+                              attempted=True, nbytes=nbytes, first_time=first, last_time=last)
             else:
                 decoded = self._state.outbox_batch_rows(batch_id)
-                batches.append(Batch(table, len(decoded), decoded, STANDARD_SCHEMAS[table], key=batch_id,
-                                     nbytes=nbytes, first_time=first, last_time=last))
+                batch = Batch(table, len(decoded), decoded, STANDARD_SCHEMAS[table], key=batch_id,
+                              nbytes=nbytes, first_time=first, last_time=last)
+            self._live[batch_id] = batch
+            batches.append(batch)
         return batches
 
     def release(self, batch: Batch) -> None:
@@ -716,18 +1067,53 @@ class SqliteOutbox:
         batch.encoded = None
 
     def load(self, batch: Batch) -> None:
-        if batch.name is not None:
-            batch.encoded = self._state.outbox_encoded(batch.key)
-        else:
-            batch.data = self._state.outbox_batch_rows(batch.key)
+        # The publisher loads outside its lock, while calls may be applied: a read error is reported as it is,
+        # without recovering here (a write that finds the transaction gone recovers, in the calls' own thread).
+        try:
+            if batch.name is not None:
+                batch.encoded = self._state.outbox_encoded(batch.key, recover=False)
+            else:
+                batch.data = self._state.outbox_batch_rows(batch.key, recover=False)
+        except sqlite3.Error as exc:
+            raise self._state.error(exc, f"read back a batch of {batch.table}") from exc
 
     def named(self, batch: Batch) -> None:
+        """Record the batch's name and bytes (and commit). If that fails the batch keeps its name, unrecorded and
+        never uploaded: the publisher records it on the next try, before any upload."""
         assert batch.name is not None
         assert batch.encoded is not None
+        if not self.holds(batch):
+            raise StorageError(f"workspace state {self._state.path}: the batch of {batch.table} for {batch.name} was "
+                               f"undone by a failed write of the state; its rows go in a later batch",
+                               path=self._state.path)
         self._state.outbox_named(batch.key, batch.name, batch.encoded)
 
     def published(self, batch: Batch) -> None:
         self._state.outbox_published(batch.key)
+        self._live.pop(batch.key, None)
 
     def buffered(self) -> dict[str, Buffered]:
         return {t: Buffered(c[0], c[1], c[2]) for t, c in self._buffered.items() if c[0]}
+
+    def holds(self, batch: Batch) -> bool:
+        """Whether ``batch`` is still in the state (a failed write may have undone it)."""
+        return self._live.get(batch.key) is batch
+
+    def resync(self) -> None:
+        """After a failed write was rolled back: count the open rows again from what the state holds, and forget the
+        batches it no longer holds. Reads only."""
+        try:
+            counts = self._state.outbox_counts()
+            ids = self._state.outbox_batch_ids()
+        except CioSyncError as exc:
+            log.warning("could not count the outbox of %s again: %s", self._state.path, exc)
+            return
+        now = time.monotonic()
+        for table, held in self._buffered.items():
+            if table not in counts:
+                held[0] = held[1] = 0
+        for table, (rows, size) in counts.items():
+            known = self._buffered.get(table)
+            since = known[2] if known is not None and known[0] else now
+            self._buffered[table] = [rows, size, since]
+        self._live = {batch_id: batch for batch_id, batch in self._live.items() if batch_id in ids}
