@@ -10,7 +10,7 @@ from typing import Any, Final
 
 from fsspec import AbstractFileSystem
 
-from cio_sync._calls import Call, call_document, call_row, call_to_row, parse_call, to_micros
+from cio_sync._calls import DOCUMENT_ROW_OVERHEAD, Call, call_document, call_row, call_to_row, parse_call, to_micros
 from cio_sync._counters import Counters
 from cio_sync._errors import ConfigError, InvalidCall
 from cio_sync._formats import Format, get_format
@@ -182,7 +182,7 @@ class AdvancedSink(BaseSink):
             if self._documents:
                 document = call_document(parsed)
                 row: tuple[Any, ...] = (document,)
-                size = len(document)
+                size = len(document) + DOCUMENT_ROW_OVERHEAD
                 schema = DOCUMENT_SCHEMA
             else:
                 row, size = call_row(parsed)

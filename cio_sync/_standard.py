@@ -18,7 +18,7 @@ import orjson
 import pyarrow as pa
 from fsspec import AbstractFileSystem
 
-from cio_sync._calls import JSON_OPTIONS, Call, parse_call
+from cio_sync._calls import JSON_OPTIONS, Call, parse_call, row_size
 from cio_sync._counters import Counters
 from cio_sync._errors import InvalidCall, InvalidRecord, InvalidRecords, UnknownPerson
 from cio_sync._formats import ParquetFormat
@@ -229,12 +229,11 @@ class StandardSink(BaseSink):
     def _people_row(self, person: Person) -> Row:
         row = (self.workspace_id, person.cio_id, person.id, person.email, person.deleted, person.suppressed,
                person.created_at, person.updated_at)
-        size = 48 + len(person.cio_id) + len(person.id or "") + len(person.email or "")
-        return "people", _PEOPLE, row, size, person.updated_at
+        return "people", _PEOPLE, row, row_size(row), person.updated_at
 
     def _attribute_row(self, person: Person, name: str, value: str | None, at: int) -> Row:
         row = (self.workspace_id, person.cio_id, person.id, name, value, at)
-        return "attributes", _ATTRIBUTES, row, 32 + len(person.cio_id) + len(name) + len(value or ""), at
+        return "attributes", _ATTRIBUTES, row, row_size(row), at
 
     def _touch(self, person: Person) -> int:
         """A change time for ``person``: now, and always after its previous change."""
@@ -457,8 +456,7 @@ class StandardSink(BaseSink):
             if "version" in schema.names:
                 values["version"] = version
         row = (self.workspace_id, *(values[name] for name in schema.names[1:]))
-        size = 16 + sum(len(v) if isinstance(v, str) else 8 for v in row)
-        return [(table, schema, row, size, now)]
+        return [(table, schema, row, row_size(row), now)]
 
     def _fill_person(self, values: dict[str, Any]) -> None:
         internal, external = values.get("internal_customer_id"), values.get("external_customer_id")
