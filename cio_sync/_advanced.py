@@ -144,6 +144,8 @@ class AdvancedSink(BaseSink):
         return f"{MANIFESTS_FOLDER}/advanced.{self.destination_id}.{sequence}.json"
 
     def close(self) -> list[WrittenFile]:
+        if self._publisher.inherited:
+            return []  # a child after fork: the buffers, the spool and its lock are the parent's
         files = self._publisher.close()
         if self.spool is not None:
             self.spool.close()

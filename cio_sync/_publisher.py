@@ -19,12 +19,14 @@ import hashlib
 import json
 import logging
 import math
+import os
 import threading
 import time
 import uuid
 import weakref
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from operator import itemgetter
@@ -397,6 +399,35 @@ def _flush_open_publishers() -> None:
             log.exception("could not publish buffered rows of %s at exit", publisher.label)
 
 
+def _after_fork_in_child() -> None:
+    """In the child of ``os.fork()``: every sink open in the parent belongs to the parent. The child holds a copy of
+    its buffers, its pending batches, its spool and state files and its locks; publishing or committing any of it
+    would publish the parent's rows twice, or change the parent's files under it. So the child never uses them:
+    those sinks refuse every call, their ``close()`` does nothing, and the exit handler forgets them."""
+    for publisher in list(_OPEN):
+        publisher._inherit()
+    _OPEN.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX: where there is fork, there is this
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _Inherited:
+    """The lock of a sink in a process that inherited it through ``fork``: taking it refuses, with the reason.
+    (It also stands in for a lock another thread of the parent may have held at the fork: the child would wait
+    for it forever.)"""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __enter__(self) -> bool:
+        raise SinkClosed(self.message)
+
+    def __exit__(self, *exc: object) -> None:  # pragma: no cover - __enter__ never succeeds
+        return None
+
+
 @dataclass(frozen=True)
 class ManifestSpec:
     """How a sink's manifests are named and what they say about the sink (see docs/manifests.md)."""
@@ -485,10 +516,13 @@ class Publisher:
         self._unreported: deque[WrittenFile] = deque(maxlen=_MAX_UNREPORTED)
         # ``lock`` guards the store, the queue and the counts; sinks hold it to make a state change and its rows
         # one step. ``_publish_lock`` lets one thread at a time publish, in order.
-        self.lock = threading.RLock()
-        self._publish_lock = threading.RLock()
+        self.lock: AbstractContextManager[Any] = threading.RLock()
+        self._publish_lock: AbstractContextManager[Any] = threading.RLock()
         self._closed = False
         self._closing = False
+        #: The process that opened the sink; in another one (a child after fork) the sink is not usable.
+        self._pid = os.getpid()
+        self._inherited: str | None = None  # why it is not usable here, in a child
         #: Whether the last publish of waiting batches failed (storage is not taking files), and when an early
         #: publish may try again.
         self._failing = False
@@ -507,9 +541,26 @@ class Publisher:
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        """Whether the sink takes no more calls: it was closed, or this process inherited it through fork."""
+        return self._closed or self._inherited is not None
+
+    @property
+    def inherited(self) -> bool:
+        """Whether this process is a child that inherited the sink through ``os.fork()`` (see :meth:`_inherit`)."""
+        return self._inherited is not None
+
+    def _inherit(self) -> None:
+        """Mark the sink as the parent's, in a child just forked: every use raises :class:`SinkClosed` saying so
+        (whatever takes its lock: writes, flushes, stats, a sink's own state), ``close()`` does nothing, and no
+        thread or exit handler of the child publishes its rows."""
+        self._inherited = (f"{self.label} was opened by process {self._pid} before a fork; this process "
+                           f"({os.getpid()}) cannot use it: open a new sink in the child (on its own spool and state)")
+        self.lock = self._publish_lock = _Inherited(self._inherited)
+        self._timer = None  # threads do not survive a fork
 
     def check_open(self) -> None:
+        if self._inherited is not None:
+            raise SinkClosed(self._inherited)
         if self._closed or self._closing:
             raise SinkClosed(f"{self.label} is closed; create a new sink to write more")
 
@@ -896,8 +947,9 @@ class Publisher:
 
     def close(self) -> list[WrittenFile]:
         """Stop the timer and publish everything; idempotent. If publishing fails, nothing is dropped and
-        ``close()`` may be called again."""
-        if self._closed:
+        ``close()`` may be called again. In a child that inherited the sink through fork, does nothing: the rows
+        are the parent's, which publishes them."""
+        if self._closed or self._inherited is not None:
             return []
         self._stop.set()
         if self._timer is not None and self._timer is not threading.current_thread():

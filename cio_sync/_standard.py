@@ -139,6 +139,8 @@ class StandardSink(BaseSink):
         return f"{MANIFESTS_FOLDER}/{key}_{sequence}.json"
 
     def close(self) -> list[WrittenFile]:
+        if self._publisher.inherited:
+            return []  # a child after fork: the buffers, the state file and its lock are the parent's
         files = self._publisher.close()
         self.state.close()
         return files
