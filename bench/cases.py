@@ -3,7 +3,8 @@ traffic, encoding it, creating a bucket) happens before the clock starts.
 
 Every cio_sync case uses the sink's defaults (``max_rows``, ``max_bytes``, ``max_buffer_bytes``) except
 ``flush_interval=None``: the timer thread would make runs differ by when it fires, and a run is shorter than its
-default interval anyway. Timing includes ``close()``, which publishes the last files.
+default interval anyway. Timing includes ``close()``, which publishes the last files. The outage cases are the
+exception: storage fails for the whole run, under a budget of ``Job.budget_mib``, and what they measure is memory.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import resource
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
+from fsspec.implementations.memory import MemoryFileSystem
 
 import cio_sync
 from bench import traffic
@@ -33,6 +35,8 @@ class Job:
     calls: int
     folder: str
     s3: dict[str, Any] | None = None
+    #: ``max_buffer_bytes`` of the outage cases, in MiB.
+    budget_mib: float | None = None
 
 
 @dataclass
@@ -45,6 +49,12 @@ class Outcome:
     #: The most ``SinkStats.bytes_in_memory`` said the sink held (what ``max_buffer_bytes`` bounds), sampled every
     #: 10,000 calls: set beside peak RSS, it shows how far the sink's accounting is from the memory it takes.
     accounted_peak_mib: float | None = None
+    #: The outage cases: the budget, the peak RSS while storage was down (before it came back and the sink
+    #: published everything), what ended the run ("BufferFull" or "end of stream") and the rows then published.
+    budget_mib: float | None = None
+    peak_rss_mib: float | None = None
+    stopped_by: str | None = None
+    published_rows: int | None = None
 
 
 #: RSS (MiB) when the clock last started: what the process held before the case began its work.
@@ -251,6 +261,74 @@ def memory_growth(job: Job) -> Outcome:
     ), traffic.stream(pool, job.calls))
 
 
+class _Unreachable(MemoryFileSystem):  # type: ignore[misc]  # fsspec has no type hints
+    """Storage that is down while ``down`` is set: every upload, listing and read raises ``ConnectionError``."""
+
+    protocol = "bench-unreachable"
+    down = True
+
+    def _check(self) -> None:
+        if self.down:
+            raise ConnectionError("storage unreachable (bench outage case)")
+
+    def pipe_file(self, *args: Any, **kwargs: Any) -> Any:
+        self._check()
+        return super().pipe_file(*args, **kwargs)
+
+    def ls(self, *args: Any, **kwargs: Any) -> Any:
+        self._check()
+        return super().ls(*args, **kwargs)
+
+    def cat_file(self, *args: Any, **kwargs: Any) -> Any:
+        self._check()
+        return super().cat_file(*args, **kwargs)
+
+
+def small_calls(count: int) -> Iterator[dict[str, Any]]:
+    """``count`` of the smallest calls there are: a track with a user id and an event name, no messageId (the
+    sink makes one), as a fresh dict each."""
+    for n in range(count):
+        yield {"type": "track", "userId": f"user-{n % 1000}", "event": "Viewed"}
+
+
+def _outage(small: bool, spool: bool) -> Callable[[Job], Outcome]:
+    """Storage down for the whole run, ``max_buffer_bytes`` of ``job.budget_mib``. Without a spool the sink waits
+    (``when_full="block"``, ``block_timeout=0.1``) and raises ``BufferFull`` once the budget is full: the run ends
+    there. With a spool it spills and keeps accepting: the run writes ``job.calls`` calls. Then storage comes back
+    and ``close()`` publishes every accepted call (not timed, not in the peak)."""
+
+    def run(job: Job) -> Outcome:
+        assert job.budget_mib, "an outage case needs a budget"
+        budget = int(job.budget_mib * 2**20)
+        calls = small_calls(job.calls) if small else traffic.stream(traffic.load(job.traffic), job.calls)
+        fs = _Unreachable(skip_instance_cache=True)
+        writer = cio_sync.FsspecWriter(f"/outage-{uuid.uuid4().hex[:12]}", filesystem=fs,
+                                       retry=cio_sync.RetryPolicy(attempts=1, initial_delay=0))
+        accepted = accounted = 0
+        stopped = "end of stream"
+        start = _start()
+        sink = cio_sync.AdvancedSink(writer, flush_interval=None, max_buffer_bytes=budget, block_timeout=0.1,
+                                     spool_dir=Path(job.folder) / "spool" if spool else None, spool_sync="os")
+        write = sink.write
+        try:
+            for call in calls:
+                write(call)
+                accepted += 1
+                if not accepted % 10_000:
+                    accounted = max(accounted, sink.stats.bytes_in_memory)
+        except cio_sync.BufferFull:
+            stopped = "BufferFull"
+        seconds = _clock() - start
+        accounted = max(accounted, sink.stats.bytes_in_memory)
+        peak = peak_rss_mib()
+        fs.down = False
+        published = sum(f.rows for f in sink.close())
+        return Outcome(accepted, seconds, accounted_peak_mib=accounted / 2**20, budget_mib=job.budget_mib,
+                       peak_rss_mib=peak, stopped_by=stopped, published_rows=published)
+
+    return run
+
+
 #: Every case by key: (label, function).
 CASES: dict[str, tuple[str, Callable[[Job], Outcome]]] = {
     "raw-pyarrow": ("raw pyarrow (from_pylist + write_table)", raw_pyarrow),
@@ -269,4 +347,8 @@ CASES: dict[str, tuple[str, Callable[[Job], Outcome]]] = {
     "large-local": ("Advanced json, large files, local", _large_local("json")),
     "large-s3": ("Advanced json, large files, to S3", _s3("json", large=True)),
     "memory": ("Advanced parquet, defaults, streamed", memory_growth),
+    "outage-small": ("storage down, small calls, no spool", _outage(small=True, spool=False)),
+    "outage-small-spool": ("storage down, small calls, spool", _outage(small=True, spool=True)),
+    "outage-mixed": ("storage down, mixed calls, no spool", _outage(small=False, spool=False)),
+    "outage-mixed-spool": ("storage down, mixed calls, spool", _outage(small=False, spool=True)),
 }

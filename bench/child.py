@@ -18,7 +18,7 @@ def main(argv: list[str]) -> int:
     job = Job(**json.loads(argv[0]))
     _, run = CASES[job.case]
     outcome = run(job)
-    result: dict[str, Any] = {**dataclasses.asdict(outcome), "peak_rss_mib": peak_rss_mib(),
+    result: dict[str, Any] = {**dataclasses.asdict(outcome), "peak_rss_mib": outcome.peak_rss_mib or peak_rss_mib(),
                               "rss_start_mib": rss_at_start[0] if rss_at_start else None}
     print("RESULT " + json.dumps(result), flush=True)
     return 0

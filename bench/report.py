@@ -20,7 +20,7 @@ class CaseResult:
 
     key: str
     label: str
-    group: str  # "baseline", "advanced", "s3", "standard", "large", "memory"
+    group: str  # "baseline", "advanced", "s3", "standard", "large", "memory", "outage"
     calls: int
     runs: list[float] = field(default_factory=list)  # calls/s, one per repetition
     peak_rss_mib: list[float] = field(default_factory=list)
@@ -28,6 +28,8 @@ class CaseResult:
     files: list[int] = field(default_factory=list)  # sizes of the files of the last run
     accounted_peak_mib: list[float] = field(default_factory=list)  # the sink's own count of what it held
     errors: list[str] = field(default_factory=list)
+    #: The outage cases: the budget (MiB), what ended the run, the rows published once storage came back.
+    outage: dict[str, Any] = field(default_factory=dict)
 
     @property
     def median(self) -> float | None:
@@ -40,6 +42,18 @@ class CaseResult:
 
     def as_dict(self, raw: float | None, dlt: float | None) -> dict[str, Any]:
         median = self.median
+        peak = max(self.peak_rss_mib) if self.peak_rss_mib else None
+        start = min(self.rss_start_mib) if self.rss_start_mib else None
+        budget = self.outage.get("budget_mib")
+        memory: dict[str, Any] = {}
+        if self.group == "outage":
+            memory = {
+                "budget_mib": budget, "stopped_by": self.outage.get("stopped_by"),
+                "published_rows": self.outage.get("published_rows"),
+                # What the issue asks: peak RSS against max_buffer_bytes, above what the process held before.
+                "peak_rss_above_start_per_budget": (peak - start) / budget if peak and start and budget else None,
+                "peak_rss_per_budget": peak / budget if peak and budget else None,
+            }
         return {
             "key": self.key, "label": self.label, "group": self.group, "calls": self.calls, "runs": self.runs,
             "min": min(self.runs) if self.runs else None, "median": median,
@@ -50,7 +64,7 @@ class CaseResult:
             "sink_accounted_peak_mib": max(self.accounted_peak_mib) if self.accounted_peak_mib else None,
             "rss_start_mib": min(self.rss_start_mib) if self.rss_start_mib else None,
             "files": len(self.files), "largest_file_bytes": max(self.files, default=0),
-            "total_file_bytes": sum(self.files), "errors": self.errors,
+            "total_file_bytes": sum(self.files), "errors": self.errors, **memory,
         }
 
 
@@ -129,7 +143,8 @@ def targets(by_key: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def comparisons(by_key: dict[str, dict[str, Any]]) -> list[str]:
-    """S3 against local disk, and whether the large files went up in parts."""
+    """S3 against local disk, memory growth, memory with storage down, and whether the large files went up in
+    parts."""
     lines = []
     for s3, local, what in (("s3-parquet", "parquet", "parquet"), ("large-s3", "large-local", "large json files")):
         if s3 in by_key and local in by_key and by_key[s3]["median"] and by_key[local]["median"]:
@@ -140,6 +155,14 @@ def comparisons(by_key: dict[str, dict[str, Any]]) -> list[str]:
             lines.append(f"memory growth, {row['calls']:,} calls: peak RSS {row['peak_rss_mib']:,.0f} MiB "
                          f"({row['rss_start_mib'] or 0:,.0f} MiB before the first call; the sink counted at most "
                          f"{row['sink_accounted_peak_mib'] or 0:,.0f} MiB in memory), {row['files']} files")
+    for row in (r for r in by_key.values() if r["group"] == "outage"):
+        if row["peak_rss_mib"] and row["peak_rss_above_start_per_budget"] is not None:
+            lines.append(
+                f"{row['label']}: {row['calls']:,} calls accepted ({row['stopped_by']}); peak RSS "
+                f"{row['peak_rss_mib']:,.0f} MiB, {row['peak_rss_mib'] - row['rss_start_mib']:,.0f} MiB above the "
+                f"{row['rss_start_mib']:,.0f} MiB before the sink opened = "
+                f"{row['peak_rss_above_start_per_budget']:.2f}x max_buffer_bytes ({row['budget_mib']:g} MiB); the "
+                f"sink counted at most {row['sink_accounted_peak_mib'] or 0:,.1f} MiB")
     large = by_key.get("large-s3")
     if large and large["files"]:
         biggest = large["largest_file_bytes"]
@@ -170,7 +193,7 @@ def chart(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
 
     shown = [r for r in rows if r["median"]]
     colours = {"baseline": "#7f7f7f", "advanced": "#1f77b4", "s3": "#ff7f0e", "standard": "#2ca02c",
-               "large": "#9467bd", "memory": "#8c564b"}
+               "large": "#9467bd", "memory": "#8c564b", "outage": "#e377c2"}
     figure, axes = plt.subplots(figsize=(11, 0.42 * len(shown) + 1.8))
     positions = list(range(len(shown)))[::-1]
     medians = [r["median"] for r in shown]

@@ -1,9 +1,10 @@
 """Benchmarks of issue 7: cio_sync against raw pyarrow, orjson JSON lines and dlt on the same calls, in one run.
 
-Run with ``nox -s bench`` (or ``python -m bench``; ``--quick`` for a one-to-two-minute version). Every case runs in
+Run with ``nox -s bench`` (or ``python -m bench``; ``--quick`` for a two-minute version). Every case runs in
 a fresh process (so its peak RSS is its own), ``--repeat`` times, interleaved across cases so that a noisy moment
-hurts all of them alike. Prints calls/s (min / median / max), the ratios to raw pyarrow and to dlt, peak RSS, which
-of the issue's targets this run meets, and saves the figures as JSON and a PNG chart under bench/results/.
+hurts all of them alike. Prints calls/s (min / median / max), the ratios to raw pyarrow and to dlt, peak RSS (and for
+the storage-down cases, once each, peak RSS against max_buffer_bytes), which of the issue's targets this run meets,
+and saves the figures as JSON and a PNG chart under bench/results/.
 
 These machines are shared and noisy: compare the ratios within one run, not absolute figures across runs.
 """
@@ -37,7 +38,12 @@ MIXED = ("raw-pyarrow", "orjson-lines", "parquet", "parquet-bytes", "csv", "json
          "spool-always")
 GROUPS = {"raw-pyarrow": "baseline", "orjson-lines": "baseline", "dlt": "baseline", "s3-parquet": "s3",
           "standard-1": "standard", "standard-1000": "standard", "large-local": "large", "large-s3": "large",
-          "memory": "memory"}
+          "memory": "memory", "outage-small": "outage", "outage-small-spool": "outage", "outage-mixed": "outage",
+          "outage-mixed-spool": "outage"}
+#: The outage cases, each run once: storage down for the whole run.
+OUTAGE = ("outage-small", "outage-small-spool", "outage-mixed", "outage-mixed-spool")
+#: The most calls a no-spool outage case may write before BufferFull ends it.
+OUTAGE_CAP = 50_000_000
 
 
 @dataclass
@@ -48,6 +54,7 @@ class Planned:
     calls: int
     traffic: Path
     s3: dict[str, Any] | None = None
+    budget_mib: float | None = None
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -69,6 +76,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="identify calls for the Standard cases (default min(calls, 20000); 5000 with --quick)")
     parser.add_argument("--large-calls", type=int, default=500_000,
                         help="calls for the large-file cases, enough for a >100 MiB file (default 500000; 0 skips)")
+    parser.add_argument("--outage-budget-mib", type=float,
+                        help="max_buffer_bytes of the storage-down cases, in MiB (default 64; 16 with --quick)")
+    parser.add_argument("--outage-calls", type=int,
+                        help="calls the storage-down cases with a spool write (those without one stop at "
+                             "BufferFull; default 2000000, 400000 with --quick; 0 skips the outage cases)")
     parser.add_argument("--no-s3", action="store_true", help="skip the SeaweedFS S3 cases")
     parser.add_argument("--no-dlt", action="store_true", help="skip the dlt baseline")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the JSON and the PNG")
@@ -78,6 +90,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.always_calls = min(args.calls, args.always_calls or (500 if args.quick else 2_000))
     args.identify_calls = args.identify_calls or min(args.calls, 5_000 if args.quick else 20_000)
     args.rss = [] if args.quick else [int(n) for n in args.rss_calls.replace("_", "").split(",") if n.strip()]
+    args.outage_budget_mib = args.outage_budget_mib or (16.0 if args.quick else 64.0)
+    if args.outage_calls is None:
+        args.outage_calls = 400_000 if args.quick else 2_000_000
     if args.repeat < 1 or args.calls < 1:
         parser.error("--repeat and --calls must be at least 1")
     return args
@@ -107,7 +122,8 @@ def s3_server(enabled: bool) -> Iterator[dict[str, Any] | None]:
 def run_child(planned: Planned, scratch: Path) -> dict[str, Any]:
     """Run one case once in a fresh interpreter; its result, or ``{"error": ...}``."""
     folder = Path(tempfile.mkdtemp(prefix=f"{planned.key}-", dir=scratch))
-    job = Job(case=planned.key, traffic=str(planned.traffic), calls=planned.calls, folder=str(folder), s3=planned.s3)
+    job = Job(case=planned.key, traffic=str(planned.traffic), calls=planned.calls, folder=str(folder), s3=planned.s3,
+              budget_mib=planned.budget_mib)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     try:
         done = subprocess.run([sys.executable, "-m", "bench.child", json.dumps(job.__dict__)], cwd=ROOT, env=env,
@@ -125,7 +141,8 @@ def run_child(planned: Planned, scratch: Path) -> dict[str, Any]:
 
 
 def plan(args: argparse.Namespace, folder: Path, s3: dict[str, Any] | None) -> tuple[list[Planned], list[Planned]]:
-    """The repeated cases and the memory-growth runs (once each), with their traffic written to ``folder``."""
+    """The repeated cases, and the memory-growth and outage runs (once each), with their traffic written to
+    ``folder``."""
     mixed = traffic.save(traffic.mixed_calls(args.calls), folder / "mixed.pickle")
     identifies = traffic.save(traffic.identify_calls(args.identify_calls), folder / "identify.pickle")
     cases = [Planned(key, args.always_calls if key == "spool-always" else args.calls, mixed) for key in MIXED]
@@ -139,7 +156,11 @@ def plan(args: argparse.Namespace, folder: Path, s3: dict[str, Any] | None) -> t
         cases.append(Planned("large-local", args.large_calls, mixed))
         if s3 is not None:
             cases.append(Planned("large-s3", args.large_calls, mixed, s3))
-    return cases, [Planned("memory", n, mixed) for n in args.rss]
+    once = [Planned("memory", n, mixed) for n in args.rss]
+    if args.outage_calls:
+        once += [Planned(key, args.outage_calls if key.endswith("-spool") else OUTAGE_CAP, mixed,
+                         budget_mib=args.outage_budget_mib) for key in OUTAGE]
+    return cases, once
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
                     result.files = outcome["files"]
                     if outcome["accounted_peak_mib"] is not None:
                         result.accounted_peak_mib.append(outcome["accounted_peak_mib"])
+                    result.outage = {k: outcome.get(k) for k in ("budget_mib", "stopped_by", "published_rows")}
+                    if outcome.get("stopped_by") is not None:
+                        result.calls = outcome["calls"]  # the calls accepted before BufferFull, or all of them
+                        if outcome["published_rows"] != outcome["calls"]:
+                            result.errors.append(f"{outcome['calls']:,} calls accepted but "
+                                                 f"{outcome['published_rows']:,} rows published")
                     progress = f"{rate:,.0f} calls/s, peak RSS {outcome['peak_rss_mib']:,.0f} MiB"
                 print(f"[{n}/{len(schedule)}] round {round_ + 1}, {label}, {planned.calls:,} calls: {progress}",
                       file=sys.stderr, flush=True)
@@ -203,6 +230,10 @@ def summarise(args: argparse.Namespace, results: list[report.CaseResult], descri
     if any(r.group == "memory" for r in results):
         notes.append("memory-growth runs: parquet with default max_rows/max_bytes/max_buffer_bytes, calls streamed "
                      "lazily from the slice, once each")
+    if any(r.group == "outage" for r in results):
+        notes.append(f"storage-down runs: every upload fails for the whole run, max_buffer_bytes="
+                     f"{args.outage_budget_mib:g} MiB, parquet; without a spool until BufferFull, with one "
+                     f"(spool_sync=os) {args.outage_calls:,} calls; once each")
     for note in notes:
         print(f"  - {note}")
     print()
@@ -218,7 +249,8 @@ def summarise(args: argparse.Namespace, results: list[report.CaseResult], descri
         "started": stamp, "seconds": round(seconds, 1), "argv": sys.argv[1:],
         "sizes": {"calls": args.calls, "repeat": args.repeat, "dlt_calls": args.dlt_calls,
                   "always_calls": args.always_calls, "identify_calls": args.identify_calls,
-                  "large_calls": args.large_calls, "rss_calls": args.rss},
+                  "large_calls": args.large_calls, "rss_calls": args.rss,
+                  "outage_budget_mib": args.outage_budget_mib, "outage_calls": args.outage_calls},
         "python": sys.version, "pyarrow": pa.__version__, "cio_sync": cio_sync.__version__,
         "machine": platform.machine(), "cpus": os.cpu_count(), "traffic": described, "results": rows,
         "targets": found, "comparisons": compared,

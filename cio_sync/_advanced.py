@@ -10,7 +10,7 @@ from typing import Any, Final
 
 from fsspec import AbstractFileSystem
 
-from cio_sync._calls import Call, call_document, call_row, call_to_row, parse_call, to_micros
+from cio_sync._calls import DOCUMENT_ROW_OVERHEAD, Call, call_document, call_row, call_to_row, parse_call, to_micros
 from cio_sync._counters import Counters
 from cio_sync._errors import ConfigError, InvalidCall
 from cio_sync._formats import Format, get_format
@@ -151,6 +151,8 @@ class AdvancedSink(BaseSink):
         return f"{MANIFESTS_FOLDER}/advanced.{self.destination_id}.{sequence}.json"
 
     def close(self) -> list[WrittenFile]:
+        if self._publisher.inherited:
+            return []  # a child after fork: the buffers, the spool and its lock are the parent's
         files = self._publisher.close()
         if self.spool is not None:
             self.spool.close()
@@ -189,7 +191,7 @@ class AdvancedSink(BaseSink):
             if self._documents:
                 document = call_document(parsed)
                 row: tuple[Any, ...] = (document,)
-                size = len(document)
+                size = len(document) + DOCUMENT_ROW_OVERHEAD
                 schema = DOCUMENT_SCHEMA
             else:
                 row, size = call_row(parsed)

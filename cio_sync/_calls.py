@@ -248,9 +248,59 @@ def _scan(data: dict[str, Any], call_type: str, times: dict[str, datetime]) -> N
             raise InvalidCall(f"must be an object, got {_type_name(value)}", field=name)
 
 
+# What a row costs in memory, as the memory budget (``max_buffer_bytes``) counts it. A row is first a tuple of
+# Python objects, then (with 8,191 others) Arrow columns: the size given with each row is what its Python form
+# takes, an upper bound of its Arrow form, and the buffer counts a chunk at its Arrow size once it is converted.
+
+#: What a text cell costs besides its characters: a Python str's header (49 bytes), rounded up as the allocator
+#: does. (In Arrow a text cell costs a 4-byte offset instead.)
+TEXT_OVERHEAD: Final = 56
+#: What a bytes cell costs besides its bytes: a Python bytes object's header (33 bytes), rounded up.
+BYTES_OVERHEAD: Final = 40
+#: What an integer or float cell costs: a Python int of up to 60 bits (a timestamp in microseconds) or a float.
+NUMBER_SIZE: Final = 32
+
+
+def row_overhead(columns: int) -> int:
+    """What one row of ``columns`` cells costs besides its cells: the tuple (its header, its garbage-collector
+    header and a pointer per cell) and its slot in the buffer's list. It is more than the row's fixed costs once in
+    Arrow columns (a 4-byte offset per text cell, 8 bytes per timestamp or integer, a validity bit per cell)."""
+    return 72 + 8 * columns
+
+
+#: What a row of one JSON document (the JSON format's rows) costs besides the document's bytes.
+DOCUMENT_ROW_OVERHEAD: Final = row_overhead(1) + BYTES_OVERHEAD
+
+
+def text_size(value: str) -> int:
+    """What a text cell costs: its characters, at most 4 bytes each when it is not ASCII (in UTF-8, as Arrow keeps
+    it, or in Python's wider forms), and :data:`TEXT_OVERHEAD`."""
+    return (len(value) if value.isascii() else 4 * len(value)) + TEXT_OVERHEAD
+
+
+def cell_size(value: Any) -> int:
+    """What one cell of a row costs (text, bytes, a number; ``None`` and booleans are shared objects: nothing)."""
+    if value is None or value is True or value is False:
+        return 0
+    if isinstance(value, str):
+        return text_size(value)
+    if isinstance(value, bytes | bytearray):
+        return len(value) + BYTES_OVERHEAD
+    return NUMBER_SIZE
+
+
+def row_size(row: tuple[Any, ...]) -> int:
+    """What a row costs in memory (see :func:`row_overhead` and :func:`cell_size`): for rows made off the hot path
+    (workspace changes and records); the call builders below count as they go."""
+    return row_overhead(len(row)) + sum(map(cell_size, row))
+
+
 # Row builders: one function per call type, generated from its columns (as ``dataclasses`` and ``namedtuple``
 # generate theirs), so that checking and building a row is straight-line code with no loop over columns and no
-# lookups of what kind a column is. Each returns ``(row, size)`` or raises :class:`InvalidCall`.
+# lookups of what kind a column is. Each returns ``(row, size)`` or raises :class:`InvalidCall`; ``size`` is what
+# the row costs in memory (see above): a constant for the type, plus each cell's characters (a non-ASCII one counts
+# 4 bytes a character). A raw builder leaves the characters out: the caller adds the length of the JSON text that
+# was sent, which no cell's UTF-8 bytes exceed.
 
 
 def _not_string(value: Any, field: str) -> str:
@@ -320,30 +370,33 @@ def _compile_builder(call_type: str, raw: bool = False) -> Callable[..., tuple[t
     as the JSON text that was sent and top-level fields already typed by the decoder."""
     specs = _SPECS[call_type]
     local = {name: f"v{i}" for i, (name, _) in enumerate(specs)}
+    # What every row of the type costs whatever its values: the tuple, a string's header for each cell that may hold
+    # text (or a timestamp), and receivedAt; the cells then add their characters (see text_size).
+    base = row_overhead(len(specs)) + TEXT_OVERHEAD * (len(specs) - 1) + NUMBER_SIZE
     if raw:
         fields = [local[name] for name, _, _ in _struct_fields(call_type)]
-        lines = [f"def raw_{call_type}(obj, received, extra):", "    size = 0",
+        lines = [f"def raw_{call_type}(obj, received, extra):", f"    size = {base}",
                  f"    {', '.join(fields)}, = astuple(obj)", f"    {local['type']} = {call_type!r}",
                  f"    if {_head_condition(call_type, local)}:", "        raise NotFast"]
     else:
         fetched = [n for n, code in specs if code not in (_RECEIVED, _EXTRA)]
-        lines = [f"def build_{call_type}(data, received):", "    get = data.get", "    size = 0",
+        lines = [f"def build_{call_type}(data, received):", "    get = data.get", f"    size = {base}",
                  f"    {', '.join(local[n] for n in fetched)}, = map(get, {tuple(fetched)!r})"]
         lines += [f"    if {_head_condition(call_type, local)}:", "        check_head(data)",
                   "        raise AssertionError(data)"]
     for name, code in specs:
         v = local[name]
         if code == _STRING and raw:  # the decoder checked the type and the text
-            lines += [f"    if {v} is not None:", f"        size += len({v})"]
             if name == "messageId":
-                lines += ["    else:", f"        {v} = str(uuid4())"]
+                lines += [f"    if {v} is None:", f"        {v} = str(uuid4())", "        size += 36"]
         elif code == _STRING:
             lines += [f"    if {v} is not None:",
                       f"        if type({v}) is not str:", f"            {v} = _not_string({v}, {name!r})",
                       f"        if not {v}.isascii():", f"            _check_utf8({v}, {name!r})",
+                      f"            size += 3 * len({v})",
                       f"        size += len({v})"]
             if name == "messageId":
-                lines += ["    else:", f"        {v} = str(uuid4())"]
+                lines += ["    else:", f"        {v} = str(uuid4())", "        size += 36"]
         elif code == _OBJECT and raw:
             lines += [f"    if len({v}) == 0:", f"        {v} = None", "    else:",
                       f"        {v} = str({v}, 'utf-8')",
@@ -351,24 +404,24 @@ def _compile_builder(call_type: str, raw: bool = False) -> Callable[..., tuple[t
                       f"            if {v} != 'null':", "                raise NotFast",
                       f"            {v} = None", "        else:",
                       f"            if len({v}) > {2 * (MAX_DEPTH - 1)} and too_deep({v}, {MAX_DEPTH - 1}):",
-                      "                raise NotFast  # the full reading refuses it, saying why",
-                      f"            size += len({v})"]
+                      "                raise NotFast  # the full reading refuses it, saying why"]
         elif code == _OBJECT:
             # orjson refuses what JSON cannot hold but NaN and infinities (it writes them as null) and one level
             # beyond MAX_DEPTH (it writes 254 levels below the call): the values are walked only when the text has
             # more nulls than None values at its top, the brackets counted only in text long enough to nest so.
             lines += [f"    if {v} is not None:",
                       f"        if type({v}) is not dict:", f"            _not_object({v}, {name!r})",
-                      "        try:", f"            text = dumps({v}, option=JSON_OPTIONS).decode()",
+                      "        try:", f"            text = dumps({v}, option=JSON_OPTIONS)",
                       "        except (JSONEncodeError, TypeError) as exc:",
                       f"            raise value_error({v}, {name!r}, 2, exc) from None",
+                      "        size += len(text)",  # its UTF-8 bytes
+                      "        text = text.decode()",
                       f"        if 'null' in text and text.count('null') != countOf({v}.values(), None) "
                       f"and faulty({v}, 2):",
                       f"            raise value_error({v}, {name!r})",
                       f"        if len(text) > {2 * (MAX_DEPTH - 1)} and too_deep(text, {MAX_DEPTH - 1}):",
                       f"            raise value_error({v}, {name!r})",
-                      f"        {v} = text",
-                      f"        size += len({v})"]
+                      f"        {v} = text"]
         elif code == _TIME:
             lines += [f"    if {v} is not None:",
                       f"        if type({v}) is str:",
@@ -376,22 +429,25 @@ def _compile_builder(call_type: str, raw: bool = False) -> Callable[..., tuple[t
                       "            except ValueError:", f"                raise _bad_time({v}, {name!r}) from None",
                       "            if year == 1 or year == 9999:",
                       f"                parse_time({v}, {name!r})",
-                      "        else:", f"            {v} = to_micros(parse_time({v}, {name!r}))",
-                      "        size += 8"]
+                      "        else:", f"            {v} = to_micros(parse_time({v}, {name!r}))"]
+            if not raw:
+                lines += ["        size += 32"]  # the text of a timestamp, as sent
         elif code == _TEXT:
             lines += [f"    if {v} is not None:",
                       f"        if type({v}) is not str or not {v}.isascii():",
-                      f"            {v} = _text_cell({v}, {name!r})",
-                      f"        size += len({v})"]
+                      f"            {v} = _text_cell({v}, {name!r})"]
+            if not raw:
+                lines += [f"            size += 3 * len({v})", f"        size += len({v})"]
         elif code == _RECEIVED:
-            lines += [f"    {v} = received", "    size += 8"]
+            lines += [f"    {v} = received"]
         elif code == _EXTRA and raw:
             lines += [f"    {v} = extra", "    if extra is not None:",
                       f"        if len(extra) > {2 * MAX_DEPTH} and too_deep(extra, {MAX_DEPTH}):",
-                      "            raise NotFast", "        size += len(extra)"]
+                      "            raise NotFast"]
         elif code == _EXTRA:
             lines += ["    if data.keys() <= KNOWN:", f"        {v} = None", "    else:",
-                      f"        {v} = _extra_text(data, KNOWN)", f"        size += len({v})"]
+                      f"        {v} = _extra_text(data, KNOWN)",
+                      f"        size += len({v}) if {v}.isascii() else 4 * len({v})"]
     if not raw:
         for name in _OTHER_OBJECTS[call_type]:
             lines += [f"    other = get({name!r})", "    if other is not None and type(other) is not dict:",
@@ -516,7 +572,13 @@ def _call_to_row_fast(payload: Any, received: int) -> tuple[str, tuple[Any, ...]
         row, size = _RAW_BUILDERS[call_type](struct, received, extra)
     except (msgspec.MsgspecError, _NotFast, UnicodeError, RecursionError):
         return None  # e.g. a str holding a lone surrogate (msgspec cannot encode it), or text that is not UTF-8
-    return call_type, row, size
+    # The raw builders count what a row costs besides the characters sent: add the JSON text's length, which no
+    # cell's UTF-8 bytes (or Python form, for ASCII) exceed.
+    if type(payload) is bytes:
+        return call_type, row, size + len(payload)
+    if isinstance(payload, str):
+        return call_type, row, size + (len(payload) if payload.isascii() else 4 * len(payload))
+    return call_type, row, size + memoryview(payload).nbytes
 
 
 def call_to_row(obj: Any, received: int) -> tuple[str, tuple[Any, ...], int]:

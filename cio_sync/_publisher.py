@@ -19,13 +19,14 @@ import hashlib
 import json
 import logging
 import math
-import reprlib
+import os
 import threading
 import time
 import uuid
 import weakref
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from operator import itemgetter
@@ -34,7 +35,7 @@ from typing import Any, Final, NamedTuple, Protocol
 import orjson
 import pyarrow as pa
 
-from cio_sync._calls import EPOCH, parse_time, time_array
+from cio_sync._calls import EPOCH, TEXT_OVERHEAD, parse_time, time_array
 from cio_sync._errors import CioSyncError, ConfigError, PublishConflict, SinkClosed
 from cio_sync._formats import Format
 from cio_sync._schemas import TIMESTAMP
@@ -50,6 +51,20 @@ MANIFESTS_FOLDER = "_manifests"
 _MAX_UNREPORTED = 100_000
 #: Rejected calls kept in memory for the dead letters between two syncs (more are counted, not kept).
 _MAX_REJECTED_KEPT = 10_000
+#: Characters of one rejected call kept for the dead letters (its JSON text); the rest is cut off. Segment's own
+#: limit for a call is 32 KB.
+MAX_REJECTED_INPUT = 32 * 1024
+#: The share of ``max_buffer_bytes`` that rejected calls kept for the dead letters may take (without a budget:
+#: ``_MAX_REJECTED_BYTES``), so that a flood of bad calls never leaves no room for good ones.
+_REJECTED_SHARE = 4
+#: While storage fails, a table's rows are cut into a batch at the budget only if they hold at least this share of
+#: ``max_buffer_bytes``.
+_CUT_SHARE = 16
+#: A batch holds at most this share of ``max_buffer_bytes``.
+_BATCH_SHARE = 4
+#: The longest pause between two early publishes while storage fails (seconds).
+_MAX_RETRY_PAUSE = 30.0
+_MAX_REJECTED_BYTES = 64 * 1024 * 1024
 #: New names tried for one batch whose names were taken by files that are not its own.
 _MAX_RENAMES = 20
 
@@ -90,7 +105,7 @@ class Batch:
     key: Any = None
     #: Set once an upload of ``encoded`` under ``name`` may have happened (an earlier try, or an earlier process).
     attempted: bool = False
-    #: Approximate bytes the batch holds in memory (what the memory budget counts).
+    #: Bytes its rows take in memory (as the memory budget counts them), whether or not they are in memory now.
     nbytes: int = 0
     #: Earliest and latest row time (µs): receivedAt for calls, the change time for workspace rows.
     first_time: int | None = None
@@ -103,6 +118,17 @@ class Batch:
     #: Set by a store for bytes it could not read back (``data`` then describes them, under ``schema``): the batch
     #: goes to the dead letters with this reason instead of being published.
     damage: BaseException | None = None
+    #: What the memory budget counts for the batch now: its rows' bytes while it holds rows, the length of
+    #: ``encoded`` once it holds that instead, nothing once both were let go (spilled). Kept by the Publisher.
+    held: int = 0
+
+
+def held_size(batch: Batch) -> int:
+    """What ``batch`` holds in memory now: its encoded file if it has one (its rows are let go once encoded), else
+    its rows, else nothing."""
+    if batch.encoded is not None:
+        return len(batch.encoded) + (batch.nbytes if batch.data is not None else 0)
+    return batch.nbytes if batch.data is not None else 0
 
 
 class Buffered(NamedTuple):
@@ -171,9 +197,13 @@ class TableRows:
 
     Rows arrive as tuples and are turned into Arrow columns every :data:`CHUNK_ROWS` rows, so memory holds the
     compact columnar form and the final cut only joins the chunks. A chunk that Arrow cannot convert stays as
-    tuples (its batch then goes to the dead letters when it is encoded, with its rows)."""
+    tuples (its batch then goes to the dead letters when it is encoded, with its rows).
 
-    __slots__ = ("chunks", "columnar", "count", "first", "last", "nbytes", "rows", "schema", "since")
+    ``nbytes`` is what the rows take in memory: the sizes given with the rows not yet converted (their Python
+    form), plus the Arrow buffers of the chunks (measured when each chunk is made, and less than its rows' sizes).
+    """
+
+    __slots__ = ("chunk_bytes", "chunks", "columnar", "count", "first", "last", "nbytes", "rows", "schema", "since")
 
     def __init__(self, schema: pa.Schema) -> None:
         self.schema = schema
@@ -182,6 +212,7 @@ class TableRows:
         self.columnar = True  # until a chunk fails to convert; then the rest of this buffer stays as tuples
         self.count = 0
         self.nbytes = 0
+        self.chunk_bytes = 0  # the Arrow buffers of ``chunks``
         self.since = 0.0
         self.first: int | None = None
         self.last: int | None = None
@@ -203,14 +234,18 @@ class TableRows:
 
     def _convert(self) -> None:
         try:
-            self.chunks.append(rows_to_table(self.rows, self.schema))
+            chunk = rows_to_table(self.rows, self.schema)
         except Exception as exc:  # kept as tuples: encoding the batch will say what is wrong and keep the rows
             log.warning("rows of %d cannot be converted to Arrow columns (%s); they are kept as rows", self.count,
                         exc)
             self.rows = self._as_rows() + self.rows
             self.chunks = []
+            self.chunk_bytes = 0
             self.columnar = False
             return
+        self.chunks.append(chunk)
+        self.chunk_bytes += chunk.get_total_buffer_size()
+        self.nbytes = self.chunk_bytes  # the converted rows now take their Arrow size, not their Python size
         self.rows = []
 
     def _as_rows(self) -> list[tuple[Any, ...]]:
@@ -226,16 +261,19 @@ class TableRows:
         """Everything buffered, as one batch (an Arrow table, or rows when few or not convertible); the buffer
         starts again empty."""
         data: list[Any] | pa.Table = self.rows
+        nbytes = self.nbytes
         if self.chunks:
             try:
                 tail = [rows_to_table(self.rows, self.schema)] if self.rows else []
-                data = pa.concat_tables(self.chunks + tail)
+                data = pa.concat_tables(self.chunks + tail)  # no copy: the chunks become the table's chunks
+                nbytes = self.chunk_bytes + sum(t.get_total_buffer_size() for t in tail)
             except Exception:
                 data = self._as_rows() + self.rows
-        batch = Batch(table, self.count, data, self.schema, key=key, nbytes=self.nbytes,
+        batch = Batch(table, self.count, data, self.schema, key=key, nbytes=nbytes,
                       first_time=self.first, last_time=self.last)
         self.rows = []
         self.chunks = []
+        self.chunk_bytes = 0
         self.columnar = True
         self.count = 0
         self.nbytes = 0
@@ -270,6 +308,36 @@ def _letter_time(value: Any) -> Any:
         return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     except (CioSyncError, OverflowError, ValueError):
         return value
+
+
+def _rejected_line(given: Any, error: BaseException) -> str:
+    """The dead-letter line of a rejected call (ASCII JSON): the reason, when, and the input (a call as JSON, text
+    or bytes as text) cut to :data:`MAX_REJECTED_INPUT` characters; an input JSON cannot hold is described."""
+    head: dict[str, Any] = {"reason": str(error), "at": datetime.now(UTC).isoformat()}
+    size = None
+    if isinstance(given, bytes | bytearray | memoryview):
+        data = memoryview(given).cast("B")
+        size = data.nbytes
+        given = bytes(data[:MAX_REJECTED_INPUT]).decode("utf-8", errors="backslashreplace")[:MAX_REJECTED_INPUT]
+    elif isinstance(given, str):
+        size = len(given)
+        given = given[:MAX_REJECTED_INPUT]
+    try:
+        text = json.dumps(given, default=repr, ensure_ascii=True, allow_nan=False)
+    except (ValueError, TypeError, RecursionError) as exc:
+        text = json.dumps(f"<a {type(given).__name__} that cannot be written as JSON: {type(exc).__name__}>")
+    if not isinstance(given, str) and len(text) > MAX_REJECTED_INPUT:
+        size = len(text)
+        text = json.dumps(text[:MAX_REJECTED_INPUT])  # the start of its JSON text, as a string
+    tail = {"input_truncated": True, "input_size": size} if size is not None and size > MAX_REJECTED_INPUT else {}
+    # Written once, by hand around the input's JSON text: a large call is not written as JSON twice.
+    return "".join((json.dumps(head, default=repr, ensure_ascii=True)[:-1], ', "input": ', text,
+                    json.dumps(tail)[1:] if not tail else ", " + json.dumps(tail)[1:-1] + "}"))
+
+
+def _kept_size(line: str) -> int:
+    """What one kept rejected call takes in memory (its line is ASCII)."""
+    return len(line) + TEXT_OVERHEAD
 
 
 class MemoryRowStore:
@@ -313,16 +381,6 @@ class MemoryRowStore:
         pass
 
 
-def _rejected_line(entry: dict[str, Any]) -> str:
-    """One dead letter as a line of ASCII JSON. A rejected input JSON cannot hold (keys of other types, nesting
-    deeper than the encoder goes, NaN) is kept as its (shortened) repr instead, so that one bad call never stops a
-    flush."""
-    try:
-        return json.dumps(entry, default=repr, ensure_ascii=True, allow_nan=False)
-    except (TypeError, ValueError, RecursionError):
-        return json.dumps({**entry, "input": reprlib.repr(entry.get("input"))}, ensure_ascii=True)
-
-
 @dataclass(eq=False)
 class _Counts:
     accepted: int = 0
@@ -346,6 +404,35 @@ def _flush_open_publishers() -> None:
             publisher.close()
         except Exception:
             log.exception("could not publish buffered rows of %s at exit", publisher.label)
+
+
+def _after_fork_in_child() -> None:
+    """In the child of ``os.fork()``: every sink open in the parent belongs to the parent. The child holds a copy of
+    its buffers, its pending batches, its spool and state files and its locks; publishing or committing any of it
+    would publish the parent's rows twice, or change the parent's files under it. So the child never uses them:
+    those sinks refuse every call, their ``close()`` does nothing, and the exit handler forgets them."""
+    for publisher in list(_OPEN):
+        publisher._inherit()
+    _OPEN.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX: where there is fork, there is this
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _Inherited:
+    """The lock of a sink in a process that inherited it through ``fork``: taking it refuses, with the reason.
+    (It also stands in for a lock another thread of the parent may have held at the fork: the child would wait
+    for it forever.)"""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __enter__(self) -> bool:
+        raise SinkClosed(self.message)
+
+    def __exit__(self, *exc: object) -> None:  # pragma: no cover - __enter__ never succeeds
+        return None
 
 
 @dataclass(frozen=True)
@@ -409,29 +496,49 @@ class Publisher:
         self.max_rows = max_rows
         self.max_bytes = max_bytes
         self.max_buffer_bytes = max_buffer_bytes
+        #: A table's rows are cut into a batch at ``max_bytes``, and at a quarter of the budget: encoding a batch
+        #: takes about its size again for a moment, so a batch of the whole budget would double the memory.
+        limits = [n for n in (max_bytes, max_buffer_bytes and max_buffer_bytes // _BATCH_SHARE) if n]
+        self._batch_bytes: int | None = min(limits) if limits else None
         self.when_full = when_full
         self.block_timeout = block_timeout
         self.manifest = manifest
         self.keep_rejected = keep_rejected
-        self._rejected: list[dict[str, Any]] = []
+        #: Rejected calls kept for the dead letters, each as its line of JSON, and the bytes they take (counted in
+        #: ``_memory``); how many more were refused but not kept.
+        self._rejected: list[str] = []
+        self._rejected_bytes = 0
+        self._rejected_dropped = 0
         self.store: RowStore = store if store is not None else MemoryRowStore()
         self._pending: deque[Batch] = deque(self.store.pending())
         for batch in self._pending:
             batch.attempted = batch.attempted or batch.name is not None
-        self._memory = sum(b.nbytes for b in self._pending)
+            batch.held = held_size(batch)
+        #: What memory holds, as the budget counts it: rows buffered, batches waiting (their rows or their encoded
+        #: file), rejected calls kept. Raised by each row's size as it comes (an upper bound), and counted again
+        #: exactly (:meth:`_recount`) when that reaches the budget and at each cut.
+        self._memory = sum(b.held for b in self._pending)
         self._counts = _Counts()
         self._on_publish = on_publish
         self._unreported: deque[WrittenFile] = deque(maxlen=_MAX_UNREPORTED)
         # ``lock`` guards the store, the queue and the counts; sinks hold it to make a state change and its rows
         # one step. ``_publish_lock`` lets one thread at a time publish, in order.
-        self.lock = threading.RLock()
-        self._publish_lock = threading.RLock()
+        self.lock: AbstractContextManager[Any] = threading.RLock()
+        self._publish_lock: AbstractContextManager[Any] = threading.RLock()
         self._closed = False
         self._closing = False
-        #: The batch being published (a spill never lets go of its bytes meanwhile).
-        self._busy: Batch | None = None
+        #: The process that opened the sink; in another one (a child after fork) the sink is not usable.
+        self._pid = os.getpid()
+        self._inherited: str | None = None  # why it is not usable here, in a child
+        #: Whether the last publish of waiting batches failed (storage is not taking files), and when an early
+        #: publish may try again.
+        self._failing = False
+        self._retry_pause = 0.0
+        self._retry_at = 0.0
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
+        if max_buffer_bytes is not None and self._memory >= max_buffer_bytes and when_full == "spill":
+            self._spill()  # batches recovered from the spool wait on disk, not in memory
         if flush_interval is not None:
             self._timer = threading.Thread(target=self._run_timer, name=f"cio_sync-flush-{label}", daemon=True)
             self._timer.start()
@@ -441,35 +548,78 @@ class Publisher:
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        """Whether the sink takes no more calls: it was closed, or this process inherited it through fork."""
+        return self._closed or self._inherited is not None
+
+    @property
+    def inherited(self) -> bool:
+        """Whether this process is a child that inherited the sink through ``os.fork()`` (see :meth:`_inherit`)."""
+        return self._inherited is not None
+
+    def _inherit(self) -> None:
+        """Mark the sink as the parent's, in a child just forked: every use raises :class:`SinkClosed` saying so
+        (whatever takes its lock: writes, flushes, stats, a sink's own state), ``close()`` does nothing, and no
+        thread or exit handler of the child publishes its rows."""
+        self._inherited = (f"{self.label} was opened by process {self._pid} before a fork; this process "
+                           f"({os.getpid()}) cannot use it: open a new sink in the child (on its own spool and state)")
+        self.lock = self._publish_lock = _Inherited(self._inherited)
+        self._timer = None  # threads do not survive a fork
 
     def check_open(self) -> None:
+        if self._inherited is not None:
+            raise SinkClosed(self._inherited)
         if self._closed or self._closing:
             raise SinkClosed(f"{self.label} is closed; create a new sink to write more")
 
     def reject(self, given: Any = None, error: BaseException | None = None) -> None:
-        """Count a rejected call or record; with ``keep_rejected``, keep it and the reason for the dead letters."""
+        """Count a rejected call or record; with ``keep_rejected``, keep it and the reason for the dead letters.
+
+        What is kept counts in the memory budget: at most a quarter of ``max_buffer_bytes`` (64 MiB without a
+        budget) and :data:`MAX_REJECTED_INPUT` characters of any one input; past that a rejected call is only
+        counted, and the next dead-letter file says how many were not kept."""
+        limit = _MAX_REJECTED_BYTES if self.max_buffer_bytes is None else self.max_buffer_bytes // _REJECTED_SHARE
         with self.lock:
             self._counts.rejected += 1
-            if self.keep_rejected and error is not None and len(self._rejected) < _MAX_REJECTED_KEPT:
-                if isinstance(given, bytes | bytearray | memoryview):
-                    given = bytes(given).decode("utf-8", errors="backslashreplace")
-                self._rejected.append({"reason": str(error), "at": datetime.now(UTC).isoformat(), "input": given})
+            if not self.keep_rejected or error is None:
+                return
+            if self._rejected_dropped:  # full since one was not kept: until the next sync publishes them
+                self._rejected_dropped += 1
+                return
+        line = _rejected_line(given, error)  # outside the lock: writing a large input as JSON takes time
+        size = _kept_size(line)
+        with self.lock:
+            if len(self._rejected) >= _MAX_REJECTED_KEPT or self._rejected_bytes + size > limit:
+                self._rejected_dropped += 1
+                return
+            self._rejected.append(line)
+            self._rejected_bytes += size
+            self._memory += size
 
     def _publish_rejected(self) -> None:
         with self.lock:
             rejected, self._rejected = self._rejected, []
-        if not rejected:
+            dropped, self._rejected_dropped = self._rejected_dropped, 0
+        if not rejected and not dropped:
             return
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         name = f"{DEAD_LETTERS_FOLDER}/rejected/{stamp}-{uuid.uuid4().hex[:12]}.jsonl"
-        lines = [_rejected_line(r) for r in rejected]
+        lines = list(rejected)
+        if dropped:
+            lines.append(json.dumps({
+                "reason": f"{dropped} more rejected calls were counted but not kept: keep_rejected holds at most "
+                          f"{_MAX_REJECTED_KEPT} calls, and a quarter of max_buffer_bytes, between two syncs",
+                "at": datetime.now(UTC).isoformat(), "input": None, "not_kept": dropped}))
         try:
             self.writer.publish(name, ("\n".join(lines) + "\n").encode(), table="_rejected", rows=len(lines))
         except CioSyncError:
             with self.lock:
                 self._rejected = rejected + self._rejected
+                self._rejected_dropped += dropped
             raise
+        freed = sum(map(_kept_size, rejected))
+        with self.lock:
+            self._rejected_bytes -= freed
+            self._memory -= freed
 
     def accept(self) -> None:
         """Count one call or record accepted (whether or not it produced rows)."""
@@ -478,44 +628,92 @@ class Publisher:
 
     def make_room(self) -> None:
         """Before accepting a call: if the memory budget is used up, publish early; if storage does not take the
-        files, spill them to the spool (``when_full="spill"``) or wait for storage (``"block"``), and after
+        files, spill them to the spool (``when_full="spill"``) or wait for storage (``"block"``, meanwhile
+        holding waiting batches as their encoded files, which take less than their rows), and after
         ``block_timeout`` raise :class:`BufferFull` rather than drop anything."""
-        if self.max_buffer_bytes is None or self._memory < self.max_buffer_bytes:
+        budget = self.max_buffer_bytes
+        if budget is None or self._memory < budget:
             return
         with self.lock:
-            for table in self.store.tables():
-                self._cut(table)
-        self.publish_ready()
-        if self._memory < self.max_buffer_bytes:
+            self._recount()  # the sizes added per row are upper bounds; converted rows take less
+        if self._memory < budget:
             return
-        if self.when_full == "spill":
-            with self.lock:
-                for batch in self._pending:
-                    if batch is self._busy:
-                        continue  # being published by another thread right now
-                    if batch.data is not None or batch.encoded is not None:
-                        self.store.release(batch)
-                        if batch.data is None and batch.encoded is None:
-                            self._memory -= batch.nbytes
-            if self._memory < self.max_buffer_bytes:
-                return
+        with self.lock:
+            # While storage fails, a table's rows are cut only once they are worth a file of their own: cutting
+            # each time the budget fills would make ever smaller batches, as encoded ones take more of it.
+            least = budget // _CUT_SHARE if self._failing else 0
+            for table, buffered in self.store.buffered().items():
+                if buffered.nbytes >= least:
+                    self._cut(table)
+        self.publish_ready()
+        self._publish_rejected_quietly()
+        if self._memory < budget:
+            return
+        self._spill() if self.when_full == "spill" else self._compact()
+        if self._memory < budget:
+            return
         deadline = None if self.block_timeout is None else time.monotonic() + self.block_timeout
         pause = 0.05
-        while self._memory >= self.max_buffer_bytes:
+        while self._memory >= budget:
             self.check_open()
             if deadline is not None and time.monotonic() >= deadline:
                 raise BufferFull(
                     f"{self.label}: {self._memory:,} bytes wait to be published (max_buffer_bytes="
-                    f"{self.max_buffer_bytes:,}) and storage is not taking files: {self._counts.last_error}"
+                    f"{budget:,}) and storage is not taking files: {self._counts.last_error}"
                 )
             time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic())))
             pause = min(pause * 2, 5.0)
-            self.publish_ready()
+            self.publish_ready(retry=True)
+            self._publish_rejected_quietly()
+            self._spill() if self.when_full == "spill" else self._compact()
 
-    def _is_full(self, now: Filled) -> bool:
-        return (self.max_rows is not None and now[0] >= self.max_rows) or (
-            self.max_bytes is not None and now[1] >= self.max_bytes
-        )
+    def _publish_rejected_quietly(self) -> None:
+        try:
+            self._publish_rejected()
+        except CioSyncError as exc:
+            log.warning("%s: could not publish rejected calls, will retry on the next flush: %s", self.label, exc)
+
+    def _hold(self, batch: Batch) -> None:
+        """Count again what ``batch`` holds in memory after its rows or bytes changed (under ``lock``)."""
+        held = held_size(batch)
+        self._memory += held - batch.held
+        batch.held = held
+
+    def _recount(self) -> None:
+        """Count exactly what memory holds (under ``lock``): buffered rows (at their Arrow size once converted),
+        what each waiting batch holds, and the rejected calls kept."""
+        self._memory = (sum(b.nbytes for b in self.store.buffered().values())
+                        + sum(b.held for b in self._pending) + self._rejected_bytes)
+
+    def _spill(self) -> None:
+        """Let go of what waiting batches hold in memory where the store can read it back (the spool)."""
+        with self._publish_lock, self.lock:  # never under a batch that is being published
+            for batch in self._pending:
+                if batch.held:
+                    self.store.release(batch)
+                    self._hold(batch)
+
+    def _compact(self) -> None:
+        """Encode the waiting batches that still hold rows, so that each holds its file instead (a fraction of
+        the rows' size), until memory is under the budget. A batch that cannot be encoded keeps its rows; its
+        publish sends them to the dead letters."""
+        budget = self.max_buffer_bytes
+        with self._publish_lock:
+            with self.lock:
+                waiting = [b for b in self._pending if b.encoded is None and b.data is not None]
+            for batch in waiting:
+                if budget is not None and self._memory < budget:
+                    return
+                try:
+                    assert batch.schema is not None
+                    encoded = self.format.encode(rows_to_table(batch.data, batch.schema))
+                except Exception:
+                    continue
+                if len(encoded) >= batch.nbytes:
+                    continue  # a few rows: the file (its footer, its schema) takes more than they do
+                with self.lock:
+                    batch.encoded, batch.data = encoded, None
+                    self._hold(batch)
 
     def append_rows(self, rows: list[tuple[str, pa.Schema, tuple[Any, ...], int, int | None]]) -> set[str]:
         """Buffer the rows one call or record produced (table, schema, row, size, time); return the tables they
@@ -524,7 +722,7 @@ class Publisher:
         with self.lock:
             self.check_open()
             full: set[str] = set()
-            append, max_rows, max_bytes = self.store.append, self.max_rows, self.max_bytes
+            append, max_rows, max_bytes = self.store.append, self.max_rows, self._batch_bytes
             added = 0
             for table, schema, row, size, at in rows:
                 count, nbytes, _ = append(table, schema, row, size, at)
@@ -555,7 +753,7 @@ class Publisher:
             self._memory += size
             self._counts.accepted += 1
             full = (self.max_rows is not None and now[0] >= self.max_rows) or (
-                self.max_bytes is not None and now[1] >= self.max_bytes
+                self._batch_bytes is not None and now[1] >= self._batch_bytes
             )
             if full:
                 self._cut(table)
@@ -564,23 +762,30 @@ class Publisher:
 
     def _cut(self, table: str) -> None:
         batch = self.store.cut(table)
+        if batch is None:
+            return
         while batch is not None:
+            batch.held = held_size(batch)
             self._pending.append(batch)
             batch = self.store.cut(table)
+        self._recount()  # the rows were counted by their sizes; the batches hold what they measured
 
     def reconcile(self, holds: Callable[[Batch], bool]) -> None:
         """After a durable store undid changes (a failed write rolled back): drop the queued batches it no longer
         ``holds``, and count the memory held again from what is left."""
         with self.lock:
             self._pending = deque(batch for batch in self._pending if holds(batch))
-            self._memory = sum(b.nbytes for b in self._pending if b.data is not None or b.encoded is not None) + sum(
-                b.nbytes for b in self.store.buffered().values())
+            self._recount()
 
     # -- publishing ----------------------------------------------------------------------------------------------
 
-    def publish_ready(self) -> None:
+    def publish_ready(self, *, retry: bool = False) -> None:
         """Publish the batches already cut; a failure is logged and retried later, never raised: the caller's call
-        or record was already accepted."""
+        or record was already accepted. After a failure, tries again only once a pause has passed (half a second,
+        doubling up to :data:`_MAX_RETRY_PAUSE`), unless ``retry``: a write must not wait on storage that is down
+        each time it fills a batch, nor read spilled batches back each time."""
+        if self._failing and not retry and time.monotonic() < self._retry_at:
+            return
         try:
             self._publish_pending()
         except Exception as exc:
@@ -617,8 +822,6 @@ class Publisher:
             for batch in queue:
                 if batch.table in failed:
                     continue
-                with self.lock:
-                    self._busy = batch
                 try:
                     landed.append((batch, self._publish_one(batch)))
                 except CioSyncError as exc:
@@ -626,8 +829,11 @@ class Publisher:
                     first_error = first_error or exc
                     with self.lock:
                         self._counts.last_error = str(exc)
-                finally:
-                    self._busy = None
+                        if self.when_full == "spill":
+                            # Read back from the spool to be published: on disk still, so let it go again at once,
+                            # rather than hold it past the budget until the next write makes room.
+                            self.store.release(batch)
+                            self._hold(batch)
             files = [(b, w) for b, w in landed if w is not None]
             if files and self.manifest is not None:
                 try:
@@ -635,16 +841,25 @@ class Publisher:
                 except CioSyncError as exc:
                     with self.lock:
                         self._counts.last_error = str(exc)
+                    self._failed(True)
                     raise exc from (first_error if first_error is not exc else None)
             for batch, written in landed:
                 with self.lock:
                     self.store.published(batch)
                     self._pending.remove(batch)
-                    self._memory -= batch.nbytes if (batch.data is not None or batch.encoded is not None) else 0
+                    self._memory -= batch.held
+                    batch.held = 0
                     if written is not None:
                         self._record(written)
+        self._failed(first_error is not None)
         if first_error is not None:
             raise first_error
+
+    def _failed(self, failing: bool) -> None:
+        """Note whether the last publish failed, and when an early publish should try again."""
+        self._failing = failing
+        self._retry_pause = min(max(self._retry_pause * 2, 0.5), _MAX_RETRY_PAUSE) if failing else 0.0
+        self._retry_at = time.monotonic() + self._retry_pause
 
     def _record(self, written: WrittenFile) -> None:
         self._counts.files += 1
@@ -668,16 +883,18 @@ class Publisher:
         if batch.data is None and batch.encoded is None:
             self.store.load(batch)  # spilled: read back from the spool
             with self.lock:
-                self._memory += batch.nbytes  # in memory again (let go of once more by the next spill or publish)
+                self._hold(batch)
         if batch.encoded is None:
             try:
                 assert batch.data is not None
                 assert batch.schema is not None
-                batch.encoded = self.format.encode(rows_to_table(batch.data, batch.schema))
+                encoded = self.format.encode(rows_to_table(batch.data, batch.schema))
             except Exception as exc:
                 self._dead_letter(batch, exc)
                 return None
-            batch.data = None
+            with self.lock:
+                batch.encoded, batch.data = encoded, None  # from here on the batch holds its file, not its rows
+                self._hold(batch)
         if batch.sha256 is None:
             batch.sha256 = hashlib.sha256(batch.encoded).hexdigest()
         for _ in range(_MAX_RENAMES):
@@ -759,8 +976,9 @@ class Publisher:
 
     def close(self) -> list[WrittenFile]:
         """Stop the timer and publish everything; idempotent. If publishing fails, nothing is dropped and
-        ``close()`` may be called again."""
-        if self._closed:
+        ``close()`` may be called again. In a child that inherited the sink through fork, does nothing: the rows
+        are the parent's, which publishes them."""
+        if self._closed or self._inherited is not None:
             return []
         self._stop.set()
         if self._timer is not None and self._timer is not threading.current_thread():
@@ -781,6 +999,7 @@ class Publisher:
     def stats(self) -> SinkStats:
         now = time.monotonic()
         with self.lock:
+            self._recount()
             buffered = self.store.buffered()
             counts = self._counts
             since = [b.since for b in buffered.values() if b.since is not None]

@@ -20,7 +20,16 @@ import orjson
 import pyarrow as pa
 from fsspec import AbstractFileSystem
 
-from cio_sync._calls import JSON_OPTIONS, Call, call_document, parse_call
+from cio_sync._calls import (
+    JSON_OPTIONS,
+    NUMBER_SIZE,
+    Call,
+    call_document,
+    parse_call,
+    row_overhead,
+    row_size,
+    text_size,
+)
 from cio_sync._counters import Counters
 from cio_sync._errors import CioSyncError, InvalidCall, InvalidRecord, InvalidRecords, UnknownPerson
 from cio_sync._formats import ParquetFormat
@@ -41,6 +50,8 @@ DEFAULT_MAX_ROWS: Final = 500_000
 DEFAULT_MAX_BYTES: Final = 64 * 1024 * 1024
 _PEOPLE: Final = STANDARD_SCHEMAS["people"]
 _ATTRIBUTES: Final = STANDARD_SCHEMAS["attributes"]
+#: What an attributes row costs in memory besides its text cells (see row_size): the tuple, workspace_id, the time.
+_ATTRIBUTE_ROW: Final = row_overhead(len(_ATTRIBUTES)) + 2 * NUMBER_SIZE
 _ATTR_OPTIONS: Final = JSON_OPTIONS | orjson.OPT_SORT_KEYS
 #: Columns that do not make a definition different (they say when, not what).
 _NOT_DEFINITION: Final = frozenset({"created_at", "updated_at", "version"})
@@ -167,6 +178,8 @@ class StandardSink(BaseSink):
         """Commit the state, publish what is buffered and stop the timer. Idempotent; after it, writes raise
         ``SinkClosed``. Raises :class:`~cio_sync.StorageError` if the state cannot be committed or storage fails
         for good: then nothing is dropped and ``close()`` may be called again."""
+        if self._publisher.inherited:
+            return []  # a child after fork: the buffers, the state file and its lock are the parent's
         if not self._publisher.closed:
             self.commit()
         files = self._publisher.close()
@@ -298,12 +311,11 @@ class StandardSink(BaseSink):
     def _people_row(self, person: Person) -> Row:
         row = (self.workspace_id, person.cio_id, person.id, person.email, person.deleted, person.suppressed,
                person.created_at, person.updated_at)
-        size = 48 + len(person.cio_id) + len(person.id or "") + len(person.email or "")
-        return "people", _PEOPLE, row, size, person.updated_at
+        return "people", _PEOPLE, row, row_size(row), person.updated_at
 
     def _attribute_row(self, person: Person, name: str, value: str | None, at: int) -> Row:
         row = (self.workspace_id, person.cio_id, person.id, name, value, at)
-        return "attributes", _ATTRIBUTES, row, 32 + len(person.cio_id) + len(name) + len(value or ""), at
+        return "attributes", _ATTRIBUTES, row, row_size(row), at
 
     def _touch(self, person: Person) -> int:
         """A change time for ``person``: now, and always after its previous change."""
@@ -326,9 +338,11 @@ class StandardSink(BaseSink):
             return []
         self.state.change_attrs(person, changes)
         workspace_id, cio_id, external_id = self.workspace_id, person.cio_id, person.id
-        base = 32 + len(cio_id)
+        # What row_size() would say, with the cells every row of this person shares counted once.
+        base = _ATTRIBUTE_ROW + text_size(cio_id) + (text_size(external_id) if external_id is not None else 0)
         return [("attributes", _ATTRIBUTES, (workspace_id, cio_id, external_id, name, text, at),
-                 base + len(name) + (len(text) if text is not None else 0), at) for name, text in changes]
+                 base + text_size(name) + (text_size(text) if text is not None else 0), at)
+                for name, text in changes]
 
     def _person_for(self, user_id: str, *, create: bool) -> tuple[Person | None, list[Row]]:
         person = self.state.person(user_id)
@@ -535,8 +549,7 @@ class StandardSink(BaseSink):
             if "version" in schema.names:
                 values["version"] = version
         row = (self.workspace_id, *(values[name] for name in schema.names[1:]))
-        size = 16 + sum(len(v) if isinstance(v, str) else 8 for v in row)
-        return [(table, schema, row, size, now)]
+        return [(table, schema, row, row_size(row), now)]
 
     def _fill_person(self, values: dict[str, Any]) -> None:
         internal, external = values.get("internal_customer_id"), values.get("external_customer_id")

@@ -1070,9 +1070,9 @@ class SqliteOutbox:
         # The publisher loads outside its lock, while calls may be applied: a read error is reported as it is,
         # without recovering here (a write that finds the transaction gone recovers, in the calls' own thread).
         try:
-            if batch.name is not None:
+            if batch.name is not None and not batch.unrecorded:
                 batch.encoded = self._state.outbox_encoded(batch.key, recover=False)
-            else:
+            else:  # never named, or named but not recorded yet: the bytes are encoded again from the rows
                 batch.data = self._state.outbox_batch_rows(batch.key, recover=False)
         except sqlite3.Error as exc:
             raise self._state.error(exc, f"read back a batch of {batch.table}") from exc

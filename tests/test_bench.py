@@ -23,7 +23,8 @@ def test_bench_quick_run_prints_the_table_and_saves_json_and_chart(tmp_path: Pat
     out = tmp_path / "results"
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--calls", "300", "--repeat", "1", "--quick", "--no-s3", "--no-dlt",
-         "--always-calls", "20", "--identify-calls", "100", "--out", str(out)],
+         "--always-calls", "20", "--identify-calls", "100", "--outage-budget-mib", "2", "--outage-calls", "20000",
+         "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=240, check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
@@ -38,5 +39,11 @@ def test_bench_quick_run_prints_the_table_and_saves_json_and_chart(tmp_path: Pat
     assert by_key["parquet"]["files"] >= 1
     assert not any(row["errors"] for row in data["results"])
     assert {t["status"] for t in data["targets"]} <= {"met", "NOT met", "not measured"}
+    outage = {row["key"]: row for row in data["results"] if row["group"] == "outage"}
+    assert set(outage) == {"outage-small", "outage-small-spool", "outage-mixed", "outage-mixed-spool"}
+    assert outage["outage-small"]["stopped_by"] == "BufferFull"
+    assert outage["outage-small-spool"]["calls"] == 20_000
+    assert all(row["peak_rss_above_start_per_budget"] > 0 for row in outage.values())
+    assert "storage down, small calls, no spool: " in done.stdout
     [chart] = out.glob("bench-*.png")
     assert chart.read_bytes().startswith(b"\x89PNG")
