@@ -59,11 +59,15 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def crash(session: nox.Session) -> None:
-    """The SIGKILL crash trials at length: 200 kills per storage instead of the default run's 20."""
+    """The crash and fault trials at length: 200 SIGKILLs per storage instead of the default run's 20, and the
+    fault sweep over 40 write points per case instead of 3 (tests/test_fault_sweep.py)."""
     session.install("-e", ".[test]")
     trials = os.environ.get("CIO_SYNC_CRASH_TRIALS", "200")
-    session.run("pytest", "--timeout=7200", "tests/test_crash.py", "tests/test_faults.py", *session.posargs,
-                env={"CIO_SYNC_CRASH_TRIALS": trials, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"})
+    points = os.environ.get("CIO_SYNC_FAULT_POINTS", "40")
+    session.run("pytest", "--timeout=7200", "tests/test_crash.py", "tests/test_faults.py",
+                "tests/test_fault_sweep.py", *session.posargs,
+                env={"CIO_SYNC_CRASH_TRIALS": trials, "CIO_SYNC_FAULT_POINTS": points,
+                     "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"})
 
 
 @nox.session
