@@ -61,15 +61,17 @@ def tests(session: nox.Session) -> None:
 def crash(session: nox.Session) -> None:
     """The crash and fault trials at length: 200 SIGKILLs per storage instead of the default run's 20, 400 SIGTERMs
     landing inside write() instead of 40, and 200 trials of the spool's fault sweep instead of 16
-    (CIO_SYNC_SPOOL_TRIALS=all for every write point), the loader's sweep over every write of a DuckDB load, and the state's sweeps over every write point."""
+    (CIO_SYNC_SPOOL_TRIALS=all for every write point), the loader's sweep over every write of a DuckDB load, and the state's sweeps over every write point, and the sweep over every local write point of both modes
+    (tests/test_fault_sweep.py) at 40 points per case instead of 3."""
     session.install("-e", ".[test]")
     env = {
         "CIO_SYNC_CRASH_TRIALS": os.environ.get("CIO_SYNC_CRASH_TRIALS", "200"),
         "CIO_SYNC_SIGNAL_ROUNDS": os.environ.get("CIO_SYNC_SIGNAL_ROUNDS", "400"),
+        "CIO_SYNC_FAULT_POINTS": os.environ.get("CIO_SYNC_FAULT_POINTS", "40"),
         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
     }
     files = ["tests/test_crash.py", "tests/test_faults.py", "tests/test_signals.py", "tests/test_spool_faults.py",
-             "tests/test_loader_faults.py", "tests/test_state_faults.py"]
+             "tests/test_loader_faults.py", "tests/test_state_faults.py", "tests/test_fault_sweep.py"]
     session.run("pytest", "--timeout=7200", *files, *session.posargs, env=env)
 
 
