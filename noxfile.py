@@ -59,10 +59,10 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def crash(session: nox.Session) -> None:
-    """The crash and fault trials at length: 200 SIGKILLs per storage instead of the default run's 20, 400 SIGTERMs
-    landing inside write() instead of 40, and 200 trials of the spool's fault sweep instead of 16
-    (CIO_SYNC_SPOOL_TRIALS=all for every write point), the loader's sweep over every write of a DuckDB load, and the state's sweeps over every write point, and the sweep over every local write point of both modes
-    (tests/test_fault_sweep.py) at 40 points per case instead of 3."""
+    """The crash and fault trials at length, each beyond the default run: 200 SIGKILLs per storage (20),
+    400 SIGTERMs landing inside write() (40), 200 trials of the spool's sweep (16; CIO_SYNC_SPOOL_TRIALS=all for
+    every write point), the loader's and the state's sweeps over every write point, and the sweep over the local
+    write points of both modes at 40 points per case (3)."""
     session.install("-e", ".[test]")
     env = {
         "CIO_SYNC_CRASH_TRIALS": os.environ.get("CIO_SYNC_CRASH_TRIALS", "200"),
