@@ -59,17 +59,19 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def crash(session: nox.Session) -> None:
-    """The crash and fault trials at length: 200 SIGKILLs per storage instead of the default run's 20, 400 SIGTERMs
-    landing inside write() instead of 40, and 200 trials of the spool's fault sweep instead of 16
-    (CIO_SYNC_SPOOL_TRIALS=all for every write point), the loader's sweep over every write of a DuckDB load, and the state's sweeps over every write point."""
+    """The crash and fault trials at length, each beyond the default run: 200 SIGKILLs per storage (20),
+    400 SIGTERMs landing inside write() (40), 200 trials of the spool's sweep (16; CIO_SYNC_SPOOL_TRIALS=all for
+    every write point), the loader's and the state's sweeps over every write point, and the sweep over the local
+    write points of both modes at 40 points per case (3)."""
     session.install("-e", ".[test]")
     env = {
         "CIO_SYNC_CRASH_TRIALS": os.environ.get("CIO_SYNC_CRASH_TRIALS", "200"),
         "CIO_SYNC_SIGNAL_ROUNDS": os.environ.get("CIO_SYNC_SIGNAL_ROUNDS", "400"),
+        "CIO_SYNC_FAULT_POINTS": os.environ.get("CIO_SYNC_FAULT_POINTS", "40"),
         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
     }
     files = ["tests/test_crash.py", "tests/test_faults.py", "tests/test_signals.py", "tests/test_spool_faults.py",
-             "tests/test_loader_faults.py", "tests/test_state_faults.py"]
+             "tests/test_loader_faults.py", "tests/test_state_faults.py", "tests/test_fault_sweep.py"]
     session.run("pytest", "--timeout=7200", *files, *session.posargs, env=env)
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from types import MappingProxyType
 from typing import Any, Final
 
+import pyarrow as pa
 from fsspec import AbstractFileSystem
 
 from cio_sync._calls import DOCUMENT_ROW_OVERHEAD, Call, call_document, call_row, call_to_row, parse_call, to_micros
@@ -187,17 +189,26 @@ class AdvancedSink(BaseSink):
 
     def write_call(self, parsed: Call) -> str:
         """Buffer a call already validated by ``parse_call`` (used by :class:`~cio_sync.Pipeline`)."""
+        schema, row, size = self._row_of(parsed)
+        self._publisher.add(parsed.type, schema, row, size, to_micros(parsed.received_at))
+        return parsed.message_id
+
+    def _row_of(self, parsed: Call) -> tuple[pa.Schema, tuple[Any, ...], int]:
+        """The schema, row and size ``parsed`` is buffered as; :class:`~cio_sync.InvalidCall` (counted as a
+        rejection) if it cannot be encoded."""
         try:
             if self._documents:
                 document = call_document(parsed)
-                row: tuple[Any, ...] = (document,)
-                size = len(document) + DOCUMENT_ROW_OVERHEAD
-                schema = DOCUMENT_SCHEMA
-            else:
-                row, size = call_row(parsed)
-                schema = CALL_SCHEMAS[parsed.type]
+                return DOCUMENT_SCHEMA, (document,), len(document) + DOCUMENT_ROW_OVERHEAD
+            row, size = call_row(parsed)
+            return CALL_SCHEMAS[parsed.type], row, size
         except InvalidCall as exc:
             self._publisher.reject(parsed.data, exc)
             raise
-        self._publisher.add(parsed.type, schema, row, size, to_micros(parsed.received_at))
-        return parsed.message_id
+
+    def _holding(self, parsed: Call) -> AbstractContextManager[None]:
+        """Buffer ``parsed`` for as long as the ``with`` block does not raise: if it does, the call is taken back,
+        as if it had never been written (see Publisher.holding). The Pipeline's way to give a call to both sinks or
+        to neither."""
+        schema, row, size = self._row_of(parsed)
+        return self._publisher.holding(parsed.type, schema, row, size, to_micros(parsed.received_at))

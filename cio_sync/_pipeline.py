@@ -48,10 +48,20 @@ class Pipeline(BaseSink):
             for sink in self.sinks:
                 sink._publisher.reject(call, exc)
             raise
-        if self.standard is not None:
+        if self.standard is None:
+            assert self.advanced is not None
+            return self.advanced.write_call(parsed)
+        if self.advanced is None:
             self.standard.write_call(parsed)
-        if self.advanced is not None:
-            self.advanced.write_call(parsed)
+            return parsed.message_id
+        # Both sinks or neither: the Advanced sink holds the call (spooled, if it has a spool) while the Standard
+        # sink applies and commits it, and takes it back if that fails; no Advanced cut happens in between. Room is
+        # made first in both, so that neither waits for storage while the other holds its lock.
+        self.standard._publisher.make_room()
+        with self.advanced._holding(parsed):
+            _, cut = self.standard._write_parsed(parsed)
+        if cut:
+            self.standard._publisher.publish_ready()
         return parsed.message_id
 
     def flush(self) -> list[WrittenFile]:

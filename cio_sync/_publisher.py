@@ -15,6 +15,7 @@ A sink hands rows (tuples in its table's fixed column order) to a :class:`Publis
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,7 +26,7 @@ import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -185,6 +186,12 @@ class RowStore(Protocol):
         """Read back what :meth:`release` let go of."""
         ...
 
+    def retract(self, table: str, size: int) -> None:
+        """Take back the last row appended to ``table`` (of ``size`` bytes): its call was refused after all. Only
+        right after that append, before any cut. Never raises: a durable store that cannot undo the append on disk
+        makes sure the row is never read back (and logs it)."""
+        ...
+
 
 #: Rows a table buffers as Python tuples before they are turned into Arrow columns: large enough that the
 #: conversion's fixed cost does not matter, small enough that Python objects never pile up (a buffer of a million
@@ -225,12 +232,22 @@ class TableRows:
             self.first = at if self.first is None or at < self.first else self.first
             self.last = at if self.last is None or at > self.last else self.last
         rows = self.rows
+        if len(rows) >= CHUNK_ROWS and self.columnar:
+            # Converted before the next row rather than after the last, so that the row just added is always a
+            # tuple that retract() can take back.
+            self._convert()
+            rows = self.rows
         rows.append(row)
         self.count += 1
         self.nbytes += size
-        if len(rows) >= CHUNK_ROWS and self.columnar:
-            self._convert()
         return self.count, self.nbytes, self.since
+
+    def retract(self, size: int) -> None:
+        """Take back the row :meth:`add` just added (its time stays in the range: a range a little wide is
+        harmless, the manifest's times are bounds)."""
+        self.rows.pop()
+        self.count -= 1
+        self.nbytes -= size
 
     def _convert(self) -> None:
         try:
@@ -379,6 +396,9 @@ class MemoryRowStore:
 
     def load(self, batch: Batch) -> None:
         pass
+
+    def retract(self, table: str, size: int) -> None:
+        self._tables[table].retract(size)
 
 
 @dataclass(eq=False)
@@ -749,16 +769,43 @@ class Publisher:
         with self.lock:
             if self._closed or self._closing:
                 self.check_open()
-            now = self.store.append(table, schema, row, size, at)
-            self._memory += size
-            self._counts.accepted += 1
-            full = (self.max_rows is not None and now[0] >= self.max_rows) or (
-                self._batch_bytes is not None and now[1] >= self._batch_bytes
-            )
-            if full:
-                self._cut(table)
+            full = self._accepted(table, self.store.append(table, schema, row, size, at), size)
         if full:
             self.publish_ready()
+
+    @contextlib.contextmanager
+    def holding(self, table: str, schema: pa.Schema, row: tuple[Any, ...], size: int,
+                at: int | None = None) -> Iterator[None]:
+        """Buffer one row of a call whose acceptance depends on what the ``with`` block does (the other sink of a
+        :class:`~cio_sync.Pipeline`): the row is appended before the block runs (a failure to append raises before
+        it), taken back if the block raises, and counted — its table cut when full — only once the block is done.
+        No cut can happen in between: the lock is held throughout."""
+        if self.max_buffer_bytes is not None and self._memory >= self.max_buffer_bytes:
+            self.make_room()
+        with self.lock:
+            if self._closed or self._closing:
+                self.check_open()
+            now = self.store.append(table, schema, row, size, at)
+            try:
+                yield
+            except BaseException:
+                self.store.retract(table, size)
+                raise
+            full = self._accepted(table, now, size)
+        if full:
+            self.publish_ready()
+
+    def _accepted(self, table: str, now: Filled, size: int) -> bool:
+        """Count a call's row just appended (``now``: what its table buffers) and cut its table if that is full;
+        whether it was (then call :meth:`publish_ready`, outside the lock). Under ``lock``."""
+        self._memory += size
+        self._counts.accepted += 1
+        full = (self.max_rows is not None and now[0] >= self.max_rows) or (
+            self._batch_bytes is not None and now[1] >= self._batch_bytes
+        )
+        if full:
+            self._cut(table)
+        return full
 
     def _cut(self, table: str) -> None:
         batch = self.store.cut(table)

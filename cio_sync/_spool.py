@@ -508,6 +508,8 @@ class _Segment:
     #: The segment's sync marker (from its header), which ends each block appended by hand.
     sync: bytes
     buffer: TableRows
+    #: Bytes of the last block appended (what :meth:`AvroSpool.retract` takes back).
+    last: int = 0
 
 
 class AvroSpool:
@@ -643,27 +645,48 @@ class AvroSpool:
             self._undo(table, segment, synced)
             raise self._error(f"could not append a {table} row, the call is refused", exc, segment.path) from exc
         segment.size += len(block)
+        segment.last = len(block)
         return segment.buffer.add(row, size, at)
+
+    def retract(self, table: str, size: int) -> None:
+        """Take back the row just appended to ``table``: truncate its block off the segment (fsynced, by the sync
+        policy, so it does not come back after a power loss). If the segment cannot be truncated, it is retired
+        like one whose append failed: its valid length goes to ``<n>.end`` and nothing is appended behind the
+        refused row."""
+        segment = self._open[table]
+        segment.buffer.retract(size)
+        segment.size -= segment.last
+        segment.last = 0
+        try:
+            os.ftruncate(segment.fd, segment.size)
+            if self._sync != "os":
+                os.fsync(segment.fd)
+        except OSError as exc:
+            self._abandon(table, segment, exc)
 
     def _undo(self, table: str, segment: _Segment, synced: bool) -> None:
         """Put a segment back as it was before a failed append, or retire it if that cannot be done for sure."""
         try:
             os.ftruncate(segment.fd, segment.size)
         except OSError as exc:
-            log.error("spool %s: could not truncate %s back after a failed write (%s); its %d rows are cut as a "
-                      "batch and the next row starts a new segment", self.directory, segment.path, exc,
-                      segment.buffer.count)
-            try:  # where its whole blocks end, so that the refused row is never read back (best effort)
-                _write_atomically(segment.path.with_suffix(".end"), (str(segment.size).encode(),))
-                _fsync_dir(segment.path.parent)
-            except OSError as error:
-                log.error("spool %s: could not record where %s ends either (%s)", self.directory, segment.path,
-                          error)
-            self._retire(table, segment)
+            self._abandon(table, segment, exc)
             return
         if synced and self._sync == "interval":
             # The rows since the last fsync may never reach the disk: publish them now, from memory.
             self._retire(table, segment)
+
+    def _abandon(self, table: str, segment: _Segment, exc: OSError) -> None:
+        """A segment whose bytes past ``segment.size`` could not be taken off: record where its whole blocks end
+        (so the refused row is never read back) and retire it, so that nothing is appended behind them."""
+        log.error("spool %s: could not truncate %s back after a failed or refused write (%s); its %d rows are cut "
+                  "as a batch and the next row starts a new segment", self.directory, segment.path, exc,
+                  segment.buffer.count)
+        try:
+            _write_atomically(segment.path.with_suffix(".end"), (str(segment.size).encode(),))
+            _fsync_dir(segment.path.parent)
+        except OSError as error:
+            log.error("spool %s: could not record where %s ends either (%s)", self.directory, segment.path, error)
+        self._retire(table, segment)
 
     def _retire(self, table: str, segment: _Segment) -> None:
         del self._open[table]

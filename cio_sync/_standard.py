@@ -192,6 +192,14 @@ class StandardSink(BaseSink):
         """Run ``produce`` (which changes the state and returns the rows of the change) as one step: its state
         changes and rows are kept together or not at all. The commit that ``commit_every`` calls for is part of the
         step, so a failed commit refuses this step alone."""
+        emitted, cut = self._step(produce)
+        if cut:
+            self._publisher.publish_ready()
+        return emitted
+
+    def _step(self, produce: Callable[[], list[Row]]) -> tuple[int, bool]:
+        """:meth:`_apply` but for publishing the batches the step cut: how many rows it emitted, and whether the
+        caller should call ``publish_ready()`` (outside any lock of its own)."""
         publisher, state = self._publisher, self.state
         publisher.make_room()
         with publisher.lock:
@@ -220,9 +228,7 @@ class StandardSink(BaseSink):
                 # The call is kept; the rows stay open and are cut with the next ones, or by flush.
                 log.warning("%s: could not cut a batch, the rows stay buffered: %s", publisher.label, exc)
                 cut = True  # a table cut before the failure is published
-        if cut:
-            publisher.publish_ready()
-        return len(rows)
+        return len(rows), cut
 
     def _resync(self) -> None:
         """Count the outbox and the publisher's queue again from what the state holds (after a failure)."""
@@ -273,13 +279,20 @@ class StandardSink(BaseSink):
     def write_call(self, parsed: Call) -> int:
         """Apply a call already validated by :func:`parse_call` (used by :class:`~cio_sync.Pipeline`). A ``Call``
         made some other way has its values checked first: :class:`~cio_sync.InvalidCall` if one cannot be held."""
+        emitted, cut = self._write_parsed(parsed)
+        if cut:
+            self._publisher.publish_ready()
+        return emitted
+
+    def _write_parsed(self, parsed: Call) -> tuple[int, bool]:
+        """:meth:`write_call` but for publishing what it cut (see :meth:`_step`)."""
         if parsed.row is None and parsed.document is None:  # not from parse_call, which leaves one of them
             try:
                 call_document(parsed)
             except InvalidCall as exc:
                 self._publisher.reject(parsed.data, exc)
                 raise
-        return self._apply(lambda: self._rules(parsed, self._trait_texts(parsed)))
+        return self._step(lambda: self._rules(parsed, self._trait_texts(parsed)))
 
     @staticmethod
     def _trait_texts(call: Call) -> dict[str, str | None]:

@@ -1077,6 +1077,9 @@ class SqliteOutbox:
         except sqlite3.Error as exc:
             raise self._state.error(exc, f"read back a batch of {batch.table}") from exc
 
+    def retract(self, table: str, size: int) -> None:
+        raise NotImplementedError("the outbox takes a step's rows back by rolling the step back, not row by row")
+
     def named(self, batch: Batch) -> None:
         """Record the batch's name and bytes (and commit). If that fails the batch keeps its name, unrecorded and
         never uploaded: the publisher records it on the next try, before any upload."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import traceback
+from dataclasses import dataclass
 from typing import Any
 
 import cio_sync
@@ -24,10 +25,18 @@ def _call(mode: str, call_id: str, index: int) -> dict[str, Any]:
         kind = ("track", "identify", "page")[index % 3]
         return {"type": kind, "userId": f"u{index % 17}", "event": "E", "messageId": call_id,
                 "properties": {"i": index, "pad": "x" * (index % 40)}}
-    return {"type": "identify", "userId": f"u{index % 13}", "traits": {"n": call_id, "i": index}}
+    return {"type": "identify", "userId": f"u{index % 13}", "messageId": call_id, "traits": {"n": call_id, "i": index}}
+
+
+def _options(options: dict[str, Any]) -> dict[str, Any]:
+    """Sink keywords from JSON: ``retry`` as the keywords of a RetryPolicy."""
+    if "retry" in options:
+        return {**options, "retry": cio_sync.RetryPolicy(**options["retry"])}
+    return options
 
 
 def _open(mode: str, paths: dict[str, str], options: dict[str, Any]) -> Any:
+    options = _options(options)
     if mode == "advanced":
         return cio_sync.AdvancedSink(paths["target"], spool_dir=paths.get("spool"), flush_interval=None,
                                      **options)
@@ -35,10 +44,10 @@ def _open(mode: str, paths: dict[str, str], options: dict[str, Any]) -> Any:
         return cio_sync.StandardSink(paths["target"], workspace_id=7, state=paths["state"], flush_interval=None,
                                      **options)
     advanced = cio_sync.AdvancedSink(paths["advanced"], spool_dir=paths.get("spool"), flush_interval=None,
-                                     **options.get("advanced", {}))
+                                     **_options(options.get("advanced", {})))
     try:
         standard = cio_sync.StandardSink(paths["standard"], workspace_id=7, state=paths["state"],
-                                         flush_interval=None, **options.get("standard", {}))
+                                         flush_interval=None, **_options(options.get("standard", {})))
     except BaseException:
         advanced.close()
         raise
@@ -56,7 +65,9 @@ def drive(mode: str, paths: dict[str, str], steps: list[list[Any]], options: dic
     Steps: ``["open"]``, ``["write", n]``, ``["arm", {faultfs arm options}]``, ``["disarm"]``, ``["fill", leave]``
     / ``["free"]`` (a :class:`~tests.faults.SmallDisk` at ``paths["disk"]``), ``["flush"]``, ``["close"]``,
     ``["exit"]`` (die at once, as a crash: nothing flushed or closed). Returns ``accepted`` and ``refused`` call
-    ids, ``errors`` (step, error) of steps other than writes, and ``refusals`` (id, error) of refused writes.
+    ids, ``errors`` (step, error) of steps other than writes, and ``refusals`` (id, error) of refused writes. With
+    ``paths["log"]``, each write is also logged there as it happens (see :func:`read_log`), for children that get
+    killed.
     """
     options = options or {}
     sink: Any = None
@@ -67,6 +78,8 @@ def drive(mode: str, paths: dict[str, str], steps: list[list[Any]], options: dic
     injector = None
     index = 0
     filler = os.path.join(paths["disk"], ".filler") if "disk" in paths else None
+    # A log that survives the process being killed: "?id" before a write, "+id" once accepted, "-id" if refused.
+    log = os.open(paths["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT) if "log" in paths else None
     report = {"accepted": accepted, "refused": refused, "refusals": refusals, "errors": errors}
     for step in steps:
         what = step[0]
@@ -76,13 +89,19 @@ def drive(mode: str, paths: dict[str, str], steps: list[list[Any]], options: dic
             elif what == "write":
                 for _ in range(int(step[1])):
                     call_id = f"{tag}{index}"
+                    if log is not None:
+                        os.write(log, f"?{call_id}\n".encode())
                     try:
                         sink.write(_call("advanced" if mode == "advanced" else "standard", call_id, index))
                     except cio_sync.CioSyncError as exc:
                         refused.append(call_id)
                         refusals.append((call_id, _describe(exc)))
+                        if log is not None:
+                            os.write(log, f"-{call_id}\n".encode())
                     else:
                         accepted.append(call_id)
+                        if log is not None:
+                            os.write(log, f"+{call_id}\n".encode())
                     index += 1
             elif what == "arm":
                 injector = injector or harness.faults()
@@ -97,10 +116,10 @@ def drive(mode: str, paths: dict[str, str], steps: list[list[Any]], options: dic
                 assert filler is not None
                 if os.path.exists(filler):
                     os.unlink(filler)
-            elif what == "flush":
-                sink.flush()
-            elif what == "close":
-                sink.close()
+            elif what in ("flush", "close"):
+                sink.flush() if what == "flush" else sink.close()
+                if log is not None:
+                    os.write(log, b"!\n")  # everything accepted before this is published
             elif what == "exit":
                 report["_exit"] = True
                 return report
@@ -144,3 +163,29 @@ def harness_probe(inside: str, outside: str, arm: bool = True) -> dict[str, Any]
         os.close(fd)
     done["seen"], done["failures"], done["writes"] = injector.seen, injector.failures, injector.total("write")
     return done
+
+
+@dataclass
+class Log:
+    """What a :func:`drive` log says: calls accepted, refused, in flight (started, never answered), and the calls
+    accepted before the last flush or close that succeeded (published, whatever the sink keeps them in)."""
+
+    accepted: set[str]
+    refused: set[str]
+    in_flight: set[str]
+    flushed: set[str]
+
+
+def read_log(path: str) -> Log:
+    log = Log(set(), set(), set(), set())
+    started: set[str] = set()
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                mark, call_id = line[:1], line[1:].strip()
+                if mark == "!":
+                    log.flushed = set(log.accepted)
+                else:
+                    {"+": log.accepted, "-": log.refused}.get(mark, started).add(call_id)
+    log.in_flight = started - log.accepted - log.refused
+    return log

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 import cio_sync
+from cio_sync._publisher import CHUNK_ROWS
+from tests import faults
 from tests.conftest import Storage
+from tests.test_writer import FlakyMemory
 
 
 def test_each_call_reaches_both_sinks_once_with_the_same_ids(memory_storage: Storage, tmp_path: Path) -> None:
@@ -44,3 +48,81 @@ def test_a_call_that_one_sink_cannot_take_reaches_neither(memory_storage: Storag
 def test_a_pipeline_needs_a_sink() -> None:
     with pytest.raises(cio_sync.ConfigError):
         cio_sync.Pipeline()
+
+
+def _attribute_values(storage: Storage, folder: str, name: str = "n") -> list[str]:
+    fs, root = storage.fs, f"{storage.root}/{folder}"
+    values = []
+    for path in sorted(fs.glob(f"{root}/attributes_*.parquet")):
+        table = pq.read_table(fs.open(path)).to_pylist()
+        values += [r["attribute_value"] for r in table if r["attribute_name"] == name]
+    return values
+
+
+def _message_ids(storage: Storage, folder: str) -> list[str]:
+    fs, root = storage.fs, f"{storage.root}/{folder}"
+    return [m for path in sorted(fs.glob(f"{root}/*.parquet"))
+            for m in pq.read_table(fs.open(path)).column("messageId").to_pylist()]
+
+
+def test_a_call_the_advanced_sink_refuses_for_want_of_room_changes_nothing_in_the_standard_sink(
+        memory_storage: Storage) -> None:
+    fs = FlakyMemory(failures=["before"] * 10_000, data_only=True, skip_instance_cache=True)
+    writer = cio_sync.FsspecWriter(f"/{uuid.uuid4().hex}", filesystem=fs,
+                                   retry=cio_sync.RetryPolicy(attempts=1))
+    advanced = cio_sync.AdvancedSink(writer, flush_interval=None, max_buffer_bytes=1_000, block_timeout=0,
+                                     when_full="block")
+    standard = cio_sync.StandardSink(f"{memory_storage.url}/ws", workspace_id=7, flush_interval=None)
+    pipeline = cio_sync.Pipeline(advanced=advanced, standard=standard)
+    accepted, refused = [], []
+    for i in range(300):
+        call = {"type": "identify", "userId": f"u{i}", "messageId": f"m{i}", "traits": {"n": f"m{i}"}}
+        try:
+            pipeline.write(call)
+        except cio_sync.BufferFull:
+            refused.append(f"m{i}")
+        else:
+            accepted.append(f"m{i}")
+    assert refused, "the Advanced sink's budget never filled up"
+    fs.failures.clear()  # storage is back
+    pipeline.close()
+    assert sorted(_attribute_values(memory_storage, "ws")) == sorted(accepted)
+    assert sorted(m for path in fs.glob(f"{writer.root}/*.parquet")
+                  for m in pq.read_table(fs.open(path)).column("messageId").to_pylist()) == sorted(accepted)
+
+
+@pytest.mark.parametrize("calls_before", [10, CHUNK_ROWS])
+def test_a_call_the_standard_sink_refuses_is_taken_back_from_the_advanced_sink(
+        memory_storage: Storage, tmp_path: Path, calls_before: int) -> None:
+    advanced = cio_sync.AdvancedSink(f"{memory_storage.url}/raw", flush_interval=None,
+                                     spool_dir=tmp_path / "spool")
+    standard = cio_sync.StandardSink(f"{memory_storage.url}/ws", workspace_id=7, flush_interval=None)
+    pipeline = cio_sync.Pipeline(advanced=advanced, standard=standard)
+    ids = [pipeline.write({"type": "track", "userId": "1", "event": "E", "messageId": f"m{i}"})
+           for i in range(calls_before)]
+    standard.close()  # the Standard sink now refuses every call
+    with pytest.raises(cio_sync.SinkClosed):
+        pipeline.write({"type": "track", "userId": "1", "event": "E", "messageId": "refused"})
+    assert advanced.stats.calls_accepted == calls_before
+    advanced.close()
+    assert sorted(_message_ids(memory_storage, "raw")) == sorted(ids)
+    assert not list((tmp_path / "spool").rglob("*.avro"))  # and the spool does not keep it for a restart
+
+
+@pytest.mark.parametrize("where", ["spool", "state"])
+def test_a_call_refused_for_a_failed_disk_write_in_one_sink_reaches_neither(faultfs: Path, tmp_path: Path,
+                                                                          where: str) -> None:
+    paths = {"advanced": str(tmp_path / "raw"), "standard": str(tmp_path / "ws"), "spool": str(tmp_path / "spool"),
+             "state": str(tmp_path / "state" / "ws.sqlite")}
+    (tmp_path / "state").mkdir()
+    prefix = tmp_path / ("spool" if where == "spool" else "state")
+    steps = [["open"], ["write", 5], ["arm", {"ops": "write", "nth": 1, "count": 1, "errno": faults.EIO}],
+             ["write", 3], ["disarm"], ["write", 5], ["close"]]
+    done = faults.run_child("drive", "pipeline", paths, steps, {}, "c", prefix=prefix)
+    assert done.returncode == 0, done.stderr
+    assert done.result["errors"] == []
+    assert len(done.result["refused"]) == 1, done.result["refusals"]
+    accepted = sorted(done.result["accepted"])
+    assert sorted(faults.published_ids(tmp_path / "raw")) == accepted
+    standard = Storage("local", str(tmp_path))
+    assert sorted(_attribute_values(standard, "ws")) == accepted
