@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, ClassVar, Final, Protocol
 
 import orjson
 import pyarrow as pa
@@ -591,8 +591,64 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class _DuckDBTarget:
+class _SqlTarget:
+    """What the two targets share: the load-state statements and the column cache, in the driver's parameter style
+    (``P``), with its error class (``_error``)."""
+
+    #: The driver's placeholder for a parameter.
+    P: ClassVar[str]
+    #: What :meth:`columns` asks for: a table's column names and types, the table's name as the one parameter.
+    COLUMNS_SQL: ClassVar[str]
+    _error: type[Exception]
+    name: str
+    path: str
+    con: Any
+    _tables: dict[str, Columns]
+
+    def _failed(self, what: str, exc: BaseException) -> StorageError:
+        return StorageError(f"{what}: {self.name} failed: {redact(str(exc).strip(), ())}", path=self.path)
+
+    def state(self, source: str) -> dict[str, str]:
+        try:
+            rows = self.con.execute(f"SELECT name, coalesce(status, '{LOADED}') FROM {LOAD_STATE_TABLE} "
+                                    f"WHERE source = {self.P}", [source]).fetchall()
+        except self._error as exc:
+            raise self._failed(f"reading the load state of {source}", exc) from exc
+        return {str(name): str(status) for name, status in rows}
+
+    def columns(self, table: str) -> Columns:
+        if table not in self._tables:
+            try:
+                self._tables[table] = _columns(self.con.execute(self.COLUMNS_SQL, [table]).fetchall())
+            except self._error as exc:
+                raise self._failed(f"reading the columns of {table}", exc) from exc
+        return self._tables[table]
+
+    def _entry(self, source: str, name: str, *, table: str, rows: int, status: str, reason: str | None,
+               replace: bool) -> None:
+        now, p = datetime.now(UTC), self.P
+        if replace:
+            self.con.execute(f"UPDATE {LOAD_STATE_TABLE} SET table_name = {p}, rows = {p}, loaded_at = {p}, "
+                             f"status = {p}, reason = {p} WHERE source = {p} AND name = {p}",
+                             [table, rows, now, status, reason, source, name])
+        else:
+            self.con.execute(f"INSERT INTO {LOAD_STATE_TABLE} ({_STATE_COLUMNS}) VALUES ({', '.join([p] * 7)})",
+                             [source, name, table, rows, now, status, reason])
+
+    def forget(self, source: str, name: str) -> None:
+        try:
+            self.con.execute(f"DELETE FROM {LOAD_STATE_TABLE} WHERE source = {self.P} AND name = {self.P}",
+                             [source, name])
+        except self._error as exc:
+            raise self._failed(f"releasing {source}/{name} from quarantine", exc) from exc
+
+
+class _DuckDBTarget(_SqlTarget):
     """Loads into a DuckDB database file (or ``:memory:``)."""
+
+    P = "?"
+    COLUMNS_SQL = ("SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ? "
+                   "AND table_schema = current_schema()")
 
     def __init__(self, path: str) -> None:
         try:
@@ -600,6 +656,7 @@ class _DuckDBTarget:
         except ImportError as exc:
             raise ConfigError("loading into DuckDB needs the duckdb package: pip install 'cio_sync[duckdb]'") from exc
         self._duckdb = duckdb
+        self._error = duckdb.Error
         self.path = path
         self.name = f"the DuckDB database {path}"
         self.con: Any = None
@@ -644,38 +701,6 @@ class _DuckDBTarget:
             for leftover in (temporary, f"{temporary}.wal"):
                 with contextlib.suppress(OSError):  # best effort: the next load removes what stays
                     Path(leftover).unlink(missing_ok=True)
-
-    def _failed(self, what: str, exc: BaseException) -> StorageError:
-        return StorageError(f"{what}: {self.name} failed: {exc}", path=self.path)
-
-    def state(self, source: str) -> dict[str, str]:
-        try:
-            rows = self.con.execute(f"SELECT name, coalesce(status, '{LOADED}') FROM {LOAD_STATE_TABLE} "
-                                    "WHERE source = ?", [source]).fetchall()
-        except self._duckdb.Error as exc:
-            raise self._failed(f"reading the load state of {source}", exc) from exc
-        return {str(name): str(status) for name, status in rows}
-
-    def columns(self, table: str) -> Columns:
-        if table not in self._tables:
-            try:
-                self._tables[table] = _columns(self.con.execute(
-                    "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ? "
-                    "AND table_schema = current_schema()", [table]).fetchall())
-            except self._duckdb.Error as exc:
-                raise self._failed(f"reading the columns of {table}", exc) from exc
-        return self._tables[table]
-
-    def _entry(self, source: str, name: str, *, table: str, rows: int, status: str, reason: str | None,
-               replace: bool) -> None:
-        now = datetime.now(UTC)
-        if replace:
-            self.con.execute(f"UPDATE {LOAD_STATE_TABLE} SET table_name = ?, rows = ?, loaded_at = ?, status = ?, "
-                             "reason = ? WHERE source = ? AND name = ?", [table, rows, now, status, reason, source,
-                                                                          name])
-        else:
-            self.con.execute(f"INSERT INTO {LOAD_STATE_TABLE} ({_STATE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             [source, name, table, rows, now, status, reason])
 
     def _rollback(self) -> None:
         # A failed COMMIT has already ended the transaction; a database that a fatal error invalidated refuses.
@@ -722,12 +747,6 @@ class _DuckDBTarget:
         except self._duckdb.Error as exc:
             raise self._failed(f"quarantining {source}/{name}", exc) from exc
 
-    def forget(self, source: str, name: str) -> None:
-        try:
-            self.con.execute(f"DELETE FROM {LOAD_STATE_TABLE} WHERE source = ? AND name = ?", [source, name])
-        except self._duckdb.Error as exc:
-            raise self._failed(f"releasing {source}/{name} from quarantine", exc) from exc
-
     def build_views(self) -> list[str]:
         made = []
         try:
@@ -767,8 +786,12 @@ def _pg_view(sql: str) -> str:
             f"WHERE _cio_sync_rank = 1{condition}")
 
 
-class _PostgresTarget:
+class _PostgresTarget(_SqlTarget):
     """Loads into PostgreSQL (psycopg 3): each file with COPY, in one transaction with its load-state row."""
+
+    P = "%s"
+    COLUMNS_SQL = ("SELECT column_name, CASE WHEN data_type = 'ARRAY' THEN udt_name ELSE data_type END "
+                   "FROM information_schema.columns WHERE table_name = %s AND table_schema = current_schema()")
 
     def __init__(self, dsn: str) -> None:
         try:
@@ -776,6 +799,7 @@ class _PostgresTarget:
         except ImportError as exc:
             raise ConfigError("loading into PostgreSQL needs psycopg: pip install 'cio_sync[postgres]'") from exc
         self._psycopg = psycopg
+        self._error = psycopg.Error
         self.path = redact(dsn, ())
         self.name = f"PostgreSQL at {self.path}"
         #: The columns of each warehouse table as this connection knows them (a load is their only writer).
@@ -797,39 +821,6 @@ class _PostgresTarget:
         except psycopg.Error as exc:
             self.close()
             raise self._failed("preparing the load state", exc) from exc
-
-    def _failed(self, what: str, exc: BaseException) -> StorageError:
-        return StorageError(f"{what}: {self.name} failed: {redact(str(exc).strip(), ())}", path=self.path)
-
-    def state(self, source: str) -> dict[str, str]:
-        try:
-            rows = self.con.execute(f"SELECT name, coalesce(status, '{LOADED}') FROM {LOAD_STATE_TABLE} "
-                                    "WHERE source = %s", [source]).fetchall()
-        except self._psycopg.Error as exc:
-            raise self._failed(f"reading the load state of {source}", exc) from exc
-        return {str(name): str(status) for name, status in rows}
-
-    def columns(self, table: str) -> Columns:
-        if table not in self._tables:
-            try:
-                self._tables[table] = _columns(self.con.execute(
-                    "SELECT column_name, CASE WHEN data_type = 'ARRAY' THEN udt_name ELSE data_type END "
-                    "FROM information_schema.columns WHERE table_name = %s AND table_schema = current_schema()",
-                    [table]).fetchall())
-            except self._psycopg.Error as exc:
-                raise self._failed(f"reading the columns of {table}", exc) from exc
-        return self._tables[table]
-
-    def _entry(self, source: str, name: str, *, table: str, rows: int, status: str, reason: str | None,
-               replace: bool) -> None:
-        now = datetime.now(UTC)
-        if replace:
-            self.con.execute(f"UPDATE {LOAD_STATE_TABLE} SET table_name = %s, rows = %s, loaded_at = %s, "
-                             "status = %s, reason = %s WHERE source = %s AND name = %s",
-                             [table, rows, now, status, reason, source, name])
-        else:
-            self.con.execute(f"INSERT INTO {LOAD_STATE_TABLE} ({_STATE_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, "
-                             "%s)", [source, name, table, rows, now, status, reason])
 
     def load(self, source: str, file: SourceFile, table: pa.Table, *, replace: bool) -> None:
         psycopg = self._psycopg
@@ -860,12 +851,6 @@ class _PostgresTarget:
                 self._entry(source, name, table=table, rows=0, status=QUARANTINED, reason=reason, replace=replace)
         except self._psycopg.Error as exc:
             raise self._failed(f"quarantining {source}/{name}", exc) from exc
-
-    def forget(self, source: str, name: str) -> None:
-        try:
-            self.con.execute(f"DELETE FROM {LOAD_STATE_TABLE} WHERE source = %s AND name = %s", [source, name])
-        except self._psycopg.Error as exc:
-            raise self._failed(f"releasing {source}/{name} from quarantine", exc) from exc
 
     def build_views(self) -> list[str]:
         made = []
