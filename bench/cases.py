@@ -261,7 +261,7 @@ def memory_growth(job: Job) -> Outcome:
     ), traffic.stream(pool, job.calls))
 
 
-class _Unreachable(MemoryFileSystem):  # type: ignore[misc]  # fsspec has no type hints
+class Unreachable(MemoryFileSystem):  # type: ignore[misc]  # fsspec has no type hints
     """Storage that is down while ``down`` is set: every upload, listing and read raises ``ConnectionError``."""
 
     protocol = "bench-unreachable"
@@ -301,7 +301,7 @@ def _outage(small: bool, spool: bool) -> Callable[[Job], Outcome]:
         assert job.budget_mib, "an outage case needs a budget"
         budget = int(job.budget_mib * 2**20)
         calls = small_calls(job.calls) if small else traffic.stream(traffic.load(job.traffic), job.calls)
-        fs = _Unreachable(skip_instance_cache=True)
+        fs = Unreachable(skip_instance_cache=True)
         writer = cio_sync.FsspecWriter(f"/outage-{uuid.uuid4().hex[:12]}", filesystem=fs,
                                        retry=cio_sync.RetryPolicy(attempts=1, initial_delay=0))
         accepted = accounted = 0

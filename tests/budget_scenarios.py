@@ -19,6 +19,7 @@ from typing import Any
 from fsspec.implementations.memory import MemoryFileSystem
 
 import cio_sync
+from bench.cases import Unreachable  # the bench's outage cases and these tests take storage down alike
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,29 +38,6 @@ def run(function: str, *args: Any, timeout: float = 600) -> dict[str, Any]:
     assert len(lines) == 1, done.stdout
     result: dict[str, Any] = json.loads(lines[0][len("RESULT "):])
     return result
-
-
-class Unreachable(MemoryFileSystem):  # type: ignore[misc]
-    """Storage that is down: every upload, listing and read raises ``ConnectionError`` until ``up`` is set."""
-
-    protocol = "unreachable"
-    up = False
-
-    def _check(self) -> None:
-        if not self.up:
-            raise ConnectionError("storage unreachable")
-
-    def pipe_file(self, *args: Any, **kwargs: Any) -> Any:
-        self._check()
-        return super().pipe_file(*args, **kwargs)
-
-    def ls(self, *args: Any, **kwargs: Any) -> Any:
-        self._check()
-        return super().ls(*args, **kwargs)
-
-    def cat_file(self, *args: Any, **kwargs: Any) -> Any:
-        self._check()
-        return super().cat_file(*args, **kwargs)
 
 
 def down_writer() -> tuple[cio_sync.FsspecWriter, Unreachable]:
@@ -124,7 +102,7 @@ def outage(budget: int, pad: int, spool: str | None, calls: int | None) -> dict[
             most = max(most, sink.stats.bytes_in_memory)
     peak = _status_mib("VmHWM")
     most = max(most, sink.stats.bytes_in_memory)
-    fs.up = True
+    fs.down = False
     published = sum(f.rows for f in sink.close())
     return {"accepted": accepted, "stopped": stopped, "most_in_memory": most, "baseline_mib": baseline,
             "peak_mib": peak, "published": published}
@@ -136,7 +114,7 @@ def rejected(budget: int, calls: int, size: int) -> dict[str, Any]:
     import orjson
 
     writer, fs = down_writer()
-    fs.up = True
+    fs.down = False
     warm_up()
     baseline = _status_mib("VmRSS")
     sink = cio_sync.AdvancedSink(writer, flush_interval=None, max_buffer_bytes=budget, keep_rejected=True)
