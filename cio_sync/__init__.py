@@ -10,9 +10,8 @@ Two modes, after Customer.io's two kinds of storage integration:
 Both publish through one :class:`Writer` over fsspec, so local disk, memory, S3, GCS and Azure all work.
 """
 
-from cio_sync._advanced import AdvancedSink
-from cio_sync._calls import Call, parse_call
 from cio_sync._errors import (
+    BufferFull,
     CioSyncError,
     ConfigError,
     InvalidCall,
@@ -26,14 +25,20 @@ from cio_sync._errors import (
     StorageError,
     UnknownPerson,
 )
-from cio_sync._formats import CsvFormat, Format, JsonLinesFormat, ParquetFormat, get_format, register_format
-from cio_sync._loader import LoadReport, QuarantinedFile, inspect_prefix, load
-from cio_sync._pipeline import Pipeline
-from cio_sync._publisher import BufferFull, SinkStats
-from cio_sync._registry import open_sink, register_sink, sink_names
-from cio_sync._signals import close_on_signals
-from cio_sync._standard import StandardSink
-from cio_sync._writer import FsspecWriter, RetryPolicy, Writer, WrittenFile
+from cio_sync.formats.base import Format
+from cio_sync.formats.csv import CsvFormat
+from cio_sync.formats.jsonlines import JsonLinesFormat
+from cio_sync.formats.parquet import ParquetFormat
+from cio_sync.formats.registry import get_format, register_format
+from cio_sync.intake.calls import Call, parse_call
+from cio_sync.loader.load import LoadReport, QuarantinedFile, inspect_prefix, load
+from cio_sync.publish.publisher import SinkStats
+from cio_sync.sinks.advanced import AdvancedSink
+from cio_sync.sinks.pipeline import Pipeline
+from cio_sync.sinks.registry import open_sink, register_sink, sink_names
+from cio_sync.sinks.signals import close_on_signals
+from cio_sync.sinks.standard import StandardSink
+from cio_sync.storage.writer import FsspecWriter, RetryPolicy, Writer, WrittenFile
 
 __version__ = "0.1.0"
 

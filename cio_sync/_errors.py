@@ -117,3 +117,8 @@ class StateError(CioSyncError):
     """Local state cannot be used: the workspace state file or a spool directory is in use by another sink or
     process (one serves one sink at a time), or the state was made for another workspace. The message names the
     file or directory."""
+
+
+class BufferFull(CioSyncError):
+    """The sink's memory budget is used up, storage is not taking files, and ``block_timeout`` ran out; the call
+    was not accepted."""

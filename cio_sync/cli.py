@@ -16,15 +16,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cio_sync._advanced import AdvancedSink
 from cio_sync._errors import CioSyncError, InvalidCall, InvalidCalls
-from cio_sync._loader import inspect_prefix, load
-from cio_sync._pipeline import Pipeline
 from cio_sync._sample import sample_calls, sample_records
-from cio_sync._signals import close_on_signals
-from cio_sync._standard import StandardSink
-from cio_sync._storage import redact
-from cio_sync._writer import WrittenFile
+from cio_sync.loader.load import inspect_prefix, load
+from cio_sync.sinks.advanced import AdvancedSink
+from cio_sync.sinks.pipeline import Pipeline
+from cio_sync.sinks.signals import close_on_signals
+from cio_sync.sinks.standard import StandardSink
+from cio_sync.storage.backends import redact
+from cio_sync.storage.writer import WrittenFile
 
 FORMATS = ("parquet", "csv", "json")
 #: The signals that stop the long-running commands cleanly (SIGHUP: the terminal went away).

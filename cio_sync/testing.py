@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from cio_sync._errors import InvalidCall, PublishConflict
 from cio_sync._sample import sample_calls
-from cio_sync._writer import WrittenFile, check_name
+from cio_sync.storage.writer import WrittenFile, check_name
 
 __all__ = ["MemoryWriter", "SinkContract", "sample_calls"]
 

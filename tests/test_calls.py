@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cio_sync
-import cio_sync._calls
-from cio_sync._calls import call_document, call_row, parse_call
-from cio_sync._schemas import CALL_COLUMNS
+import cio_sync.intake.calls
+from cio_sync.intake.calls import call_document, call_row, parse_call
+from cio_sync.schemas.tables import CALL_COLUMNS
 
 OK: dict[str, dict[str, Any]] = {
     "identify": {"type": "identify", "userId": "42", "traits": {"plan": "pro"}},
@@ -222,9 +222,9 @@ def test_timestamps_converted_by_column_equal_the_call_by_call_reading(cases: li
     (Arrow's reader, Python's where Arrow's does not read the text): both must give the instant parse_time gives."""
     texts = [spell(moment) for moment, spell in cases]
     calls = [{"type": "track", "userId": "u", "event": "e", "timestamp": text} for text in texts]
-    rows = [cio_sync._calls.call_to_row(call, 0)[1] for call in calls]
+    rows = [cio_sync.intake.calls.call_to_row(call, 0)[1] for call in calls]
     column = [row[CALL_SCHEMAS_NAMES["track"].index("timestamp")] for row in rows]
-    got = cio_sync._calls.time_array(column).to_pylist()
+    got = cio_sync.intake.calls.time_array(column).to_pylist()
     assert got == [parse_call(call).times["timestamp"] for call in calls]
 
 
@@ -235,7 +235,7 @@ def test_the_row_of_a_call_holds_its_values_and_leaves_the_callers_dict_alone() 
     call = {"type": "track", "userId": "u1", "event": "Ordered", "properties": {"total": 9.5, "sku": ["a", "é"]},
             "timestamp": "2026-11-30T10:00:00+01:00", "version": 2, "writeKey": "k", "messageId": "m1"}
     before = orjson.dumps(call)
-    call_type, row, size = cio_sync._calls.call_to_row(call, 1_000)
+    call_type, row, size = cio_sync.intake.calls.call_to_row(call, 1_000)
     assert orjson.dumps(call) == before
     cells = dict(zip(CALL_SCHEMAS_NAMES[call_type], row, strict=True))
     assert (cells["messageId"], cells["userId"], cells["event"]) == ("m1", "u1", "Ordered")
@@ -250,7 +250,7 @@ def test_the_row_of_a_call_holds_its_values_and_leaves_the_callers_dict_alone() 
 
 def _slow_row(payload: bytes) -> tuple[str, tuple[Any, ...]] | None:
     try:
-        call_type, row, _ = cio_sync._calls.call_to_row(orjson.loads(payload), 7)
+        call_type, row, _ = cio_sync.intake.calls.call_to_row(orjson.loads(payload), 7)
     except (cio_sync.InvalidCall, orjson.JSONDecodeError):
         return None
     return call_type, row
@@ -268,7 +268,7 @@ def test_calls_sent_as_json_give_the_rows_their_dicts_give(payload: Any) -> None
     data = orjson.dumps(payload)
     expected = _slow_row(data)
     try:
-        call_type, row, _ = cio_sync._calls.call_to_row(data, 7)
+        call_type, row, _ = cio_sync.intake.calls.call_to_row(data, 7)
     except cio_sync.InvalidCall:
         assert expected is None
         return
@@ -279,7 +279,7 @@ def test_calls_sent_as_json_give_the_rows_their_dicts_give(payload: Any) -> None
 
 def test_nested_objects_sent_as_json_are_kept_as_sent() -> None:
     text = '{"type": "identify", "userId": "42", "traits": {"name": "Zo\\u00eb", "plan": "pro"}, "_metadata": {"a": 1}}'
-    _, row, _ = cio_sync._calls.call_to_row(text.encode(), 7)
+    _, row, _ = cio_sync.intake.calls.call_to_row(text.encode(), 7)
     cells = dict(zip(CALL_SCHEMAS_NAMES["identify"], row, strict=True))
     assert cells["traits"] == '{"name": "Zo\\u00eb", "plan": "pro"}'
     assert orjson.loads(cells["traits"]) == {"name": "Zoë", "plan": "pro"}
@@ -288,7 +288,7 @@ def test_nested_objects_sent_as_json_are_kept_as_sent() -> None:
 
 def test_integers_beyond_64_bits_inside_nested_json_are_kept_digit_for_digit() -> None:
     sent = b'{"type":"track","userId":"1","event":"e","properties":{"id":123456789012345678901234567890}}'
-    _, row, _ = cio_sync._calls.call_to_row(sent, 7)
+    _, row, _ = cio_sync.intake.calls.call_to_row(sent, 7)
     assert '{"id":123456789012345678901234567890}' in row
 
 

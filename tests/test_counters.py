@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from cio_sync import FsspecWriter
-from cio_sync._counters import COUNTERS_FOLDER, KEEP, Counters
+from cio_sync.publish.counters import COUNTERS_FOLDER, KEEP, Counters
 from tests.conftest import Storage
 
 

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import cio_sync
-from cio_sync._publisher import CHUNK_ROWS
+from cio_sync.buffer.rows import CHUNK_ROWS
 from tests import faults
 from tests.conftest import Storage
 from tests.test_writer import FlakyMemory

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import cio_sync
 from cio_sync import FsspecWriter, RetryPolicy, WrittenFile
-from cio_sync._storage import secrets_in
+from cio_sync.storage.backends import secrets_in
 from tests.conftest import Storage
 from tests.test_writer import FlakyMemory
 
@@ -265,7 +265,7 @@ def test_rows_beyond_a_chunk_are_held_as_arrow_columns_and_published_whole_in_or
 
     import pyarrow.parquet as pq
 
-    from cio_sync._publisher import CHUNK_ROWS
+    from cio_sync.buffer.rows import CHUNK_ROWS
 
     count = 2 * CHUNK_ROWS + 17
     start = datetime(2026, 11, 30, tzinfo=UTC)
@@ -286,7 +286,7 @@ def test_rows_beyond_a_chunk_are_held_as_arrow_columns_and_published_whole_in_or
 
 
 def test_a_chunk_arrow_cannot_convert_stays_as_rows_and_nothing_is_lost() -> None:
-    from cio_sync._publisher import CHUNK_ROWS, TableRows, rows_to_table
+    from cio_sync.buffer.rows import CHUNK_ROWS, TableRows, rows_to_table
 
     schema = pa.schema([pa.field("n", pa.int64())])
     rows = TableRows(schema)
@@ -306,7 +306,7 @@ def test_a_chunk_arrow_cannot_convert_stays_as_rows_and_nothing_is_lost() -> Non
 
 
 def test_dead_letters_write_timestamps_one_way_whatever_the_batch_held(memory_storage: Storage) -> None:
-    from cio_sync._publisher import CHUNK_ROWS
+    from cio_sync.buffer.rows import CHUNK_ROWS
 
     call = {"type": "track", "userId": "1", "event": "poison", "timestamp": "2024-01-01T05:00:00+05:00"}
     with cio_sync.AdvancedSink(memory_storage.url, format=_FailingFormat(), flush_interval=None) as sink:

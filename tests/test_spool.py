@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import cio_sync
 from cio_sync import FsspecWriter, RetryPolicy
-from cio_sync._publisher import _OPEN
+from cio_sync.publish.publisher import _OPEN
 from tests.conftest import Storage
 from tests.helpers import parse_advanced_name
 from tests.test_writer import FlakyMemory
@@ -243,7 +243,7 @@ def test_hand_framed_blocks_are_avro_that_fastavro_reads_back(tmp_path: Path) ->
     import fastavro
     from fastavro.write import Writer
 
-    from cio_sync._spool import _AVRO_SCHEMA, _block
+    from cio_sync.buffer.spool import _AVRO_SCHEMA, _block
 
     records = [(b"[1,2]", 5, 1_796_010_578_123_000), (b"x" * 20_000, 20_000, None), (b"", 0, -5),
                (b"y", 2**40, 0), (b"z" * 200, 63, 64), (b"q", 8191, 8192), (b"r", 2**63 - 1, -(2**63))]
@@ -265,7 +265,7 @@ def test_hand_framed_blocks_are_avro_that_fastavro_reads_back(tmp_path: Path) ->
                 min_size=1, max_size=20))
 def test_avro_longs_framed_by_hand_match_the_spec_encoding(values: list[int]) -> None:
     """Zigzag then base-128 varint (Avro spec), checked value by value, also in runs of close times (the cache)."""
-    from cio_sync._spool import _long
+    from cio_sync.buffer.spool import _long
 
     for value in values:
         n = (value << 1) ^ (value >> 63)

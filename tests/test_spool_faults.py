@@ -43,7 +43,7 @@ def paths_in(folder: Path) -> dict[str, str]:
 
 def abandon(sink: cio_sync.AdvancedSink) -> None:
     """Drop a sink as if its process had been killed: no flush, its spool files left as they are, no lock held."""
-    from cio_sync._publisher import _OPEN
+    from cio_sync.publish.publisher import _OPEN
 
     _OPEN.discard(sink._publisher)
     spool = sink.spool
@@ -393,7 +393,7 @@ def test_segments_written_before_the_crc_field_are_read_and_resynchronised(tmp_p
     import orjson
     from fastavro.write import Writer
 
-    from cio_sync._calls import call_to_row
+    from cio_sync.intake.calls import call_to_row
 
     paths = paths_in(tmp_path)
     folder = Path(paths["spool"]) / "track"
@@ -565,7 +565,7 @@ def test_reading_a_damaged_segment_never_fails_and_keeps_every_block_the_damage_
 
     from fastavro.write import Writer
 
-    from cio_sync._spool import _AVRO_SCHEMA, _block, _read_segment
+    from cio_sync.buffer.spool import _AVRO_SCHEMA, _block, _read_segment
 
     out = io.BytesIO()
     writer = Writer(out, _AVRO_SCHEMA)

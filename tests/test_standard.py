@@ -389,7 +389,7 @@ def test_state_belongs_to_one_workspace_and_one_sink(memory_storage: Storage, tm
 
 def forget(sink: cio_sync.StandardSink) -> None:
     """Make ``sink`` vanish as if its process had died: no final flush at exit, its state lock released."""
-    from cio_sync._publisher import _OPEN
+    from cio_sync.publish.publisher import _OPEN
 
     _OPEN.discard(sink._publisher)
     sink.state.close()

@@ -25,7 +25,7 @@ from typing import Final
 import orjson
 
 from cio_sync._errors import ConfigError, PublishConflict, StorageError
-from cio_sync._writer import Writer
+from cio_sync.storage.writer import Writer
 
 log = logging.getLogger("cio_sync.counters")
 

@@ -29,43 +29,54 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from operator import itemgetter
-from typing import Any, Final, NamedTuple, Protocol
+from datetime import UTC, datetime
+from typing import Any, Final
 
 import orjson
 import pyarrow as pa
 
-from cio_sync._calls import EPOCH, TEXT_OVERHEAD, parse_time, time_array
-from cio_sync._errors import CioSyncError, ConfigError, PublishConflict, SinkClosed
-from cio_sync._formats import Format
-from cio_sync._schemas import TIMESTAMP
-from cio_sync._writer import Writer, WrittenFile
+from cio_sync._errors import BufferFull, CioSyncError, ConfigError, PublishConflict, SinkClosed
+from cio_sync._time import ISO_MICROS, iso_micros
+from cio_sync._types import Batch, Filled, held_size
+from cio_sync.buffer.rows import MemoryRowStore, RowStore, rows_to_table
+from cio_sync.formats.base import Format
+from cio_sync.publish.dead_letters import DEAD_LETTERS_FOLDER, kept_size, letter_time, rejected_line
+from cio_sync.publish.manifests import ManifestSpec
+from cio_sync.schemas.tables import TIMESTAMP
+from cio_sync.storage.writer import Writer, WrittenFile
 
 log = logging.getLogger("cio_sync.sink")
 
-#: Where rows that could not be encoded are kept, under the sink's root, with the reason.
-DEAD_LETTERS_FOLDER = "_cio_sync/dead_letters"
-#: Where the manifest of each sync goes, under the sink's root.
-MANIFESTS_FOLDER = "_manifests"
+
 #: Published files remembered for the next ``flush()`` to return.
 _MAX_UNREPORTED = 100_000
+
+
 #: Rejected calls kept in memory for the dead letters between two syncs (more are counted, not kept).
 _MAX_REJECTED_KEPT = 10_000
-#: Characters of one rejected call kept for the dead letters (its JSON text); the rest is cut off. Segment's own
-#: limit for a call is 32 KB.
-MAX_REJECTED_INPUT = 32 * 1024
+
+
 #: The share of ``max_buffer_bytes`` that rejected calls kept for the dead letters may take (without a budget:
 #: ``_MAX_REJECTED_BYTES``), so that a flood of bad calls never leaves no room for good ones.
 _REJECTED_SHARE = 4
+
+
 #: While storage fails, a table's rows are cut into a batch at the budget only if they hold at least this share of
 #: ``max_buffer_bytes``.
 _CUT_SHARE = 16
+
+
 #: A batch holds at most this share of ``max_buffer_bytes``.
 _BATCH_SHARE = 4
+
+
 #: The longest pause between two early publishes while storage fails (seconds).
 _MAX_RETRY_PAUSE = 30.0
+
+
 _MAX_REJECTED_BYTES = 64 * 1024 * 1024
+
+
 #: New names tried for one batch whose names were taken by files that are not its own.
 _MAX_RENAMES = 20
 
@@ -88,317 +99,6 @@ class SinkStats:
     rows_dead_lettered: int = 0
     #: Bytes of rows held in memory, buffered or waiting to be published (what ``max_buffer_bytes`` bounds).
     bytes_in_memory: int = 0
-
-
-@dataclass(eq=False)
-class Batch:
-    """Rows of one table cut for one file. ``name`` and ``encoded`` are set once, just before the first upload."""
-
-    table: str
-    rows: int
-    #: The rows (tuples in ``schema`` order, or an Arrow table) until the batch is encoded; ``None`` once the bytes
-    #: are known.
-    data: list[Any] | pa.Table | None
-    schema: pa.Schema | None = None
-    name: str | None = None
-    encoded: bytes | None = None
-    #: The store's handle on the batch (e.g. its id in a durable outbox).
-    key: Any = None
-    #: Set once an upload of ``encoded`` under ``name`` may have happened (an earlier try, or an earlier process).
-    attempted: bool = False
-    #: Bytes its rows take in memory (as the memory budget counts them), whether or not they are in memory now.
-    nbytes: int = 0
-    #: Earliest and latest row time (µs): receivedAt for calls, the change time for workspace rows.
-    first_time: int | None = None
-    last_time: int | None = None
-    #: SHA-256 of ``encoded``, for the manifest.
-    sha256: str | None = None
-    #: ``name`` was claimed but the store has not recorded it yet: :meth:`RowStore.named` must succeed before any
-    #: upload under it (a name that is not recorded would be given again, to the same rows, after a crash).
-    unrecorded: bool = False
-    #: Set by a store for bytes it could not read back (``data`` then describes them, under ``schema``): the batch
-    #: goes to the dead letters with this reason instead of being published.
-    damage: BaseException | None = None
-    #: What the memory budget counts for the batch now: its rows' bytes while it holds rows, the length of
-    #: ``encoded`` once it holds that instead, nothing once both were let go (spilled). Kept by the Publisher.
-    held: int = 0
-
-
-def held_size(batch: Batch) -> int:
-    """What ``batch`` holds in memory now: its encoded file if it has one (its rows are let go once encoded), else
-    its rows, else nothing."""
-    if batch.encoded is not None:
-        return len(batch.encoded) + (batch.nbytes if batch.data is not None else 0)
-    return batch.nbytes if batch.data is not None else 0
-
-
-class Buffered(NamedTuple):
-    """What a store holds for one table that is not yet cut (a tuple: stores make one per appended row)."""
-
-    rows: int
-    nbytes: int
-    since: float | None
-
-
-#: What a store's ``append`` returns: the table's buffered rows, bytes and since when (a :class:`Buffered` or a
-#: plain tuple, which costs less to make once per row).
-Filled = tuple[int, int, float | None]
-
-
-class RowStore(Protocol):
-    """Where a sink's rows wait until they are published. Calls are serialised by the :class:`Publisher`."""
-
-    def append(self, table: str, schema: pa.Schema, row: tuple[Any, ...], size: int,
-               at: int | None = None) -> Filled:
-        """Keep one row of ``table`` (``at``: its time in µs, for the manifest); return what the table buffers."""
-        ...
-
-    def tables(self) -> list[str]:
-        """Tables with rows that are not cut yet."""
-        ...
-
-    def cut(self, table: str) -> Batch | None:
-        """Take buffered rows of ``table`` as one batch (``None`` if there are none). Called again until it returns
-        ``None``: a store may hold several batches of one table (e.g. a spool segment retired after a fault)."""
-        ...
-
-    def pending(self) -> list[Batch]:
-        """Batches cut before this store was opened and not yet published (recovery); empty for memory."""
-        ...
-
-    def named(self, batch: Batch) -> None:
-        """Record ``batch.name`` and ``batch.encoded`` before the first upload."""
-        ...
-
-    def published(self, batch: Batch) -> None:
-        """Forget a batch whose file landed."""
-        ...
-
-    def buffered(self) -> dict[str, Buffered]:
-        """What each table buffers now."""
-        ...
-
-    def release(self, batch: Batch) -> None:
-        """Let go of a pending batch's rows in memory if they can be read back (:meth:`load`); else do nothing."""
-        ...
-
-    def load(self, batch: Batch) -> None:
-        """Read back what :meth:`release` let go of."""
-        ...
-
-    def retract(self, table: str, size: int) -> None:
-        """Take back the last row appended to ``table`` (of ``size`` bytes): its call was refused after all. Only
-        right after that append, before any cut. Never raises: a durable store that cannot undo the append on disk
-        makes sure the row is never read back (and logs it)."""
-        ...
-
-
-#: Rows a table buffers as Python tuples before they are turned into Arrow columns: large enough that the
-#: conversion's fixed cost does not matter, small enough that Python objects never pile up (a buffer of a million
-#: rows is a million tuples and their strings otherwise, several times the size of the same data in Arrow).
-CHUNK_ROWS: Final = 8192
-
-
-class TableRows:
-    """The rows of one table not yet cut, with their size, age and time range (shared by the row stores).
-
-    Rows arrive as tuples and are turned into Arrow columns every :data:`CHUNK_ROWS` rows, so memory holds the
-    compact columnar form and the final cut only joins the chunks. A chunk that Arrow cannot convert stays as
-    tuples (its batch then goes to the dead letters when it is encoded, with its rows).
-
-    ``nbytes`` is what the rows take in memory: the sizes given with the rows not yet converted (their Python
-    form), plus the Arrow buffers of the chunks (measured when each chunk is made, and less than its rows' sizes).
-    """
-
-    __slots__ = ("chunk_bytes", "chunks", "columnar", "count", "first", "last", "nbytes", "rows", "schema", "since")
-
-    def __init__(self, schema: pa.Schema) -> None:
-        self.schema = schema
-        self.rows: list[tuple[Any, ...]] = []
-        self.chunks: list[pa.Table] = []
-        self.columnar = True  # until a chunk fails to convert; then the rest of this buffer stays as tuples
-        self.count = 0
-        self.nbytes = 0
-        self.chunk_bytes = 0  # the Arrow buffers of ``chunks``
-        self.since = 0.0
-        self.first: int | None = None
-        self.last: int | None = None
-
-    def add(self, row: tuple[Any, ...], size: int, at: int | None) -> Filled:
-        if not self.count:
-            self.since = time.monotonic()
-            self.first = self.last = at
-        elif at is not None:
-            self.first = at if self.first is None or at < self.first else self.first
-            self.last = at if self.last is None or at > self.last else self.last
-        rows = self.rows
-        if len(rows) >= CHUNK_ROWS and self.columnar:
-            # Converted before the next row rather than after the last, so that the row just added is always a
-            # tuple that retract() can take back.
-            self._convert()
-            rows = self.rows
-        rows.append(row)
-        self.count += 1
-        self.nbytes += size
-        return self.count, self.nbytes, self.since
-
-    def retract(self, size: int) -> None:
-        """Take back the row :meth:`add` just added (its time stays in the range: a range a little wide is
-        harmless, the manifest's times are bounds)."""
-        self.rows.pop()
-        self.count -= 1
-        self.nbytes -= size
-
-    def _convert(self) -> None:
-        try:
-            chunk = rows_to_table(self.rows, self.schema)
-        except Exception as exc:  # kept as tuples: encoding the batch will say what is wrong and keep the rows
-            log.warning("rows of %d cannot be converted to Arrow columns (%s); they are kept as rows", self.count,
-                        exc)
-            self.rows = self._as_rows() + self.rows
-            self.chunks = []
-            self.chunk_bytes = 0
-            self.columnar = False
-            return
-        self.chunks.append(chunk)
-        self.chunk_bytes += chunk.get_total_buffer_size()
-        self.nbytes = self.chunk_bytes  # the converted rows now take their Arrow size, not their Python size
-        self.rows = []
-
-    def _as_rows(self) -> list[tuple[Any, ...]]:
-        out: list[tuple[Any, ...]] = []
-        for chunk in self.chunks:
-            out.extend(zip(*(column.to_pylist() for column in chunk.columns), strict=True))
-        return out
-
-    def buffered(self) -> Buffered:
-        return Buffered(self.count, self.nbytes, self.since)
-
-    def take(self, table: str, key: Any = None) -> Batch:
-        """Everything buffered, as one batch (an Arrow table, or rows when few or not convertible); the buffer
-        starts again empty."""
-        data: list[Any] | pa.Table = self.rows
-        nbytes = self.nbytes
-        if self.chunks:
-            try:
-                tail = [rows_to_table(self.rows, self.schema)] if self.rows else []
-                data = pa.concat_tables(self.chunks + tail)  # no copy: the chunks become the table's chunks
-                nbytes = self.chunk_bytes + sum(t.get_total_buffer_size() for t in tail)
-            except Exception:
-                data = self._as_rows() + self.rows
-        batch = Batch(table, self.count, data, self.schema, key=key, nbytes=nbytes,
-                      first_time=self.first, last_time=self.last)
-        self.rows = []
-        self.chunks = []
-        self.chunk_bytes = 0
-        self.columnar = True
-        self.count = 0
-        self.nbytes = 0
-        return batch
-
-
-def rows_to_table(rows: list[tuple[Any, ...]] | list[list[Any]] | pa.Table, schema: pa.Schema) -> pa.Table:
-    """Rows (tuples in schema order) as an Arrow table under ``schema``, column by column (a table as is)."""
-    if isinstance(rows, pa.Table):
-        return rows
-    width = len(schema)
-    if any(len(row) != width for row in rows):
-        raise ValueError(f"rows must have {width} values, one per column of {schema.names}")
-    # A column at a time with itemgetter: zip(*rows) would make one iterator object per row, and with them a
-    # garbage collection every few hundred rows (3x slower on a large batch).
-    columns = [list(map(itemgetter(i), rows)) for i in range(width)]
-    arrays = [time_array(col, f.name) if f.type == TIMESTAMP else pa.array(col, type=f.type)
-              for col, f in zip(columns, schema, strict=True)]
-    return pa.Table.from_arrays(arrays, schema=schema)
-
-
-def _letter_time(value: Any) -> Any:
-    """A timestamp cell of a dead letter in one form, ISO-8601 UTC (rows hold microseconds, the text as sent, or a
-    datetime once in Arrow); text that does not read as a timestamp is kept as it is."""
-    try:
-        if isinstance(value, int) and not isinstance(value, bool):
-            moment = EPOCH + timedelta(microseconds=value)
-        elif isinstance(value, str | datetime):
-            moment = parse_time(value, "timestamp")
-        else:
-            return value
-        return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    except (CioSyncError, OverflowError, ValueError):
-        return value
-
-
-def _rejected_line(given: Any, error: BaseException) -> str:
-    """The dead-letter line of a rejected call (ASCII JSON): the reason, when, and the input (a call as JSON, text
-    or bytes as text) cut to :data:`MAX_REJECTED_INPUT` characters; an input JSON cannot hold is described."""
-    head: dict[str, Any] = {"reason": str(error), "at": datetime.now(UTC).isoformat()}
-    size = None
-    if isinstance(given, bytes | bytearray | memoryview):
-        data = memoryview(given).cast("B")
-        size = data.nbytes
-        given = bytes(data[:MAX_REJECTED_INPUT]).decode("utf-8", errors="backslashreplace")[:MAX_REJECTED_INPUT]
-    elif isinstance(given, str):
-        size = len(given)
-        given = given[:MAX_REJECTED_INPUT]
-    try:
-        text = json.dumps(given, default=repr, ensure_ascii=True, allow_nan=False)
-    except (ValueError, TypeError, RecursionError) as exc:
-        text = json.dumps(f"<a {type(given).__name__} that cannot be written as JSON: {type(exc).__name__}>")
-    if not isinstance(given, str) and len(text) > MAX_REJECTED_INPUT:
-        size = len(text)
-        text = json.dumps(text[:MAX_REJECTED_INPUT])  # the start of its JSON text, as a string
-    tail = {"input_truncated": True, "input_size": size} if size is not None and size > MAX_REJECTED_INPUT else {}
-    # Written once, by hand around the input's JSON text: a large call is not written as JSON twice.
-    return "".join((json.dumps(head, default=repr, ensure_ascii=True)[:-1], ', "input": ', text,
-                    json.dumps(tail)[1:] if not tail else ", " + json.dumps(tail)[1:-1] + "}"))
-
-
-def _kept_size(line: str) -> int:
-    """What one kept rejected call takes in memory (its line is ASCII)."""
-    return len(line) + TEXT_OVERHEAD
-
-
-class MemoryRowStore:
-    """Rows kept in this process's memory: fast, and lost if the process dies before they are published."""
-
-    def __init__(self) -> None:
-        self._tables: dict[str, TableRows] = {}
-
-    def append(self, table: str, schema: pa.Schema, row: tuple[Any, ...], size: int,
-               at: int | None = None) -> Filled:
-        rows = self._tables.get(table)
-        if rows is None:
-            rows = self._tables[table] = TableRows(schema)
-        return rows.add(row, size, at)
-
-    def tables(self) -> list[str]:
-        return [t for t, r in self._tables.items() if r.count]
-
-    def cut(self, table: str) -> Batch | None:
-        rows = self._tables.get(table)
-        if rows is None or not rows.count:
-            return None
-        return rows.take(table)
-
-    def pending(self) -> list[Batch]:
-        return []
-
-    def named(self, batch: Batch) -> None:
-        pass
-
-    def published(self, batch: Batch) -> None:
-        pass
-
-    def buffered(self) -> dict[str, Buffered]:
-        return {t: r.buffered() for t, r in self._tables.items() if r.count}
-
-    def release(self, batch: Batch) -> None:
-        pass  # memory is all there is
-
-    def load(self, batch: Batch) -> None:
-        pass
-
-    def retract(self, table: str, size: int) -> None:
-        self._tables[table].retract(size)
 
 
 @dataclass(eq=False)
@@ -455,24 +155,9 @@ class _Inherited:
         return None
 
 
-@dataclass(frozen=True)
-class ManifestSpec:
-    """How a sink's manifests are named and what they say about the sink (see docs/manifests.md)."""
-
-    #: Returns the name (under the sink's root) of the next manifest; names never repeat.
-    name_for: Callable[[], str]
-    #: Fields about the sink written at the top of every manifest (mode, destination or workspace id).
-    header: dict[str, Any]
-    #: What the files' time range is: ``"received_at"`` (Advanced) or ``"changed_at"`` (Standard).
-    time_label: str
-
-
 WHEN_FULL: Final = ("block", "spill")
 
 
-class BufferFull(CioSyncError):
-    """The sink's memory budget is used up, storage is not taking files, and ``block_timeout`` ran out; the call
-    was not accepted."""
 
 
 class Publisher:
@@ -605,8 +290,8 @@ class Publisher:
             if self._rejected_dropped:  # full since one was not kept: until the next sync publishes them
                 self._rejected_dropped += 1
                 return
-        line = _rejected_line(given, error)  # outside the lock: writing a large input as JSON takes time
-        size = _kept_size(line)
+        line = rejected_line(given, error)  # outside the lock: writing a large input as JSON takes time
+        size = kept_size(line)
         with self.lock:
             if len(self._rejected) >= _MAX_REJECTED_KEPT or self._rejected_bytes + size > limit:
                 self._rejected_dropped += 1
@@ -636,7 +321,7 @@ class Publisher:
                 self._rejected = rejected + self._rejected
                 self._rejected_dropped += dropped
             raise
-        freed = sum(map(_kept_size, rejected))
+        freed = sum(map(kept_size, rejected))
         with self.lock:
             self._rejected_bytes -= freed
             self._memory -= freed
@@ -973,10 +658,7 @@ class Publisher:
         label = self.manifest.time_label
 
         def when(micros: int | None) -> str | None:
-            if micros is None:
-                return None
-            moment = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)
-            return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            return None if micros is None else iso_micros(micros)
 
         entries = [{
             "name": w.name, "table": w.table, "rows": w.rows, "bytes": w.bytes, "sha256": b.sha256,
@@ -985,7 +667,7 @@ class Publisher:
         name = self.manifest.name_for()
         document = {
             "manifest_version": 1, **self.manifest.header, "name": name,
-            "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "created_at": datetime.now(UTC).strftime(ISO_MICROS),
             "files": entries, "rows": sum(w.rows for _, w in files),
         }
         self.writer.publish(name, orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n", table="_manifest",
@@ -1003,7 +685,7 @@ class Publisher:
         if isinstance(data, pa.Table):
             data = list(zip(*(column.to_pylist() for column in data.columns), strict=True))
         for row in data or []:
-            cells = [_letter_time(v) if i in times else v for i, v in enumerate(row)]
+            cells = [letter_time(v) if i in times else v for i, v in enumerate(row)]
             record = dict(zip(names, cells, strict=False)) if names else cells
             lines.append(json.dumps(record, default=str, ensure_ascii=True))
         data = ("\n".join(lines) + "\n").encode()

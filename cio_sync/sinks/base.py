@@ -8,10 +8,10 @@ from typing import Any, Self
 
 from fsspec import AbstractFileSystem
 
-from cio_sync._calls import load_json
 from cio_sync._errors import ConfigError, InvalidCall, InvalidCalls
-from cio_sync._publisher import Publisher, SinkStats
-from cio_sync._writer import FsspecWriter, RetryPolicy, Writer, WrittenFile
+from cio_sync.intake.calls import load_json
+from cio_sync.publish.publisher import Publisher, SinkStats
+from cio_sync.storage.writer import FsspecWriter, RetryPolicy, Writer, WrittenFile
 
 #: Keys of a Segment batch envelope (``POST /v1/batch``) that apply to every call in it that lacks them.
 _ENVELOPE_DEFAULTS = ("context", "integrations", "sentAt")

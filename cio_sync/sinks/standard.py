@@ -20,7 +20,9 @@ import orjson
 import pyarrow as pa
 from fsspec import AbstractFileSystem
 
-from cio_sync._calls import (
+from cio_sync._errors import CioSyncError, InvalidCall, InvalidRecord, InvalidRecords, UnknownPerson
+from cio_sync.formats.parquet import ParquetFormat
+from cio_sync.intake.calls import (
     JSON_OPTIONS,
     NUMBER_SIZE,
     Call,
@@ -30,16 +32,16 @@ from cio_sync._calls import (
     row_size,
     text_size,
 )
-from cio_sync._counters import Counters
-from cio_sync._errors import CioSyncError, InvalidCall, InvalidRecord, InvalidRecords, UnknownPerson
-from cio_sync._formats import ParquetFormat
-from cio_sync._publisher import MANIFESTS_FOLDER, ManifestSpec, Publisher
-from cio_sync._records import DEFINITION_KEYS, check_record
-from cio_sync._schemas import STANDARD_SCHEMAS, STANDARD_VERSION
-from cio_sync._sink import BaseSink, check_int, make_writer
-from cio_sync._state import Definition, Person, SqliteOutbox, WorkspaceState
-from cio_sync._values import shown
-from cio_sync._writer import RetryPolicy, Writer, WrittenFile
+from cio_sync.intake.records import DEFINITION_KEYS, check_record
+from cio_sync.intake.values import shown
+from cio_sync.publish.counters import Counters
+from cio_sync.publish.manifests import MANIFESTS_FOLDER, ManifestSpec
+from cio_sync.publish.publisher import Publisher
+from cio_sync.schemas.tables import STANDARD_SCHEMAS, STANDARD_VERSION
+from cio_sync.sinks.base import BaseSink, check_int, make_writer
+from cio_sync.storage.writer import RetryPolicy, Writer, WrittenFile
+from cio_sync.workspace.outbox import SqliteOutbox
+from cio_sync.workspace.state import Definition, Person, WorkspaceState
 
 log = logging.getLogger("cio_sync.sink")
 

@@ -13,7 +13,8 @@ from cio_sync._errors import ConfigError
 #: Entry-point group third-party packages declare their sinks in: ``name = "package.module:SinkClass"``.
 ENTRY_POINT_GROUP: Final = "cio_sync.sinks"
 
-_BUILT_IN: Final = {"advanced": "cio_sync._advanced:AdvancedSink", "standard": "cio_sync._standard:StandardSink"}
+_BUILT_IN: Final = {"advanced": "cio_sync.sinks.advanced:AdvancedSink",
+                    "standard": "cio_sync.sinks.standard:StandardSink"}
 _REGISTERED: dict[str, Callable[..., Any]] = {}
 
 

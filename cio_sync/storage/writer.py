@@ -33,7 +33,7 @@ from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from cio_sync._errors import ConfigError, PublishConflict, StorageError
-from cio_sync._storage import display_url, redact, resolve, secrets_in
+from cio_sync.storage.backends import display_url, redact, resolve, secrets_in
 
 if sys.platform != "win32":
     import fcntl

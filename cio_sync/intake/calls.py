@@ -7,7 +7,7 @@ identify, track, page, screen, group, alias; a call names ``userId`` or ``anonym
 is taken as UTC). This module knows no sink: it turns one call into a validated :class:`Call`, and a ``Call`` into
 the row of its fixed schema or into its JSON document.
 
-Every value of a call, at any depth, must be one JSON text can hold (see :mod:`cio_sync._values`): a value that
+Every value of a call, at any depth, must be one JSON text can hold (see :mod:`cio_sync.intake.values`): a value that
 is not is refused with :class:`InvalidCall` naming the field and the key.
 """
 
@@ -28,8 +28,8 @@ import orjson
 import pyarrow as pa
 
 from cio_sync._errors import InvalidCall
-from cio_sync._schemas import CALL_COLUMNS, CALL_TYPES, TIMESTAMP, Kind
-from cio_sync._values import (
+from cio_sync._time import to_micros
+from cio_sync.intake.values import (
     MAX_DEPTH,
     ORJSON_STOPS_AT_MAX_DEPTH,
     call_error,
@@ -38,6 +38,7 @@ from cio_sync._values import (
     too_deep,
     value_error,
 )
+from cio_sync.schemas.tables import CALL_COLUMNS, CALL_TYPES, TIMESTAMP, Kind
 
 #: orjson options for everything we serialise: naive datetimes are UTC, UTC is written "Z", and non-string keys
 #: become strings (as the standard library's json module does).
@@ -109,16 +110,6 @@ def _finite_float(text: str) -> float:
     return value
 
 
-#: The instant timestamp columns count microseconds from.
-EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def to_micros(moment: datetime) -> int:
-    """An aware datetime as integer microseconds since the epoch (UTC), as timestamp columns store it."""
-    delta = moment - EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
 def load_json(payload: str | bytes | bytearray | memoryview, what: str = "call", levels: int | None = MAX_DEPTH,
               *, batch: bool = False) -> Any:
     """Parse JSON text with orjson, turning any failure into :class:`InvalidCall`.
@@ -172,7 +163,7 @@ def _checked(value: Any, payload: str | bytes | bytearray | memoryview, what: st
 
 def dump_json(value: Any, field: str | None, level: int = 2) -> bytes:
     """``value`` (nested at ``level``, the call or record row being level 1) as compact JSON bytes; a value JSON
-    cannot hold (see :mod:`cio_sync._values`) raises :class:`InvalidCall` naming ``field`` and the key."""
+    cannot hold (see :mod:`cio_sync.intake.values`) raises :class:`InvalidCall` naming ``field`` and the key."""
     try:
         text = orjson.dumps(value, option=JSON_OPTIONS)
     except (orjson.JSONEncodeError, TypeError) as exc:
@@ -611,7 +602,7 @@ def call_to_row(obj: Any, received: int) -> tuple[str, tuple[Any, ...], int]:
 
 def parse_call(obj: Any, *, received_at: datetime | None = None, row: bool = False) -> Call:
     """Validate one call given as a dict, JSON ``str`` or JSON ``bytes``; raise :class:`InvalidCall` if it is bad,
-    including when any value in it, at any depth, is one JSON text cannot hold (see :mod:`cio_sync._values`).
+    including when any value in it, at any depth, is one JSON text cannot hold (see :mod:`cio_sync.intake.values`).
 
     ``received_at`` is the acceptance time to record (default: now, UTC). A ``receivedAt`` sent by the caller is
     replaced, as a collecting server does. With ``row=True`` the call's row (see :func:`call_row`) is built in the
@@ -663,7 +654,7 @@ def call_row(call: Call) -> tuple[tuple[Any, ...], int]:
 
 
 def _document(data: dict[str, Any]) -> bytes:
-    """The call as one line of JSON, every value checked (see :mod:`cio_sync._values`); :class:`InvalidCall`
+    """The call as one line of JSON, every value checked (see :mod:`cio_sync.intake.values`); :class:`InvalidCall`
     names the field and key of a value JSON cannot hold. orjson itself refuses a call nested deeper than
     MAX_DEPTH."""
     try:

@@ -80,8 +80,9 @@ import pyarrow as pa
 from fastavro.write import Writer as AvroWriter
 
 from cio_sync._errors import ConfigError, StateError, StorageError
-from cio_sync._publisher import Batch, Buffered, Filled, TableRows
-from cio_sync._schemas import is_document_schema
+from cio_sync._types import Batch, Buffered, Filled
+from cio_sync.buffer.rows import TableRows
+from cio_sync.schemas.tables import is_document_schema
 
 log = logging.getLogger("cio_sync.spool")
 
@@ -513,7 +514,7 @@ class _Segment:
 
 
 class AvroSpool:
-    """A :class:`~cio_sync._publisher.RowStore` that keeps every row on local disk until its file is published.
+    """A :class:`~cio_sync.buffer.rows.RowStore` that keeps every row on local disk until its file is published.
 
     Raises :class:`~cio_sync.ConfigError` for a bad policy or a directory that cannot be made,
     :class:`~cio_sync.StateError` if another sink uses the directory, :class:`~cio_sync.StorageError` if the

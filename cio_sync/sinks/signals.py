@@ -33,9 +33,9 @@ from types import CodeType, FrameType, TracebackType
 from typing import Any, Final, NoReturn, Protocol, Self
 
 from cio_sync._errors import ConfigError
-from cio_sync._publisher import _OPEN
-from cio_sync._sink import BaseSink, expand_batch
-from cio_sync._standard import StandardSink
+from cio_sync.publish.publisher import _OPEN
+from cio_sync.sinks.base import BaseSink, expand_batch
+from cio_sync.sinks.standard import StandardSink
 
 log = logging.getLogger("cio_sync.signals")
 

@@ -12,15 +12,18 @@ from typing import Any, Final
 import pyarrow as pa
 from fsspec import AbstractFileSystem
 
-from cio_sync._calls import DOCUMENT_ROW_OVERHEAD, Call, call_document, call_row, call_to_row, parse_call, to_micros
-from cio_sync._counters import Counters
 from cio_sync._errors import ConfigError, InvalidCall
-from cio_sync._formats import Format, get_format
-from cio_sync._publisher import MANIFESTS_FOLDER, ManifestSpec, Publisher
-from cio_sync._schemas import CALL_SCHEMAS, CALL_TYPES, DOCUMENT_SCHEMA
-from cio_sync._sink import BaseSink, check_int, make_writer
-from cio_sync._spool import AvroSpool
-from cio_sync._writer import RetryPolicy, Writer, WrittenFile
+from cio_sync._time import to_micros
+from cio_sync.buffer.spool import AvroSpool
+from cio_sync.formats.base import Format
+from cio_sync.formats.registry import get_format
+from cio_sync.intake.calls import DOCUMENT_ROW_OVERHEAD, Call, call_document, call_row, call_to_row, parse_call
+from cio_sync.publish.counters import Counters
+from cio_sync.publish.manifests import MANIFESTS_FOLDER, ManifestSpec
+from cio_sync.publish.publisher import Publisher
+from cio_sync.schemas.tables import CALL_SCHEMAS, CALL_TYPES, DOCUMENT_SCHEMA
+from cio_sync.sinks.base import BaseSink, check_int, make_writer
+from cio_sync.storage.writer import RetryPolicy, Writer, WrittenFile
 
 #: Default action id of each call type: one per type, so each type has its own run of positions.
 DEFAULT_ACTION_IDS: Final[Mapping[str, int]] = MappingProxyType(

@@ -33,9 +33,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from cio_sync._calls import parse_time, to_micros
 from cio_sync._errors import CioSyncError, ConfigError, InvalidCall, StorageError
-from cio_sync._schemas import (
+from cio_sync._time import to_micros
+from cio_sync.intake.calls import parse_time
+from cio_sync.schemas.tables import (
     CALL_COLUMNS,
     CALL_SCHEMAS,
     EXTRA_COLUMN,
@@ -44,7 +45,7 @@ from cio_sync._schemas import (
     Kind,
     is_json_text,
 )
-from cio_sync._storage import display_url, redact, resolve
+from cio_sync.storage.backends import display_url, redact, resolve
 
 log = logging.getLogger("cio_sync.loader")
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Any, Self
 
-from cio_sync._advanced import AdvancedSink
-from cio_sync._calls import Call, call_document, call_row, parse_call
 from cio_sync._errors import ConfigError, InvalidCall
-from cio_sync._sink import BaseSink
-from cio_sync._standard import StandardSink
-from cio_sync._writer import WrittenFile
+from cio_sync.intake.calls import Call, call_document, call_row, parse_call
+from cio_sync.sinks.advanced import AdvancedSink
+from cio_sync.sinks.base import BaseSink
+from cio_sync.sinks.standard import StandardSink
+from cio_sync.storage.writer import WrittenFile
 
 
 class Pipeline(BaseSink):

@@ -11,10 +11,11 @@ from typing import Any, Final
 
 import pyarrow as pa
 
-from cio_sync._calls import dump_json, load_json, parse_time, to_micros
 from cio_sync._errors import InvalidCall, InvalidRecord
-from cio_sync._schemas import STANDARD_SCHEMAS, is_json_text
-from cio_sync._values import MAX_DEPTH, printable, shown
+from cio_sync._time import to_micros
+from cio_sync.intake.calls import dump_json, load_json, parse_time
+from cio_sync.intake.values import MAX_DEPTH, printable, shown
+from cio_sync.schemas.tables import STANDARD_SCHEMAS, is_json_text
 
 #: Tables a caller may record rows into (people and attributes come from calls and the person API).
 RECORD_TABLES: Final = (

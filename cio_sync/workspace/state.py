@@ -50,7 +50,6 @@ import logging
 import os
 import secrets
 import sqlite3
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO, Any, Final
@@ -59,10 +58,11 @@ import orjson
 import pyarrow as pa
 
 from cio_sync._errors import CioSyncError, StateError, StorageError
-from cio_sync._publisher import Batch, Buffered, Filled
-from cio_sync._schemas import STANDARD_SCHEMAS, STANDARD_VERSION
+from cio_sync._time import now_micros
+from cio_sync.schemas.tables import STANDARD_VERSION
 
 STATE_FORMAT: Final = 3
+
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -99,23 +99,49 @@ CREATE TABLE IF NOT EXISTS batches (
 #: Indices of the per-table staging lists; statements on different tables never constrain each other. (Attributes
 #: are not staged as statements: see _commit_tail.)
 _PEOPLE, _ANONYMOUS, _DEFINITIONS, _OUTBOX = range(4)
+
+
 _TABLES: Final = 4
+
+
 _INSERT_PERSON: Final = ("INSERT INTO people (cio_id, id, email, deleted, suppressed, created_at, updated_at) "
                          "VALUES (?, ?, ?, 0, 0, ?, ?)")
+
+
 _INSERT_PERSON_ROW: Final = ("INSERT INTO people (cio_id, id, email, deleted, suppressed, created_at, updated_at) "
                              "VALUES (?, ?, ?, ?, ?, ?, ?)")
+
+
 _FORGET_PERSON_ID: Final = "UPDATE people SET id = NULL WHERE cio_id = ?"
+
+
 _UPDATE_PERSON: Final = ("UPDATE people SET id = ?, email = ?, deleted = ?, suppressed = ?, updated_at = ? "
                          "WHERE cio_id = ?")
+
+
 _PERSON_BY_ID: Final = ("SELECT cio_id, id, email, deleted, suppressed, created_at, updated_at FROM people "
                         "WHERE id = ? AND deleted = 0")
+
+
 _SET_ATTRIBUTES: Final = "INSERT OR REPLACE INTO person_attributes (cio_id, attrs) VALUES (?, ?)"
+
+
 _REMOVE_ATTRIBUTES: Final = "DELETE FROM person_attributes WHERE cio_id = ?"
+
+
 _ATTRIBUTES_OF: Final = "SELECT attrs FROM person_attributes WHERE cio_id = ?"
+
+
 _SAVE_ANONYMOUS: Final = "INSERT OR REPLACE INTO anonymous (anonymous_id, cio_id, traits) VALUES (?, ?, ?)"
+
+
 _SAVE_DEFINITION: Final = ("INSERT OR REPLACE INTO definitions (kind, id, digest, version, created_at) "
                            "VALUES (?, ?, ?, ?, ?)")
+
+
 _ADD_ROWS: Final = "INSERT INTO outbox (tbl, row, size, at, last_at, rows) VALUES (?, ?, ?, ?, ?, ?)"
+
+
 _BATCH_ENTRIES: Final = "SELECT row, rows FROM outbox WHERE batch = ? ORDER BY seq"
 
 
@@ -123,9 +149,13 @@ _BATCH_ENTRIES: Final = "SELECT row, rows FROM outbox WHERE batch = ? ORDER BY s
 #: outbox rows, and zstd at level 1 shrinks them ~8x for ~2 ms per MB, less than writing the difference to SQLite's
 #: WAL and checkpointing it. Smaller entries (a commit per call) stay plain JSON.
 _COMPRESS_AT: Final = 16 * 1024
+
+
 #: A compressed entry: this marker (a JSON array starts with "["), the JSON's length (8 bytes, big-endian), the
 #: zstd frame.
 _COMPRESSED: Final = b"zstd"
+
+
 _ZSTD: Final = pa.Codec("zstd", compression_level=1)
 
 
@@ -173,21 +203,26 @@ class Definition:
     created_at: int
 
 
-def now_micros() -> int:
-    return time.time_ns() // 1000
-
-
 #: Where a new state file is created before it is moved into place (beside it, so the move is a rename).
 _CREATING: Final = ".creating"
+
+
 #: Primary SQLite result codes that are faults of the storage under the state file (a full disk, an I/O error, a
 #: file that cannot be opened or written, a lock held elsewhere): a StorageError. Any other code means the state
 #: cannot be used as it is (corrupt, not a database, a constraint broken): a StateError.
 #: (BUSY, LOCKED, NOMEM, READONLY, IOERR, FULL, CANTOPEN, PROTOCOL.)
 _STORAGE_CODES: Final = frozenset({5, 6, 7, 8, 10, 13, 14, 15})
+
+
 _FULL: Final = 13
+
+
 #: Where the current step's statements are in the database (WorkspaceState._step_db).
 _UNDER_SAVEPOINT: Final = 1
+
+
 _OWNS_TX: Final = 2
+
 
 log = logging.getLogger("cio_sync.state")
 
@@ -1006,117 +1041,3 @@ class WorkspaceState:
             self._commit_tail()
         except sqlite3.Error as exc:
             raise self._recover(exc, "clear a published batch", keep) from exc
-
-
-class SqliteOutbox:
-    """A :class:`~cio_sync._publisher.RowStore` over the workspace state's outbox: rows are durable once committed
-    with the state change that produced them, and survive restarts until their file is published."""
-
-    def __init__(self, state: WorkspaceState) -> None:
-        self._state = state
-        self._stage = state.outbox_staged.append
-        self._buffered: dict[str, list[Any]] = {}  # table -> [rows, bytes, since]
-        #: The batches handed out (cut, or pending at start) that the state still holds, by id. A batch that a
-        #: failed write undid is never named or cleared: its id may belong to a later cut.
-        self._live: dict[int, Batch] = {}
-        for table, (rows, size) in state.outbox_counts().items():
-            self._buffered[table] = [rows, size, time.monotonic()]
-
-    def append(self, table: str, schema: pa.Schema, row: tuple[Any, ...], size: int,
-               at: int | None = None) -> Filled:
-        self._stage((table, row, size, at))
-        counts = self._buffered.get(table)
-        if counts is None or counts[0] == 0:
-            counts = self._buffered[table] = [0, 0, time.monotonic()]
-        counts[0] += 1
-        counts[1] += size
-        return counts[0], counts[1], counts[2]
-
-    def tables(self) -> list[str]:
-        return [t for t, c in self._buffered.items() if c[0]]
-
-    def cut(self, table: str) -> Batch | None:
-        counts = self._buffered.get(table)
-        if counts is None or counts[0] == 0:
-            return None
-        batch_id, rows, nbytes, first, last = self._state.outbox_cut(table)
-        counts[0] = counts[1] = 0
-        if not rows:
-            return None
-        batch = Batch(table, len(rows), rows, STANDARD_SCHEMAS[table], key=batch_id,
-                      nbytes=nbytes, first_time=first, last_time=last)
-        self._live[batch_id] = batch
-        return batch
-
-    def pending(self) -> list[Batch]:
-        batches = []
-        for batch_id, table, rows, name, data, nbytes, first, last in self._state.outbox_batches():
-            if name is not None and data is not None:
-                batch = Batch(table, rows, None, STANDARD_SCHEMAS[table], name=name, encoded=data, key=batch_id,
-                              attempted=True, nbytes=nbytes, first_time=first, last_time=last)
-            else:
-                decoded = self._state.outbox_batch_rows(batch_id)
-                batch = Batch(table, len(decoded), decoded, STANDARD_SCHEMAS[table], key=batch_id,
-                              nbytes=nbytes, first_time=first, last_time=last)
-            self._live[batch_id] = batch
-            batches.append(batch)
-        return batches
-
-    def release(self, batch: Batch) -> None:
-        batch.data = None
-        batch.encoded = None
-
-    def load(self, batch: Batch) -> None:
-        # The publisher loads outside its lock, while calls may be applied: a read error is reported as it is,
-        # without recovering here (a write that finds the transaction gone recovers, in the calls' own thread).
-        try:
-            if batch.name is not None and not batch.unrecorded:
-                batch.encoded = self._state.outbox_encoded(batch.key, recover=False)
-            else:  # never named, or named but not recorded yet: the bytes are encoded again from the rows
-                batch.data = self._state.outbox_batch_rows(batch.key, recover=False)
-        except sqlite3.Error as exc:
-            raise self._state.error(exc, f"read back a batch of {batch.table}") from exc
-
-    def retract(self, table: str, size: int) -> None:
-        raise NotImplementedError("the outbox takes a step's rows back by rolling the step back, not row by row")
-
-    def named(self, batch: Batch) -> None:
-        """Record the batch's name and bytes (and commit). If that fails the batch keeps its name, unrecorded and
-        never uploaded: the publisher records it on the next try, before any upload."""
-        assert batch.name is not None
-        assert batch.encoded is not None
-        if not self.holds(batch):
-            raise StorageError(f"workspace state {self._state.path}: the batch of {batch.table} for {batch.name} was "
-                               f"undone by a failed write of the state; its rows go in a later batch",
-                               path=self._state.path)
-        self._state.outbox_named(batch.key, batch.name, batch.encoded)
-
-    def published(self, batch: Batch) -> None:
-        self._state.outbox_published(batch.key)
-        self._live.pop(batch.key, None)
-
-    def buffered(self) -> dict[str, Buffered]:
-        return {t: Buffered(c[0], c[1], c[2]) for t, c in self._buffered.items() if c[0]}
-
-    def holds(self, batch: Batch) -> bool:
-        """Whether ``batch`` is still in the state (a failed write may have undone it)."""
-        return self._live.get(batch.key) is batch
-
-    def resync(self) -> None:
-        """After a failed write was rolled back: count the open rows again from what the state holds, and forget the
-        batches it no longer holds. Reads only."""
-        try:
-            counts = self._state.outbox_counts()
-            ids = self._state.outbox_batch_ids()
-        except CioSyncError as exc:
-            log.warning("could not count the outbox of %s again: %s", self._state.path, exc)
-            return
-        now = time.monotonic()
-        for table, held in self._buffered.items():
-            if table not in counts:
-                held[0] = held[1] = 0
-        for table, (rows, size) in counts.items():
-            known = self._buffered.get(table)
-            since = known[2] if known is not None and known[0] else now
-            self._buffered[table] = [rows, size, since]
-        self._live = {batch_id: batch for batch_id, batch in self._live.items() if batch_id in ids}

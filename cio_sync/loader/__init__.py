@@ -1,0 +1,1 @@
+"""Loading: reads published files (not sinks) into a warehouse, each exactly once."""
