@@ -176,6 +176,8 @@ def test_every_standard_table_page_lists_its_spec() -> None:
         columns, text = _doc_table(name)
         assert columns == [(f.name, _doc_type(f)) for f in spec.schema], name
         assert f"`{name}_v{spec.version}_<workspace_id>_<sequence>.parquet`" in text, name
+        required = ", ".join(f"`{c}`" for c in spec.required)
+        assert (f"Required when recorded: {required}." in text) == spec.recordable, name
 
 
 def test_record_takes_the_contract_tables_and_requires_their_key() -> None:
@@ -199,8 +201,8 @@ def test_every_call_table_has_the_fields_of_the_contract() -> None:
 
 
 def test_the_views_are_the_loaders_views_of_before() -> None:
-    made = {spec.view.name: spec.view_sql() for spec in STANDARD_TABLES.values() if spec.view is not None}
-    assert made == {name: " ".join(sql.split()) for name, sql in VIEWS.items()}
+    made = {view: (table, sql) for view, table, sql in standard.current_views()}
+    assert made == {name: (sql.split()[3], " ".join(sql.split())) for name, sql in VIEWS.items()}
 
 
 def test_customer_io_export_names_map_to_their_tables() -> None:

@@ -2,7 +2,8 @@
 
 A leaf module: it imports only pyarrow and the standard library. The specs themselves are in
 :mod:`cio_sync.schemas.advanced` (the six call tables) and :mod:`cio_sync.schemas.standard` (the workspace tables);
-adding a table, or a new version of one, is one new or changed ``TableSpec`` there (docs/schemas.md).
+adding a table, or a new version of one, is one new or changed ``TableSpec`` there (docs/standard.md, "Adding a
+table or a version").
 """
 
 from __future__ import annotations
@@ -99,12 +100,3 @@ class TableSpec:
             raise ValueError(f"table {self.name}: a current-state view needs a key to partition by")
         if self.definition and len(self.key) != 1:
             raise ValueError(f"table {self.name}: a definition table needs a key of one column")
-
-    @property
-    def columns(self) -> tuple[str, ...]:
-        """The column names, in file order."""
-        return tuple(self.schema.names)
-
-    def view_sql(self) -> str | None:
-        """The DuckDB SQL of the current-state view (the loader turns it into PostgreSQL), or ``None``."""
-        return None if self.view is None else self.view.sql(self.name, self.key)

@@ -2,7 +2,7 @@
 
 Each table is one :class:`~cio_sync.schemas.spec.TableSpec` in :data:`STANDARD_TABLES`; the Standard sink, the
 workspace state, ``record()`` and the loader read nothing else, so a new table or version is one entry here
-(docs/schemas.md). Every table has ``workspace_id int64`` first.
+(docs/standard.md, "Adding a table or a version"). Every table has ``workspace_id int64`` first.
 """
 
 from __future__ import annotations
@@ -88,13 +88,9 @@ _SPECS: Final = (
 )
 
 #: Every Standard table by name, in the order the contract lists them. The one place a table is declared: the
-#: lookups below, and every layer above, read it when they run, never a copy taken at import.
+#: lookups below and the layers above read it when they run, not a copy taken at import (only the Standard sink
+#: keeps the people and attributes schemas, whose rows it builds from calls itself).
 STANDARD_TABLES: Final[Mapping[str, TableSpec]] = {spec.name: spec for spec in _SPECS}
-
-
-def standard_table(name: str) -> TableSpec:
-    """The spec of the Standard table ``name``; ``KeyError`` if there is none."""
-    return STANDARD_TABLES[name]
 
 
 def record_tables() -> tuple[str, ...]:

@@ -13,16 +13,14 @@ from typing import Final
 import pyarrow as pa
 
 from cio_sync.schemas.advanced import ADVANCED_TABLES, CALL_COLUMNS, CALL_SCHEMAS, CALL_TYPES, EXTRA_COLUMN, Kind
-from cio_sync.schemas.spec import JSON_TEXT_META, TIMESTAMP, CurrentView, TableSpec, is_json_text
+from cio_sync.schemas.spec import TIMESTAMP, CurrentView, TableSpec, is_json_text
 from cio_sync.schemas.standard import (
-    METRICS,
     SINK_COLUMNS,
     STANDARD_SCHEMAS,
     STANDARD_TABLES,
     STANDARD_VERSION,
     current_views,
     record_tables,
-    standard_table,
     table_for_file_name,
 )
 
@@ -33,8 +31,6 @@ __all__ = [
     "CALL_TYPES",
     "DOCUMENT_SCHEMA",
     "EXTRA_COLUMN",
-    "JSON_TEXT_META",
-    "METRICS",
     "SINK_COLUMNS",
     "STANDARD_SCHEMAS",
     "STANDARD_TABLES",
@@ -48,7 +44,6 @@ __all__ = [
     "is_document_schema",
     "is_json_text",
     "record_tables",
-    "standard_table",
     "table_for_file_name",
 ]
 
