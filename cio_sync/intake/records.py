@@ -7,7 +7,7 @@ This module knows no sink and no state: it turns ``(table, row)`` into typed val
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any
 
 import pyarrow as pa
 
@@ -15,39 +15,8 @@ from cio_sync._errors import InvalidCall, InvalidRecord
 from cio_sync._time import to_micros
 from cio_sync.intake.calls import dump_json, load_json, parse_time
 from cio_sync.intake.values import MAX_DEPTH, printable, shown
-from cio_sync.schemas.tables import STANDARD_SCHEMAS, is_json_text
+from cio_sync.schemas.tables import SINK_COLUMNS, STANDARD_TABLES, is_json_text, record_tables
 
-#: Tables a caller may record rows into (people and attributes come from calls and the person API).
-RECORD_TABLES: Final = (
-    "campaigns", "actions", "broadcasts", "subjects", "outputs", "deliveries", "delivery_contents", "metrics",
-)
-
-#: Columns a recorded row must have (shared/SCHEMAS.md): the key and what makes the row meaningful.
-REQUIRED: Final[Mapping[str, tuple[str, ...]]] = {
-    "campaigns": ("campaign_id",),
-    "actions": ("action_id",),
-    "broadcasts": ("broadcast_id",),
-    "subjects": ("subject_name", "campaign_id"),
-    "outputs": ("output_id", "subject_name", "output_type"),
-    "deliveries": ("delivery_id", "delivery_type"),
-    "delivery_contents": ("delivery_id",),
-    "metrics": ("event_id", "delivery_id", "metric"),
-}
-
-#: Tables whose rows are definitions: a row is emitted only when the definition changed.
-DEFINITION_KEYS: Final[Mapping[str, str]] = {
-    "campaigns": "campaign_id", "actions": "action_id", "broadcasts": "broadcast_id",
-}
-
-#: Values the ``metric`` column takes (shared/SCHEMAS.md).
-METRICS: Final = frozenset({
-    "sent", "delivered", "opened", "clicked", "converted", "bounced", "spammed", "dropped", "failed",
-    "unsubscribed", "undeliverable", "attempted", "drafted",
-})
-
-#: Columns the sink owns: a caller may not set them.
-SINK_COLUMNS: Final = frozenset({"workspace_id", "version"})
-PERSON_COLUMNS: Final = ("internal_customer_id", "external_customer_id")
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -103,25 +72,28 @@ def check_record(table: Any, row: Any) -> dict[str, Any]:
     Raises :class:`InvalidRecord` for an unknown table, a row that is not a mapping, an unknown column, a column the
     sink owns (``workspace_id``, ``version``), a missing required column or a value of the wrong type.
     """
-    if not isinstance(table, str) or table not in RECORD_TABLES:
-        raise InvalidRecord(f"unknown table {shown(table)}; records go to {', '.join(RECORD_TABLES)}", table=None)
+    spec = STANDARD_TABLES.get(table) if isinstance(table, str) else None
+    if spec is None or not spec.recordable:
+        raise InvalidRecord(f"unknown table {shown(table)}; records go to {', '.join(record_tables())}", table=None)
     if not isinstance(row, Mapping):
         raise InvalidRecord(f"a row must be a dict, got {type(row).__name__}", table=table)
-    schema = STANDARD_SCHEMAS[table]
+    schema = spec.schema
     names = set(schema.names)
+    own = [name for name in schema.names if name != "workspace_id"]
     for column in row:
         if column in SINK_COLUMNS:
             raise InvalidRecord("is set by the sink, not by the caller", table=table, column=str(column))
         if column not in names:
-            raise InvalidRecord(f"is not a column of {table} (its columns: {', '.join(schema.names[1:])})",
+            raise InvalidRecord(f"is not a column of {table} (its columns: {', '.join(own)})",
                                 table=table, column=printable(column))
-    for column in REQUIRED[table]:
+    for column in spec.required:
         value = row.get(column)
         if value is None or value == "":
             raise InvalidRecord("is required", table=table, column=column)
     values = {field.name: _convert(table, field, row.get(field.name)) for field in schema if field.name not in
               SINK_COLUMNS}
-    if table == "metrics" and values["metric"] not in METRICS:
-        raise InvalidRecord(f"must be one of {', '.join(sorted(METRICS))}; got {shown(values['metric'])}",
-                            table=table, column="metric")
+    for column, allowed in spec.allowed.items():
+        if values.get(column) is not None and values[column] not in allowed:
+            raise InvalidRecord(f"must be one of {', '.join(sorted(allowed))}; got {shown(values[column])}",
+                                table=table, column=column)
     return values

@@ -37,13 +37,15 @@ from cio_sync._errors import CioSyncError, ConfigError, InvalidCall, StorageErro
 from cio_sync._time import to_micros
 from cio_sync.intake.calls import parse_time
 from cio_sync.schemas.tables import (
+    ADVANCED_TABLES,
     CALL_COLUMNS,
-    CALL_SCHEMAS,
     EXTRA_COLUMN,
-    STANDARD_SCHEMAS,
+    STANDARD_TABLES,
     TIMESTAMP,
     Kind,
+    current_views,
     is_json_text,
+    table_for_file_name,
 )
 from cio_sync.storage.backends import display_url, redact, resolve
 
@@ -62,28 +64,6 @@ MANIFESTS_FOLDER: Final = "_manifests"
 #: ``status`` of a load-state entry: the file's rows are in the warehouse, or it could not load.
 LOADED: Final = "loaded"
 QUARANTINED: Final = "quarantined"
-#: Data-set names of Customer.io's own exports that differ from the table names here.
-_EXPORT_TABLES: Final = {"content": "delivery_contents", "contents": "delivery_contents"}
-#: Current-state views over the change logs (name -> SQL), created when their tables exist.
-VIEWS: Final[Mapping[str, tuple[str, str]]] = {
-    "people_current": ("people", """
-        SELECT * FROM people
-        QUALIFY row_number() OVER (PARTITION BY internal_customer_id ORDER BY updated_at DESC) = 1"""),
-    "attributes_current": ("attributes", """
-        SELECT * FROM attributes
-        QUALIFY row_number() OVER (PARTITION BY internal_customer_id, attribute_name ORDER BY timestamp DESC) = 1
-            AND attribute_value IS NOT NULL"""),
-    "deliveries_current": ("deliveries", """
-        SELECT * FROM deliveries
-        QUALIFY row_number() OVER (PARTITION BY delivery_id ORDER BY created_at DESC, seq_num DESC) = 1"""),
-    "subjects_current": ("subjects", """
-        SELECT * FROM subjects
-        QUALIFY row_number() OVER (PARTITION BY subject_name ORDER BY created_at DESC, seq_num DESC) = 1"""),
-    "metrics_unique": ("metrics", """
-        SELECT * FROM metrics
-        QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY created_at, seq_num) = 1"""),
-}
-
 #: A name from a file becomes a column only if it is a plain identifier of at most 63 bytes (PostgreSQL cuts longer
 #: ones, which could make two names one) that does not start like the loader's own names.
 _PLAIN_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
@@ -180,18 +160,18 @@ def classify(name: str) -> SourceFile | None:
         return SourceFile(order, name, f"raw_{match['type']}", "advanced", match["ext"])
     match = STANDARD_NAME.match(name)
     if match:
-        table = _EXPORT_TABLES.get(match["table"], match["table"])
-        if table in STANDARD_SCHEMAS:
-            order = ("standard", table, int(match["sequence"]))
-            return SourceFile(order, name, table, "standard", "parquet")
+        spec = table_for_file_name(match["table"])
+        if spec is not None:
+            order = ("standard", spec.name, int(match["sequence"]))
+            return SourceFile(order, name, spec.name, "standard", "parquet")
     return None
 
 
 def known_schema(source: SourceFile) -> pa.Schema:
     """The schema the table of ``source`` has in the warehouse, before any extra column of other versions."""
     if source.mode == "standard":
-        return STANDARD_SCHEMAS[source.table]
-    return CALL_SCHEMAS[source.table.removeprefix("raw_")]
+        return STANDARD_TABLES[source.table].schema
+    return ADVANCED_TABLES[source.table.removeprefix("raw_")].schema
 
 
 def quote_identifier(name: str) -> str:
@@ -754,7 +734,7 @@ class _DuckDBTarget(_SqlTarget):
             tables = {r[0] for r in self.con.execute(
                 "SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE' "
                 "AND table_schema = current_schema()").fetchall()}
-            for view, (table, sql) in VIEWS.items():
+            for view, table, sql in current_views():
                 if table in tables:
                     self.con.execute(f"CREATE OR REPLACE VIEW {quote_identifier(view)} AS {sql}")
                     made.append(view)
@@ -860,7 +840,7 @@ class _PostgresTarget(_SqlTarget):
                 "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema() "
                 "AND table_type = 'BASE TABLE'").fetchall()}
             with self.con.transaction():
-                for view, (table, sql) in VIEWS.items():
+                for view, table, sql in current_views():
                     if table in tables:
                         self.con.execute(f"DROP VIEW IF EXISTS {quote_identifier(view)}")
                         self.con.execute(f"CREATE VIEW {quote_identifier(view)} AS {_pg_view(sql)}")

@@ -32,12 +32,12 @@ from cio_sync.intake.calls import (
     row_size,
     text_size,
 )
-from cio_sync.intake.records import DEFINITION_KEYS, check_record
+from cio_sync.intake.records import check_record
 from cio_sync.intake.values import shown
 from cio_sync.publish.counters import Counters
 from cio_sync.publish.manifests import MANIFESTS_FOLDER, ManifestSpec
 from cio_sync.publish.publisher import Publisher
-from cio_sync.schemas.tables import STANDARD_SCHEMAS, STANDARD_VERSION
+from cio_sync.schemas.tables import STANDARD_TABLES, STANDARD_VERSION
 from cio_sync.sinks.base import BaseSink, check_int, make_writer
 from cio_sync.storage.writer import RetryPolicy, Writer, WrittenFile
 from cio_sync.workspace.outbox import SqliteOutbox
@@ -50,8 +50,8 @@ Row = tuple[str, pa.Schema, tuple[Any, ...], int, int | None]
 
 DEFAULT_MAX_ROWS: Final = 500_000
 DEFAULT_MAX_BYTES: Final = 64 * 1024 * 1024
-_PEOPLE: Final = STANDARD_SCHEMAS["people"]
-_ATTRIBUTES: Final = STANDARD_SCHEMAS["attributes"]
+_PEOPLE: Final = STANDARD_TABLES["people"].schema
+_ATTRIBUTES: Final = STANDARD_TABLES["attributes"].schema
 #: What an attributes row costs in memory besides its text cells (see row_size): the tuple, workspace_id, the time.
 _ATTRIBUTE_ROW: Final = row_overhead(len(_ATTRIBUTES)) + 2 * NUMBER_SIZE
 _ATTR_OPTIONS: Final = JSON_OPTIONS | orjson.OPT_SORT_KEYS
@@ -167,7 +167,7 @@ class StandardSink(BaseSink):
                 f"closed={self.closed})")
 
     def _name_for(self, table: str) -> str:
-        key = f"{table}_v{STANDARD_VERSION}_{self.workspace_id}"
+        key = f"{table}_v{STANDARD_TABLES[table].version}_{self.workspace_id}"
         sequence = self._counters.claim(key, at_least=time.time_ns() // 1000)
         return f"{key}_{sequence}.parquet"
 
@@ -521,7 +521,7 @@ class StandardSink(BaseSink):
         except InvalidRecord as exc:
             self._publisher.reject({"table": table, "row": row}, exc)
             raise
-        schema = STANDARD_SCHEMAS[table]
+        schema = STANDARD_TABLES[table].schema
         return self._apply(lambda: self._record_rows(table, schema, values))
 
     def record_many(self, table: str, rows: Iterable[Mapping[str, Any]]) -> int:
@@ -549,8 +549,9 @@ class StandardSink(BaseSink):
                 values[column] = now
         if "seq_num" in values and values["seq_num"] is None:
             values["seq_num"] = state.next_seq_num()
-        key_column = DEFINITION_KEYS.get(table)
-        if key_column is not None:
+        spec = STANDARD_TABLES[table]
+        if spec.definition:
+            key_column = spec.key[0]
             what = {k: v for k, v in values.items() if k not in _NOT_DEFINITION}
             digest = hashlib.sha256(orjson.dumps(what, option=orjson.OPT_SORT_KEYS)).hexdigest()
             key = values[key_column]
@@ -563,7 +564,7 @@ class StandardSink(BaseSink):
             values["created_at"] = created
             if "version" in schema.names:
                 values["version"] = version
-        row = (self.workspace_id, *(values[name] for name in schema.names[1:]))
+        row = tuple(self.workspace_id if name == "workspace_id" else values[name] for name in schema.names)
         return [(table, schema, row, row_size(row), now)]
 
     def _fill_person(self, values: dict[str, Any]) -> None:

@@ -1,0 +1,135 @@
+"""Standard mode's tables: what the workspace made of the data, version 1 (shared/SCHEMAS.md, docs/tables/).
+
+Each table is one :class:`~cio_sync.schemas.spec.TableSpec` in :data:`STANDARD_TABLES`; the Standard sink, the
+workspace state, ``record()`` and the loader read nothing else, so a new table or version is one entry here
+(docs/standard.md, "Adding a table or a version"). Every table has ``workspace_id int64`` first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any, Final
+
+import pyarrow as pa
+
+from cio_sync.schemas.spec import BOOL, INT, STRING, TIMESTAMP, CurrentView, TableSpec, json_text
+
+#: Schema version of the Standard tables this release writes; a new column means a new version.
+STANDARD_VERSION: Final = 1
+
+#: Columns the sink owns: a caller may not set them.
+SINK_COLUMNS: Final = frozenset({"workspace_id", "version"})
+
+#: Values the ``metrics.metric`` column takes (shared/SCHEMAS.md).
+METRICS: Final = frozenset({
+    "sent", "delivered", "opened", "clicked", "converted", "bounced", "spammed", "dropped", "failed",
+    "unsubscribed", "undeliverable", "attempted", "drafted",
+})
+
+
+def _table(name: str, columns: tuple[tuple[str, pa.DataType] | pa.Field, ...], **options: Any) -> TableSpec:
+    fields = [c if isinstance(c, pa.Field) else pa.field(c[0], c[1]) for c in columns]
+    return TableSpec(name, "standard", STANDARD_VERSION, pa.schema([pa.field("workspace_id", INT), *fields]),
+                     **options)
+
+
+_SPECS: Final = (
+    _table("people", (
+        ("internal_customer_id", STRING), ("external_customer_id", STRING), ("email_addr", STRING),
+        ("deleted", BOOL), ("suppressed", BOOL), ("created_at", TIMESTAMP), ("updated_at", TIMESTAMP),
+    ), key=("internal_customer_id",), view=CurrentView("people_current", "updated_at DESC")),
+    _table("attributes", (
+        ("internal_customer_id", STRING), ("external_customer_id", STRING), ("attribute_name", STRING),
+        ("attribute_value", STRING), ("timestamp", TIMESTAMP),
+    ), key=("internal_customer_id", "attribute_name"),
+        view=CurrentView("attributes_current", "timestamp DESC", where="attribute_value IS NOT NULL")),
+    _table("campaigns", (
+        ("campaign_id", INT), ("name", STRING), ("type", STRING), ("state", STRING), ("version", INT),
+        ("created_at", TIMESTAMP), ("updated_at", TIMESTAMP),
+    ), required=("campaign_id",), key=("campaign_id",), recordable=True, definition=True),
+    _table("actions", (
+        ("action_id", INT), ("campaign_id", INT), ("broadcast_id", INT), ("action_type", STRING), ("name", STRING),
+        ("version", INT), ("created_at", TIMESTAMP), ("updated_at", TIMESTAMP),
+    ), required=("action_id",), key=("action_id",), recordable=True, definition=True),
+    _table("broadcasts", (
+        ("broadcast_id", INT), ("name", STRING), ("type", STRING), ("created_at", TIMESTAMP),
+        ("updated_at", TIMESTAMP),
+    ), required=("broadcast_id",), key=("broadcast_id",), recordable=True, definition=True),
+    _table("subjects", (
+        ("subject_name", STRING), ("internal_customer_id", STRING), ("external_customer_id", STRING),
+        ("campaign_type", STRING), ("campaign_id", INT), ("event_id", STRING), ("trigger_id", INT),
+        ("started_campaign_at", TIMESTAMP), ("created_at", TIMESTAMP), ("seq_num", INT),
+    ), required=("subject_name", "campaign_id"), key=("subject_name",), recordable=True,
+        view=CurrentView("subjects_current", "created_at DESC, seq_num DESC")),
+    _table("outputs", (
+        ("output_id", STRING), ("subject_name", STRING), ("output_type", STRING), ("action_id", INT),
+        ("explanation", STRING), ("delivery_id", STRING), ("draft", BOOL), ("link_tracked", BOOL),
+        ("split_test_index", INT), ("delay_ends_at", TIMESTAMP), ("branch_index", INT), ("manual_segment_id", INT),
+        ("add_to_manual_segment", BOOL), ("created_at", TIMESTAMP), ("seq_num", INT),
+    ), required=("output_id", "subject_name", "output_type"), key=("output_id",), recordable=True),
+    _table("deliveries", (
+        ("delivery_id", STRING), ("internal_customer_id", STRING), ("external_customer_id", STRING),
+        ("subject_name", STRING), ("event_id", STRING), ("delivery_type", STRING), ("campaign_id", INT),
+        ("action_id", INT), ("newsletter_id", INT), ("content_id", INT), ("trigger_id", INT),
+        ("transactional_message_id", INT), ("created_at", TIMESTAMP), ("seq_num", INT),
+    ), required=("delivery_id", "delivery_type"), key=("delivery_id",), recordable=True,
+        view=CurrentView("deliveries_current", "created_at DESC, seq_num DESC")),
+    _table("delivery_contents", (
+        ("delivery_id", STRING), ("delivery_type", STRING), ("campaign_id", INT), ("action_id", INT),
+        ("newsletter_id", INT), ("content_id", INT), ("from", STRING), ("reply_to", STRING), ("bcc", STRING),
+        ("recipients", STRING), ("subject", STRING), ("body", STRING), ("body_amp", STRING), ("body_plain", STRING),
+        ("preheader", STRING), ("url", STRING), ("method", STRING), json_text("headers"), ("created_at", TIMESTAMP),
+    ), required=("delivery_id",), key=("delivery_id",), recordable=True, file_names=("content", "contents")),
+    _table("metrics", (
+        ("event_id", STRING), ("delivery_id", STRING), ("metric", STRING), ("reason", STRING), ("link_id", INT),
+        ("link_url", STRING), ("created_at", TIMESTAMP), ("seq_num", INT),
+    ), required=("event_id", "delivery_id", "metric"), key=("event_id",), recordable=True,
+        allowed={"metric": METRICS}, view=CurrentView("metrics_unique", "created_at, seq_num")),
+)
+
+#: Every Standard table by name, in the order the contract lists them. The one place a table is declared: the
+#: lookups below and the layers above read it when they run, not a copy taken at import (only the Standard sink
+#: keeps the people and attributes schemas, whose rows it builds from calls itself).
+STANDARD_TABLES: Final[Mapping[str, TableSpec]] = {spec.name: spec for spec in _SPECS}
+
+
+def record_tables() -> tuple[str, ...]:
+    """The tables ``record()`` takes rows of, in contract order."""
+    return tuple(name for name, spec in STANDARD_TABLES.items() if spec.recordable)
+
+
+def table_for_file_name(name: str) -> TableSpec | None:
+    """The Standard table whose files are named ``name`` (its own name, or one of Customer.io's), or ``None``."""
+    spec = STANDARD_TABLES.get(name)
+    if spec is not None:
+        return spec
+    for spec in STANDARD_TABLES.values():
+        if name in spec.file_names:
+            return spec
+    return None
+
+
+def current_views() -> list[tuple[str, str, str]]:
+    """The loader's current-state views over the Standard tables: (view, table, DuckDB SQL), in table order."""
+    views = []
+    for spec in STANDARD_TABLES.values():
+        if spec.view is not None:
+            views.append((spec.view.name, spec.name, spec.view.sql(spec.name, spec.key)))
+    return views
+
+
+class _Schemas(Mapping[str, pa.Schema]):
+    """The schema of each Standard table, read from :data:`STANDARD_TABLES` at each lookup."""
+
+    def __getitem__(self, name: str) -> pa.Schema:
+        return STANDARD_TABLES[name].schema
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(STANDARD_TABLES)
+
+    def __len__(self) -> int:
+        return len(STANDARD_TABLES)
+
+
+#: Each Standard table's file schema, by name: a view of :data:`STANDARD_TABLES` for code that needs only schemas.
+STANDARD_SCHEMAS: Final[Mapping[str, pa.Schema]] = _Schemas()
