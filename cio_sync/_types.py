@@ -50,6 +50,10 @@ def held_size(batch: Batch) -> int:
     return batch.nbytes if batch.data is not None else 0
 
 
+#: One row of a table: its values in the table's column order.
+Row = tuple[Any, ...]
+
+
 class Buffered(NamedTuple):
     """What a store holds for one table that is not yet cut (a tuple: stores make one per appended row)."""
 

@@ -31,7 +31,20 @@ from cio_sync._errors import InvalidCall, PublishConflict
 from cio_sync._sample import sample_calls
 from cio_sync.storage.writer import WrittenFile, check_name
 
-__all__ = ["MemoryWriter", "SinkContract", "sample_calls"]
+__all__ = ["MemoryWriter", "SinkContract", "abandon", "sample_calls"]
+
+
+def abandon(sink: Any) -> None:
+    """Drop ``sink`` as if its process had been killed: nothing is flushed or published, what it buffered in memory
+    is lost, its spool files stay as they are and its spool lock is let go. Open a new sink on the same spool and
+    target to see what a restart after a crash recovers."""
+    publisher = getattr(sink, "_publisher", None)
+    if publisher is None:
+        raise TypeError(f"abandon() takes a sink built on cio_sync's toolkit; got {type(sink).__name__}")
+    publisher.abandon()
+    spool = getattr(sink, "spool", None)
+    if spool is not None:
+        spool.close()  # what the kernel does for a killed process: its files closed, its flock released
 
 
 class MemoryWriter:

@@ -69,6 +69,7 @@ import re
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,8 @@ _AVRO_SCHEMA: Final = fastavro.parse_schema({
     ],
 })
 _WIDTH: Final = 12
+#: How many of a segment's last appended blocks can be taken back (the rows of one call, at most).
+_UNDO_BLOCKS: Final = 4096
 _MAGIC: Final = b"Obj\x01"
 _SYNC_SIZE: Final = 16
 _LOCK_FILE: Final = ".lock"
@@ -418,6 +421,10 @@ def _read_segment(data: bytes) -> _Reading:
 # -- files -------------------------------------------------------------------------------------------------------
 
 
+#: How a table's rows are written to the spool and read back: ``(encode(row) -> bytes, decode(bytes) -> row)``.
+RowCodec = tuple[Callable[[tuple[Any, ...]], bytes], Callable[[bytes], tuple[Any, ...]]]
+
+
 def _text_of_bytes(value: Any) -> str:
     """JSON-text cells are kept as UTF-8 bytes in rows; the spool stores them as strings."""
     if isinstance(value, bytes):
@@ -509,8 +516,9 @@ class _Segment:
     #: The segment's sync marker (from its header), which ends each block appended by hand.
     sync: bytes
     buffer: TableRows
-    #: Bytes of the last block appended (what :meth:`AvroSpool.retract` takes back).
-    last: int = 0
+    #: Bytes of the last blocks appended, the latest last (what :meth:`AvroSpool.retract` takes back, one by one:
+    #: a call's rows are taken back together when one of them is refused).
+    last: deque[int] = field(default_factory=lambda: deque(maxlen=_UNDO_BLOCKS))
 
 
 class AvroSpool:
@@ -522,7 +530,8 @@ class AvroSpool:
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, schema_of: Callable[[str], pa.Schema],
-                 sync: str = "always", sync_interval: float = 0.2) -> None:
+                 sync: str = "always", sync_interval: float = 0.2,
+                 codec_of: Callable[[str], RowCodec | None] | None = None) -> None:
         if sync not in SYNC_POLICIES:
             raise ConfigError(f"spool_sync must be one of {', '.join(SYNC_POLICIES)}; got {sync!r}")
         self.directory = Path(directory)
@@ -531,6 +540,9 @@ class AvroSpool:
         except OSError as exc:
             raise ConfigError(f"cannot use spool directory {self.directory}: {exc}") from exc
         self._schema_of = schema_of
+        #: A table's own way to write and read its rows, where JSON would not bring them back the same.
+        self._codec_of = codec_of
+        self._codecs: dict[str, RowCodec | None] = {}
         self._sync = sync
         self._sync_interval = sync_interval
         self._last_sync = 0.0
@@ -588,6 +600,14 @@ class AvroSpool:
             raise ValueError(f"the record is not a row of {len(schema)} values")
         return tuple(row)
 
+    def _codec(self, table: str) -> RowCodec | None:
+        try:
+            return self._codecs[table]
+        except KeyError:
+            assert self._codec_of is not None
+            codec = self._codecs[table] = self._codec_of(table)
+            return codec
+
     # -- appending -----------------------------------------------------------------------------------------------
 
     def _start(self, table: str) -> _Segment:
@@ -629,7 +649,8 @@ class AvroSpool:
         segment = self._open.get(table)
         if segment is None:
             segment = self._start(table)
-        block = _block(self._encode(schema, row), size, at, segment.sync)
+        codec = None if self._codec_of is None else self._codec(table)
+        block = _block(self._encode(schema, row) if codec is None else codec[0](row), size, at, segment.sync)
         fd = segment.fd
         synced = False
         try:
@@ -646,7 +667,7 @@ class AvroSpool:
             self._undo(table, segment, synced)
             raise self._error(f"could not append a {table} row, the call is refused", exc, segment.path) from exc
         segment.size += len(block)
-        segment.last = len(block)
+        segment.last.append(len(block))
         return segment.buffer.add(row, size, at)
 
     def retract(self, table: str, size: int) -> None:
@@ -656,8 +677,10 @@ class AvroSpool:
         refused row."""
         segment = self._open[table]
         segment.buffer.retract(size)
-        segment.size -= segment.last
-        segment.last = 0
+        if not segment.last:  # more rows taken back than can be: cut the segment where its whole blocks are
+            self._abandon(table, segment, OSError("too many rows taken back at once"))
+            return
+        segment.size -= segment.last.pop()
         try:
             os.ftruncate(segment.fd, segment.size)
             if self._sync != "os":
@@ -853,9 +876,10 @@ class AvroSpool:
         first: int | None = None
         last: int | None = None
         damaged = reading.damaged
+        codec = None if self._codec_of is None else self._codec(table)
         for row, size, at, start, end in reading.records:
             try:
-                rows.append(self._decode(schema, row))
+                rows.append(self._decode(schema, row) if codec is None else codec[1](row))
             except (ValueError, TypeError) as exc:
                 damaged.append((start, end - start, f"the record does not decode ({exc})"))
                 continue

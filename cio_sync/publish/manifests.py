@@ -6,8 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-#: Where the manifest of each sync goes, under the sink's root.
-MANIFESTS_FOLDER = "_manifests"
+from cio_sync.publish.layout import MANIFESTS_FOLDER
+
+__all__ = ["MANIFESTS_FOLDER", "ManifestSpec"]
 
 
 @dataclass(frozen=True)

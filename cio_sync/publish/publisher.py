@@ -37,7 +37,7 @@ import pyarrow as pa
 
 from cio_sync._errors import BufferFull, CioSyncError, ConfigError, PublishConflict, SinkClosed
 from cio_sync._time import ISO_MICROS, iso_micros
-from cio_sync._types import Batch, Filled, held_size
+from cio_sync._types import Batch, Filled, Row, held_size
 from cio_sync.buffer.rows import MemoryRowStore, RowStore, rows_to_table
 from cio_sync.formats.base import Format
 from cio_sync.publish.dead_letters import DEAD_LETTERS_FOLDER, kept_size, letter_time, rejected_line
@@ -480,6 +480,75 @@ class Publisher:
         if full:
             self.publish_ready()
 
+    def add_call(self, rows: list[tuple[str, pa.Schema, Row, int]], at: int | None = None) -> None:
+        """Buffer every row one accepted call gave (table, schema, row, size; ``at``: the call's time in µs), or
+        none of them: if the store refuses one, those appended before it are taken back and the error raised."""
+        if not rows:
+            self.check_open()
+            self.accept()
+            return
+        if self.max_buffer_bytes is not None and self._memory >= self.max_buffer_bytes:
+            self.make_room()
+        with self.lock:
+            if self._closed or self._closing:
+                self.check_open()
+            full = self._accepted_rows(self._append_all(rows, at))
+        if full:
+            self.publish_ready()
+
+    @contextlib.contextmanager
+    def holding_call(self, rows: list[tuple[str, pa.Schema, Row, int]], at: int | None = None) -> Iterator[None]:
+        """:meth:`holding` for every row of one call: all appended before the block, all taken back if it
+        raises."""
+        if self.max_buffer_bytes is not None and self._memory >= self.max_buffer_bytes:
+            self.make_room()
+        with self.lock:
+            if self._closed or self._closing:
+                self.check_open()
+            done = self._append_all(rows, at)
+            try:
+                yield
+            except BaseException:
+                self._retract_all(done)
+                raise
+            full = self._accepted_rows(done) if done else False
+            if not done:
+                self._counts.accepted += 1
+        if full:
+            self.publish_ready()
+
+    def _append_all(self, rows: list[tuple[str, pa.Schema, Row, int]],
+                    at: int | None) -> list[tuple[str, int, Filled]]:
+        """Append rows to the store (under ``lock``); if one fails, take back the others and raise."""
+        done: list[tuple[str, int, Filled]] = []
+        try:
+            for table, schema, row, size in rows:
+                done.append((table, size, self.store.append(table, schema, row, size, at)))
+        except BaseException:
+            self._retract_all(done)
+            raise
+        return done
+
+    def _retract_all(self, done: list[tuple[str, int, Filled]]) -> None:
+        for table, size, _ in reversed(done):
+            self.store.retract(table, size)
+
+    def _accepted_rows(self, done: list[tuple[str, int, Filled]]) -> bool:
+        """Count one call whose rows were just appended, and cut the tables they filled (under ``lock``)."""
+        self._counts.accepted += 1
+        last: dict[str, Filled] = {}
+        for table, size, now in done:
+            self._memory += size
+            last[table] = now
+        full = False
+        for table, now in last.items():
+            if (self.max_rows is not None and now[0] >= self.max_rows) or (
+                self._batch_bytes is not None and now[1] >= self._batch_bytes
+            ):
+                self._cut(table)
+                full = True
+        return full
+
     def _accepted(self, table: str, now: Filled, size: int) -> bool:
         """Count a call's row just appended (``now``: what its table buffers) and cut its table if that is full;
         whether it was (then call :meth:`publish_ready`, outside the lock). Under ``lock``."""
@@ -722,6 +791,16 @@ class Publisher:
                 self._closed = True
         _OPEN.discard(self)
         return files
+
+    def abandon(self) -> None:
+        """Stop as a crash would stop the process: the timer ends, nothing more is published, buffered rows are
+        dropped (a durable store keeps its own), and the exit handler forgets the sink. For tests of recovery."""
+        self._stop.set()
+        if self._timer is not None and self._timer is not threading.current_thread():
+            self._timer.join()
+        with self.lock:
+            self._closed = True
+        _OPEN.discard(self)
 
     # -- observation ---------------------------------------------------------------------------------------------
 
