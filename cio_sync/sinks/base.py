@@ -110,7 +110,7 @@ class BaseSink:
         the block if the sink refuses the call."""
         raise NotImplementedError(f"{type(self).__name__} cannot hold a call for another sink")
 
-    def apply(self, parsed: Call) -> bool:
+    def write_deferred(self, parsed: Call) -> bool:
         """Take ``parsed`` without publishing anything now; return whether batches are ready to publish (then
         call :meth:`publish_ready`, outside any other sink's :meth:`holding`)."""
         self.write_call(parsed)

@@ -287,6 +287,12 @@ class StandardSink(BaseSink):
             self._publisher.publish_ready()
         return emitted
 
+    def check_call(self, parsed: Call) -> None:
+        self._trait_texts(parsed)
+
+    def write_deferred(self, parsed: Call) -> bool:
+        return self._write_parsed(parsed)[1]
+
     def _write_parsed(self, parsed: Call) -> tuple[int, bool]:
         """:meth:`write_call` but for publishing what it cut (see :meth:`_step`)."""
         if parsed.row is None and parsed.document is None:  # not from parse_call, which leaves one of them
