@@ -81,7 +81,7 @@ import pyarrow as pa
 from fastavro.write import Writer as AvroWriter
 
 from cio_sync._errors import ConfigError, StateError, StorageError
-from cio_sync._types import Batch, Buffered, Filled
+from cio_sync._types import Batch, BatchState, Buffered, Filled
 from cio_sync.buffer.rows import TableRows
 from cio_sync.schemas.tables import is_document_schema
 
@@ -794,7 +794,7 @@ class AvroSpool:
         """Read a batch's rows (or its encoded file) back from disk, after they were let go from memory."""
         segment: Path = batch.key
         try:
-            if batch.name is not None and not batch.unrecorded:
+            if batch.state is BatchState.RECORDED:
                 name_file, data_file = segment.with_suffix(".name"), segment.with_suffix(".data")
                 record = _name_record(name_file.read_bytes()) if name_file.exists() else None
                 found = _read_data(data_file, record) if data_file.exists() else None
@@ -803,7 +803,7 @@ class AvroSpool:
                     return
                 log.error("spool %s: %s is damaged; the batch's rows are read from its segment and encoded again "
                           "under its name %s", self.directory, segment.with_suffix(".data"), batch.name)
-                batch.unrecorded = True
+                batch.state = BatchState.NAMED
                 batch.sha256 = None
             rows, _, _, _, letter = self._read_rows(segment, batch.table)
         except OSError as exc:
@@ -823,9 +823,9 @@ class AvroSpool:
         """Let go of a pending batch's rows and bytes in memory: they are on disk and :meth:`load` brings them back
         (the recorded file of a named batch; else the rows, encoded again: nothing was uploaded under a name that is
         not recorded)."""
-        if batch.damage is not None:
+        if batch.state is BatchState.DAMAGED:
             return  # a dead letter's description is only in memory
-        if batch.name is None or batch.unrecorded:
+        if batch.state is not BatchState.RECORDED:
             batch.sha256 = None
         batch.data = None
         batch.encoded = None
@@ -904,7 +904,8 @@ class AvroSpool:
             reason = StorageError(f"spool segment {path} is damaged: {lost} bytes in {len(damaged)} places could "
                                   f"not be read ({'; '.join(sorted({why for _, _, why in damaged}))}); the "
                                   f"{len(rows)} whole rows around them were published", path=str(path))
-            letter = Batch(table, len(letters), letters, LETTER_SCHEMA, key=path, nbytes=lost, damage=reason)
+            letter = Batch(table, len(letters), letters, LETTER_SCHEMA, key=path, nbytes=lost, damage=reason,
+                           state=BatchState.DAMAGED)
         return rows, nbytes, first, last, letter
 
     def _recover(self) -> list[Batch]:
@@ -957,7 +958,7 @@ class AvroSpool:
                 found += [(generation, table, i, b) for i, b in enumerate(batches)]
         if found:
             log.info("spool %s: recovered %d batches (%d rows) not yet published", self.directory, len(found),
-                     sum(b.rows for *_, b in found if b.damage is None))
+                     sum(b.rows for *_, b in found if b.state is not BatchState.DAMAGED))
         return [b for *_, b in sorted(found, key=lambda x: (x[0], x[1], x[2]))]
 
     def _recover_one(self, table: str, segment: Path) -> list[Batch]:
@@ -972,7 +973,7 @@ class AvroSpool:
         if found is not None:
             data, record = found
             return [Batch(table, int(record["rows"]), None, schema, name=record["name"], encoded=data, key=segment,
-                          attempted=True, nbytes=len(data), first_time=record.get("first_time"),
+                          state=BatchState.RECORDED, nbytes=len(data), first_time=record.get("first_time"),
                           last_time=record.get("last_time"))]
         if not segment.exists():
             # Published (the segment is deleted first, once the upload and its manifest landed), or never a batch.
@@ -993,7 +994,7 @@ class AvroSpool:
             batch = Batch(table, len(rows), rows, schema, key=segment, nbytes=nbytes, first_time=first,
                           last_time=last)
             if record is not None:
-                batch.name, batch.attempted, batch.unrecorded = record["name"], True, True
+                batch.name, batch.state = record["name"], BatchState.NAMED
             batches.append(batch)
         if not batches:
             for leftover in (segment, name_file, data_file, segment.with_suffix(".end")):

@@ -164,9 +164,11 @@ class BufferedSink(BaseSink):
         self.format = format
         writer = make_writer(target, filesystem=filesystem, storage_options=storage_options, retry=retry)
         self._counters = Counters(writer)
+        codecs = {table: self._spool_codec(table) for table in self._schemas}
         self.spool = None if spool_dir is None else AvroSpool(
             spool_dir, schema_of=self._spool_schema, sync=spool_sync, sync_interval=spool_sync_interval,
-            codec_of=self._spool_codec)
+            # Only tables with binary or decimal columns need one; the others take the spool's fast path.
+            codec_of=codecs.get if any(codecs.values()) else None)
         manifest = None
         if manifests:
             manifest = ManifestSpec(self._manifest_name, self._manifest_header(), "received_at")
