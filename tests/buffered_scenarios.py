@@ -53,3 +53,33 @@ def recover(url: str, storage_options_json: str, spool_dir: str) -> None:
     """Open the sink on the spool (publishing what it recovers) and close it cleanly."""
     OrdersSink(url, storage_options=json.loads(storage_options_json), spool_dir=spool_dir,
                flush_interval=None).close()
+
+
+class OrdersAndLines(cio_sync.BufferedSink):
+    """Each order as a row of two tables: a call whose second row cannot be kept must leave no first row."""
+
+    tables = {"orders": pa.schema([("messageId", pa.string())]), "lines": pa.schema([("messageId", pa.string())])}
+
+    def route(self, call: cio_sync.Call) -> Iterator[tuple[str, Any]]:
+        yield "orders", (call.message_id,)
+        yield "lines", (call.message_id,)
+
+
+def refused_second_row(target: str, spool_dir: str) -> dict[str, Any]:
+    """Write a call whose second row the spool refuses (a full disk), then more; publish; write one more and
+    stop as a crash would (no close). Returns what ``write()`` said about each call."""
+    from tests.faults import faults
+
+    sink = OrdersAndLines(target, spool_dir=spool_dir, flush_interval=None)
+    sink.write(order("warm"))  # both tables' segments exist now: each row is one write
+    said = {}
+    with faults().failing("write", nth=2):
+        try:
+            sink.write(order("bad"))
+            said["bad"] = "accepted"
+        except cio_sync.StorageError:
+            said["bad"] = "refused"
+    sink.write(order("after"))
+    sink.flush()
+    sink.write(order("tail"))
+    return {"said": said, "_exit": True}

@@ -313,3 +313,22 @@ def test_every_accepted_order_is_published_exactly_once_after_sigkills(
     positions = sorted(int(n.split(".")[1]) for n in names)
     assert len(positions) == len(set(positions))
     assert all(n.startswith("orders.") and n.endswith(".parquet") for n in names)
+
+
+def test_a_call_whose_second_row_the_spool_refuses_leaves_no_row_anywhere(tmp_path: Path) -> None:
+    from tests import faults
+    from tests.buffered_scenarios import OrdersAndLines
+
+    target, spool = tmp_path / "target", tmp_path / "spool"
+    try:
+        done = faults.run_child("tests.buffered_scenarios:refused_second_row", str(target), str(spool),
+                                prefix=spool)
+    except faults.Unavailable as exc:
+        pytest.skip(str(exc))
+    assert done.result is not None, done.stderr
+    assert done.result["said"] == {"bad": "refused"}
+    OrdersAndLines(str(target), spool_dir=spool, flush_interval=None).close()  # the restart after the crash
+    for table in ("orders", "lines"):
+        ids = sorted(r["messageId"] for n in sorted(os.listdir(target)) if n.startswith(f"{table}.")
+                     for r in pq.read_table(target / n).to_pylist())
+        assert ids == ["after", "tail", "warm"], table
