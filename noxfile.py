@@ -71,7 +71,8 @@ def crash(session: nox.Session) -> None:
         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
     }
     files = ["tests/test_crash.py", "tests/test_faults.py", "tests/test_signals.py", "tests/test_spool_faults.py",
-             "tests/test_loader_faults.py", "tests/test_state_faults.py", "tests/test_fault_sweep.py"]
+             "tests/test_loader_faults.py", "tests/test_state_faults.py", "tests/test_fault_sweep.py",
+             "tests/test_buffered_sink.py"]
     session.run("pytest", "--timeout=7200", *files, *session.posargs, env=env)
 
 

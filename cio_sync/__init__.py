@@ -34,6 +34,7 @@ from cio_sync.intake.calls import Call, parse_call
 from cio_sync.loader.load import LoadReport, QuarantinedFile, inspect_prefix, load
 from cio_sync.publish.publisher import SinkStats
 from cio_sync.sinks.advanced import AdvancedSink
+from cio_sync.sinks.buffered import BufferedSink
 from cio_sync.sinks.pipeline import Pipeline
 from cio_sync.sinks.registry import open_sink, register_sink, sink_names
 from cio_sync.sinks.signals import close_on_signals
@@ -45,6 +46,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdvancedSink",
     "BufferFull",
+    "BufferedSink",
     "Call",
     "CioSyncError",
     "ConfigError",

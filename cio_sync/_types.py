@@ -3,14 +3,31 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, NamedTuple
 
 import pyarrow as pa
 
 
+class BatchState(Enum):
+    """Where a batch is on its way to a file. Whether its rows or its encoded bytes are in memory is apart from
+    this (a spilled batch holds neither; the store reads them back)."""
+
+    #: Cut from the buffers, with no name yet.
+    CUT = "cut"
+    #: A name was claimed from the counter but the store has not recorded it: it must be recorded (a name that is
+    #: not recorded would be given again, to the same rows, after a crash) before any upload under it.
+    NAMED = "named"
+    #: The name and the bytes are recorded by the store: uploaded, and retried, under that name with those bytes.
+    RECORDED = "recorded"
+    #: Bytes the store could not read back (``damage`` says why; ``data`` describes them): for the dead letters.
+    DAMAGED = "damaged"
+
+
 @dataclass(eq=False)
 class Batch:
-    """Rows of one table cut for one file. ``name`` and ``encoded`` are set once, just before the first upload."""
+    """Rows of one table cut for one file. ``name`` and ``encoded`` are set once, just before the first upload;
+    ``state`` says how far it got (:class:`BatchState`)."""
 
     table: str
     rows: int
@@ -22,8 +39,6 @@ class Batch:
     encoded: bytes | None = None
     #: The store's handle on the batch (e.g. its id in a durable outbox).
     key: Any = None
-    #: Set once an upload of ``encoded`` under ``name`` may have happened (an earlier try, or an earlier process).
-    attempted: bool = False
     #: Bytes its rows take in memory (as the memory budget counts them), whether or not they are in memory now.
     nbytes: int = 0
     #: Earliest and latest row time (µs): receivedAt for calls, the change time for workspace rows.
@@ -31,11 +46,8 @@ class Batch:
     last_time: int | None = None
     #: SHA-256 of ``encoded``, for the manifest.
     sha256: str | None = None
-    #: ``name`` was claimed but the store has not recorded it yet: :meth:`RowStore.named` must succeed before any
-    #: upload under it (a name that is not recorded would be given again, to the same rows, after a crash).
-    unrecorded: bool = False
-    #: Set by a store for bytes it could not read back (``data`` then describes them, under ``schema``): the batch
-    #: goes to the dead letters with this reason instead of being published.
+    state: BatchState = BatchState.CUT
+    #: Why a :attr:`BatchState.DAMAGED` batch could not be read back (its dead letter's reason).
     damage: BaseException | None = None
     #: What the memory budget counts for the batch now: its rows' bytes while it holds rows, the length of
     #: ``encoded`` once it holds that instead, nothing once both were let go (spilled). Kept by the Publisher.
@@ -48,6 +60,10 @@ def held_size(batch: Batch) -> int:
     if batch.encoded is not None:
         return len(batch.encoded) + (batch.nbytes if batch.data is not None else 0)
     return batch.nbytes if batch.data is not None else 0
+
+
+#: One row of a table: its values in the table's column order.
+Row = tuple[Any, ...]
 
 
 class Buffered(NamedTuple):

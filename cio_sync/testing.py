@@ -13,14 +13,19 @@
 
   The tests write calls, good and bad, through your sink and check what lands in the writer: every accepted call
   published exactly once, bad calls refused with ``InvalidCall`` without harming the others, ``flush`` reporting
-  its files, ``close`` idempotent, no file ever overwritten.
+  its files, ``close`` idempotent, no file ever overwritten or removed, no name used twice (even after the files
+  were deleted, as a user does once they are loaded), no file changed by a restart, and, if you provide
+  ``make_spooled_sink(writer, spool_dir)``, no accepted call lost or published twice after a crash.
+- :func:`abandon`: drop a sink built on the toolkit as if its process had been killed.
 """
 
 from __future__ import annotations
 
 import builtins
+import tempfile
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -31,7 +36,20 @@ from cio_sync._errors import InvalidCall, PublishConflict
 from cio_sync._sample import sample_calls
 from cio_sync.storage.writer import WrittenFile, check_name
 
-__all__ = ["MemoryWriter", "SinkContract", "sample_calls"]
+__all__ = ["MemoryWriter", "SinkContract", "abandon", "sample_calls"]
+
+
+def abandon(sink: Any) -> None:
+    """Drop ``sink`` as if its process had been killed: nothing is flushed or published, what it buffered in memory
+    is lost, its spool files stay as they are and its spool lock is let go. Open a new sink on the same spool and
+    target to see what a restart after a crash recovers."""
+    publisher = getattr(sink, "_publisher", None)
+    if publisher is None:
+        raise TypeError(f"abandon() takes a sink built on cio_sync's toolkit; got {type(sink).__name__}")
+    publisher.abandon()
+    spool = getattr(sink, "spool", None)
+    if spool is not None:
+        spool.close()  # what the kernel does for a killed process: its files closed, its flock released
 
 
 class MemoryWriter:
@@ -41,6 +59,7 @@ class MemoryWriter:
         self.url = url
         self.files: dict[str, bytes] = {}
         self._lock = threading.Lock()
+        self._watchers: list[Callable[[str, bytes | None], None]] = []
 
     def __repr__(self) -> str:
         return f"MemoryWriter({len(self.files)} files)"
@@ -52,6 +71,8 @@ class MemoryWriter:
             if existing is not None and not (resume and existing == data):
                 raise PublishConflict(f"{self.url}{name} already exists; it was left unchanged", path=name)
             self.files[name] = bytes(data)
+        for watch in self._watchers:
+            watch(name, bytes(data))
         return WrittenFile(path=f"{self.url}{name}", name=name, table=table, rows=rows, bytes=len(data))
 
     def list(self, folder: str) -> list[str]:
@@ -62,6 +83,12 @@ class MemoryWriter:
     def remove(self, name: str) -> None:
         with self._lock:
             self.files.pop(name, None)
+        for watch in self._watchers:
+            watch(name, None)
+
+    def watch(self, callback: Callable[[str, bytes | None], None]) -> None:
+        """Call ``callback(name, data)`` after each publish, and ``callback(name, None)`` after each remove."""
+        self._watchers.append(callback)
 
     def data_files(self) -> dict[str, bytes]:
         """The published files that are not bookkeeping (``_cio_sync/``, ``_manifests/``)."""
@@ -166,3 +193,108 @@ class SinkContract:
             sink.flush()
         sink.close()
 
+    # -- names and files are for ever ------------------------------------------------------------------------------
+
+    def _history(self, writer: MemoryWriter) -> dict[str, bytes]:
+        """Watch ``writer``: fail as soon as a data file is removed by the sink, or a name that was ever published
+        is published again with other bytes; the returned dict holds every data file's first bytes."""
+        first: dict[str, bytes] = {}
+        self._allowed = {"removing": False}
+        self._violations: list[str] = []
+
+        def watch(name: str, data: bytes | None) -> None:
+            if name.startswith("_"):
+                return  # the sink's own bookkeeping (counters, manifests, dead letters)
+            problem = None
+            if data is None and not self._allowed["removing"]:
+                problem = f"the sink removed {name}: published files must never change"
+            elif data is not None and name in first and first[name] != data:
+                problem = (f"the sink reused the name {name} for other bytes: a name is never given twice and a "
+                           "published file never rewritten")
+            if problem is not None:
+                self._violations.append(problem)  # also when a background publish swallows the error
+                raise AssertionError(problem)
+            if data is not None:
+                first.setdefault(name, data)
+
+        writer.watch(watch)
+        return first
+
+    def _check_history(self) -> None:
+        assert not self._violations, self._violations[0]
+
+    def _write_some(self, sink: Any, tag: str, count: int = 60) -> list[str]:
+        ids = []
+        for i, sample in enumerate(sample_calls(count, seed=len(tag) + 7)):
+            call = {**sample, "messageId": f"{tag}-{i}"}
+            sink.write(call)
+            if self.accepts(call):
+                ids.append(call["messageId"])
+            if i % 20 == 19:
+                sink.flush()
+        return ids
+
+    def test_names_are_never_reused_even_after_the_files_are_deleted(self) -> None:
+        writer = MemoryWriter()
+        history = self._history(writer)
+        sink = self.make_sink(writer)
+        self._write_some(sink, "before")
+        sink.close()
+        before = set(writer.data_files())
+        self._allowed["removing"] = True  # the user loads the files, then deletes them
+        for name in before:
+            writer.remove(name)
+        self._allowed["removing"] = False
+        sink = self.make_sink(writer)
+        self._write_some(sink, "after")
+        sink.close()
+        self._check_history()
+        reused = before & set(writer.data_files())
+        assert not reused, f"names given twice: {sorted(reused)[:5]}"
+        assert set(history) == before | set(writer.data_files())
+
+    def test_a_restart_leaves_the_published_files_as_they_are(self) -> None:
+        writer = MemoryWriter()
+        self._history(writer)
+        sink = self.make_sink(writer)
+        ids = self._write_some(sink, "first")
+        sink.close()
+        published = dict(writer.data_files())
+        sink = self.make_sink(writer)  # a restart: a new process on the same target
+        ids += self._write_some(sink, "second")
+        sink.close()
+        self._check_history()
+        after = writer.data_files()
+        changed = sorted(n for n, data in published.items() if after.get(n) != data)
+        assert not changed, f"files changed or gone after a restart: {changed[:5]}"
+        assert sorted(self.message_ids(writer)) == sorted(ids), "calls lost or published twice across a restart"
+
+    # -- crashes ---------------------------------------------------------------------------------------------------
+
+    def make_spooled_sink(self, writer: MemoryWriter, spool_dir: Path) -> Any:
+        """Your sink on ``writer`` with its spool in ``spool_dir``; override it to run the crash test."""
+        return None
+
+    def crash(self, sink: Any) -> None:
+        """Drop ``sink`` as its process being killed would (:func:`abandon` for sinks built on the toolkit)."""
+        abandon(sink)
+
+    def test_every_accepted_call_survives_a_crash_with_a_spool(self) -> None:
+        import pytest
+
+        with tempfile.TemporaryDirectory(prefix="cio-sync-contract-") as folder:
+            writer = MemoryWriter()
+            spool = Path(folder) / "spool"
+            sink = self.make_spooled_sink(writer, spool)
+            if sink is None:
+                pytest.skip("make_spooled_sink is not provided")
+            ids = []
+            for crash in range(3):
+                ids += self._write_some(sink, f"run{crash}", count=50)  # some published, the rest only spooled
+                self.crash(sink)
+                sink = self.make_spooled_sink(writer, spool)
+            sink.close()
+            published = self.message_ids(writer)
+            lost = set(ids) - set(published)
+            assert not lost, f"{len(lost)} accepted calls lost after a crash, e.g. {sorted(lost)[:3]}"
+            assert sorted(published) == sorted(ids), "calls published twice after a crash"

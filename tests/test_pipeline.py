@@ -126,3 +126,39 @@ def test_a_call_refused_for_a_failed_disk_write_in_one_sink_reaches_neither(faul
     assert sorted(faults.published_ids(tmp_path / "raw")) == accepted
     standard = Storage("local", str(tmp_path))
     assert sorted(_attribute_values(standard, "ws")) == accepted
+
+
+def test_pipeline_stats_are_each_sinks_own_and_its_writer_is_the_advanced_one(memory_storage: Storage) -> None:
+    advanced = cio_sync.AdvancedSink(f"{memory_storage.url}/raw", flush_interval=None)
+    standard = cio_sync.StandardSink(f"{memory_storage.url}/ws", workspace_id=7, flush_interval=None)
+    with cio_sync.Pipeline(advanced=advanced, standard=standard) as pipeline:
+        pipeline.write({"type": "identify", "userId": "42", "traits": {"plan": "pro"}})
+        with pytest.raises(cio_sync.InvalidCall):
+            pipeline.write({"type": "identify", "userId": 42})
+        stats = pipeline.stats
+        assert pipeline.writer is advanced.writer
+    assert stats.advanced is not None
+    assert stats.standard is not None
+    assert (stats.advanced.calls_accepted, stats.advanced.calls_rejected) == (1, 1)
+    assert (stats.standard.calls_accepted, stats.standard.calls_rejected) == (1, 1)
+    assert stats.advanced.rows_buffered == 1
+    only = cio_sync.Pipeline(standard=cio_sync.StandardSink(f"{memory_storage.url}/ws2", workspace_id=8,
+                                                            flush_interval=None))
+    assert only.stats.advanced is None
+    assert only.writer is only.standard.writer  # type: ignore[union-attr]
+    only.close()
+
+
+def test_a_custom_sink_takes_the_advanced_place_and_a_refused_call_reaches_neither(memory_storage: Storage) -> None:
+    from tests.buffered_scenarios import OrdersSink, order
+
+    orders = OrdersSink(f"{memory_storage.url}/orders", flush_interval=None)
+    standard = cio_sync.StandardSink(f"{memory_storage.url}/ws", workspace_id=7, flush_interval=None)
+    with cio_sync.Pipeline(advanced=orders, standard=standard) as pipeline:
+        pipeline.write(order("o1", revenue=5.0))
+        with pytest.raises(cio_sync.InvalidCall, match=r"orders\.revenue"):
+            pipeline.write(order("o2", revenue="five"))  # fits the Standard sink, not the orders table
+        files = pipeline.close()
+    assert sorted(f.name for f in files if f.table == "orders") == ["orders.1.parquet"]
+    assert pipeline.stats.standard is not None
+    assert pipeline.stats.standard.calls_accepted == 1

@@ -116,10 +116,18 @@ class TableRows:
 
     def retract(self, size: int) -> None:
         """Take back the row :meth:`add` just added (its time stays in the range: a range a little wide is
-        harmless, the manifest's times are bounds)."""
-        self.rows.pop()
+        harmless, the manifest's times are bounds). Called again, takes back the row before it (the rows of one
+        call are taken back together), from the Arrow chunks if it was converted already."""
         self.count -= 1
-        self.nbytes -= size
+        if self.rows:
+            self.rows.pop()
+            self.nbytes -= size
+            return
+        last = self.chunks.pop()
+        if last.num_rows > 1:
+            self.chunks.append(last.slice(0, last.num_rows - 1))
+        self.chunk_bytes = sum(chunk.get_total_buffer_size() for chunk in self.chunks)
+        self.nbytes = self.chunk_bytes
 
     def _convert(self) -> None:
         try:

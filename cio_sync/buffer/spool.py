@@ -69,6 +69,7 @@ import re
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +81,7 @@ import pyarrow as pa
 from fastavro.write import Writer as AvroWriter
 
 from cio_sync._errors import ConfigError, StateError, StorageError
-from cio_sync._types import Batch, Buffered, Filled
+from cio_sync._types import Batch, BatchState, Buffered, Filled
 from cio_sync.buffer.rows import TableRows
 from cio_sync.schemas.tables import is_document_schema
 
@@ -98,6 +99,8 @@ _AVRO_SCHEMA: Final = fastavro.parse_schema({
     ],
 })
 _WIDTH: Final = 12
+#: How many of a segment's last appended blocks can be taken back (the rows of one call, at most).
+_UNDO_BLOCKS: Final = 4096
 _MAGIC: Final = b"Obj\x01"
 _SYNC_SIZE: Final = 16
 _LOCK_FILE: Final = ".lock"
@@ -418,6 +421,10 @@ def _read_segment(data: bytes) -> _Reading:
 # -- files -------------------------------------------------------------------------------------------------------
 
 
+#: How a table's rows are written to the spool and read back: ``(encode(row) -> bytes, decode(bytes) -> row)``.
+RowCodec = tuple[Callable[[tuple[Any, ...]], bytes], Callable[[bytes], tuple[Any, ...]]]
+
+
 def _text_of_bytes(value: Any) -> str:
     """JSON-text cells are kept as UTF-8 bytes in rows; the spool stores them as strings."""
     if isinstance(value, bytes):
@@ -509,8 +516,9 @@ class _Segment:
     #: The segment's sync marker (from its header), which ends each block appended by hand.
     sync: bytes
     buffer: TableRows
-    #: Bytes of the last block appended (what :meth:`AvroSpool.retract` takes back).
-    last: int = 0
+    #: Bytes of the last blocks appended, the latest last (what :meth:`AvroSpool.retract` takes back, one by one:
+    #: a call's rows are taken back together when one of them is refused).
+    last: deque[int] = field(default_factory=lambda: deque(maxlen=_UNDO_BLOCKS))
 
 
 class AvroSpool:
@@ -522,7 +530,8 @@ class AvroSpool:
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, schema_of: Callable[[str], pa.Schema],
-                 sync: str = "always", sync_interval: float = 0.2) -> None:
+                 sync: str = "always", sync_interval: float = 0.2,
+                 codec_of: Callable[[str], RowCodec | None] | None = None) -> None:
         if sync not in SYNC_POLICIES:
             raise ConfigError(f"spool_sync must be one of {', '.join(SYNC_POLICIES)}; got {sync!r}")
         self.directory = Path(directory)
@@ -531,6 +540,9 @@ class AvroSpool:
         except OSError as exc:
             raise ConfigError(f"cannot use spool directory {self.directory}: {exc}") from exc
         self._schema_of = schema_of
+        #: A table's own way to write and read its rows, where JSON would not bring them back the same.
+        self._codec_of = codec_of
+        self._codecs: dict[str, RowCodec | None] = {}
         self._sync = sync
         self._sync_interval = sync_interval
         self._last_sync = 0.0
@@ -588,6 +600,14 @@ class AvroSpool:
             raise ValueError(f"the record is not a row of {len(schema)} values")
         return tuple(row)
 
+    def _codec(self, table: str) -> RowCodec | None:
+        try:
+            return self._codecs[table]
+        except KeyError:
+            assert self._codec_of is not None
+            codec = self._codecs[table] = self._codec_of(table)
+            return codec
+
     # -- appending -----------------------------------------------------------------------------------------------
 
     def _start(self, table: str) -> _Segment:
@@ -629,7 +649,8 @@ class AvroSpool:
         segment = self._open.get(table)
         if segment is None:
             segment = self._start(table)
-        block = _block(self._encode(schema, row), size, at, segment.sync)
+        codec = None if self._codec_of is None else self._codec(table)
+        block = _block(self._encode(schema, row) if codec is None else codec[0](row), size, at, segment.sync)
         fd = segment.fd
         synced = False
         try:
@@ -646,7 +667,7 @@ class AvroSpool:
             self._undo(table, segment, synced)
             raise self._error(f"could not append a {table} row, the call is refused", exc, segment.path) from exc
         segment.size += len(block)
-        segment.last = len(block)
+        segment.last.append(len(block))
         return segment.buffer.add(row, size, at)
 
     def retract(self, table: str, size: int) -> None:
@@ -656,8 +677,10 @@ class AvroSpool:
         refused row."""
         segment = self._open[table]
         segment.buffer.retract(size)
-        segment.size -= segment.last
-        segment.last = 0
+        if not segment.last:  # more rows taken back than can be: cut the segment where its whole blocks are
+            self._abandon(table, segment, OSError("too many rows taken back at once"))
+            return
+        segment.size -= segment.last.pop()
         try:
             os.ftruncate(segment.fd, segment.size)
             if self._sync != "os":
@@ -771,7 +794,7 @@ class AvroSpool:
         """Read a batch's rows (or its encoded file) back from disk, after they were let go from memory."""
         segment: Path = batch.key
         try:
-            if batch.name is not None and not batch.unrecorded:
+            if batch.state is BatchState.RECORDED:
                 name_file, data_file = segment.with_suffix(".name"), segment.with_suffix(".data")
                 record = _name_record(name_file.read_bytes()) if name_file.exists() else None
                 found = _read_data(data_file, record) if data_file.exists() else None
@@ -780,7 +803,7 @@ class AvroSpool:
                     return
                 log.error("spool %s: %s is damaged; the batch's rows are read from its segment and encoded again "
                           "under its name %s", self.directory, segment.with_suffix(".data"), batch.name)
-                batch.unrecorded = True
+                batch.state = BatchState.NAMED
                 batch.sha256 = None
             rows, _, _, _, letter = self._read_rows(segment, batch.table)
         except OSError as exc:
@@ -800,9 +823,9 @@ class AvroSpool:
         """Let go of a pending batch's rows and bytes in memory: they are on disk and :meth:`load` brings them back
         (the recorded file of a named batch; else the rows, encoded again: nothing was uploaded under a name that is
         not recorded)."""
-        if batch.damage is not None:
+        if batch.state is BatchState.DAMAGED:
             return  # a dead letter's description is only in memory
-        if batch.name is None or batch.unrecorded:
+        if batch.state is not BatchState.RECORDED:
             batch.sha256 = None
         batch.data = None
         batch.encoded = None
@@ -853,9 +876,10 @@ class AvroSpool:
         first: int | None = None
         last: int | None = None
         damaged = reading.damaged
+        codec = None if self._codec_of is None else self._codec(table)
         for row, size, at, start, end in reading.records:
             try:
-                rows.append(self._decode(schema, row))
+                rows.append(self._decode(schema, row) if codec is None else codec[1](row))
             except (ValueError, TypeError) as exc:
                 damaged.append((start, end - start, f"the record does not decode ({exc})"))
                 continue
@@ -880,7 +904,8 @@ class AvroSpool:
             reason = StorageError(f"spool segment {path} is damaged: {lost} bytes in {len(damaged)} places could "
                                   f"not be read ({'; '.join(sorted({why for _, _, why in damaged}))}); the "
                                   f"{len(rows)} whole rows around them were published", path=str(path))
-            letter = Batch(table, len(letters), letters, LETTER_SCHEMA, key=path, nbytes=lost, damage=reason)
+            letter = Batch(table, len(letters), letters, LETTER_SCHEMA, key=path, nbytes=lost, damage=reason,
+                           state=BatchState.DAMAGED)
         return rows, nbytes, first, last, letter
 
     def _recover(self) -> list[Batch]:
@@ -933,7 +958,7 @@ class AvroSpool:
                 found += [(generation, table, i, b) for i, b in enumerate(batches)]
         if found:
             log.info("spool %s: recovered %d batches (%d rows) not yet published", self.directory, len(found),
-                     sum(b.rows for *_, b in found if b.damage is None))
+                     sum(b.rows for *_, b in found if b.state is not BatchState.DAMAGED))
         return [b for *_, b in sorted(found, key=lambda x: (x[0], x[1], x[2]))]
 
     def _recover_one(self, table: str, segment: Path) -> list[Batch]:
@@ -948,7 +973,7 @@ class AvroSpool:
         if found is not None:
             data, record = found
             return [Batch(table, int(record["rows"]), None, schema, name=record["name"], encoded=data, key=segment,
-                          attempted=True, nbytes=len(data), first_time=record.get("first_time"),
+                          state=BatchState.RECORDED, nbytes=len(data), first_time=record.get("first_time"),
                           last_time=record.get("last_time"))]
         if not segment.exists():
             # Published (the segment is deleted first, once the upload and its manifest landed), or never a batch.
@@ -969,7 +994,7 @@ class AvroSpool:
             batch = Batch(table, len(rows), rows, schema, key=segment, nbytes=nbytes, first_time=first,
                           last_time=last)
             if record is not None:
-                batch.name, batch.attempted, batch.unrecorded = record["name"], True, True
+                batch.name, batch.state = record["name"], BatchState.NAMED
             batches.append(batch)
         if not batches:
             for leftover in (segment, name_file, data_file, segment.with_suffix(".end")):

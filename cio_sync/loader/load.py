@@ -36,6 +36,7 @@ from fsspec import AbstractFileSystem
 from cio_sync._errors import CioSyncError, ConfigError, InvalidCall, StorageError
 from cio_sync._time import to_micros
 from cio_sync.intake.calls import parse_time
+from cio_sync.publish.layout import parse_advanced, parse_standard
 from cio_sync.schemas.tables import (
     ADVANCED_TABLES,
     CALL_COLUMNS,
@@ -51,13 +52,6 @@ from cio_sync.storage.backends import display_url, redact, resolve
 
 log = logging.getLogger("cio_sync.loader")
 
-ADVANCED_NAME: Final = re.compile(
-    r"^(?P<destination>\d+)\.(?P<action>\d+)\.(?P<position>\d+)\."
-    r"(?P<type>identify|track|page|screen|group|alias)\.(?P<ext>parquet|csv|json)$"
-)
-STANDARD_NAME: Final = re.compile(
-    r"^(?P<table>[a-z_]+)_v(?P<version>\d+)_(?P<workspace>\d+)_(?P<sequence>\d+)\.parquet$"
-)
 LOAD_STATE_TABLE: Final = "_cio_sync_loaded"
 #: Where manifests are, under a prefix; a quarantined manifest's entry in the load state is named under it.
 MANIFESTS_FOLDER: Final = "_manifests"
@@ -153,16 +147,15 @@ class _Unloadable(Exception):
 
 def classify(name: str) -> SourceFile | None:
     """The file a name denotes, or ``None`` if it is not a file of either mode."""
-    match = ADVANCED_NAME.match(name)
-    if match:
-        order: tuple[Any, ...] = ("advanced", int(match["destination"]), int(match["action"]),
-                                  int(match["position"]))
-        return SourceFile(order, name, f"raw_{match['type']}", "advanced", match["ext"])
-    match = STANDARD_NAME.match(name)
-    if match:
-        spec = table_for_file_name(match["table"])
+    advanced = parse_advanced(name)
+    if advanced is not None:
+        order: tuple[Any, ...] = ("advanced", advanced.destination, advanced.action, advanced.position)
+        return SourceFile(order, name, f"raw_{advanced.type}", "advanced", advanced.ext)
+    standard = parse_standard(name)
+    if standard is not None:
+        spec = table_for_file_name(standard.table)
         if spec is not None:
-            order = ("standard", spec.name, int(match["sequence"]))
+            order = ("standard", spec.name, standard.sequence)
             return SourceFile(order, name, spec.name, "standard", "parquet")
     return None
 

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pyarrow as pa
+
 from cio_sync._errors import CioSyncError
 from cio_sync._time import EPOCH, ISO_MICROS
+from cio_sync._types import Batch
 from cio_sync.intake.calls import TEXT_OVERHEAD, parse_time
+from cio_sync.schemas.tables import TIMESTAMP
 
 #: Where rows that could not be encoded are kept, under the sink's root, with the reason.
 DEAD_LETTERS_FOLDER = "_cio_sync/dead_letters"
@@ -62,3 +67,38 @@ def rejected_line(given: Any, error: BaseException) -> str:
 def kept_size(line: str) -> int:
     """What one kept rejected call takes in memory (its line is ASCII)."""
     return len(line) + TEXT_OVERHEAD
+
+
+def dead_letter_name(folder: str) -> str:
+    """A new dead-letter file's name under ``_cio_sync/dead_letters/<folder>/`` (a table, or ``rejected``): the
+    time, and a random part so that two sinks never make the same name."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    return f"{DEAD_LETTERS_FOLDER}/{folder}/{stamp}-{uuid.uuid4().hex[:12]}.jsonl"
+
+
+def batch_letter(batch: Batch, reason: str, format_name: str) -> bytes:
+    """The dead letter of a batch that could not be published: a line with the reason, then its rows as JSON
+    objects (timestamps as ISO-8601 text)."""
+    lines = [json.dumps({"reason": reason, "table": batch.table, "rows": batch.rows, "format": format_name})]
+    names = batch.schema.names if batch.schema is not None else None
+    times = {i for i, f in enumerate(batch.schema) if f.type == TIMESTAMP} if batch.schema is not None else set()
+    data = batch.data
+    if isinstance(data, pa.Table):
+        data = list(zip(*(column.to_pylist() for column in data.columns), strict=True))
+    for row in data or []:
+        cells = [letter_time(v) if i in times else v for i, v in enumerate(row)]
+        record = dict(zip(names, cells, strict=False)) if names else cells
+        lines.append(json.dumps(record, default=str, ensure_ascii=True))
+    return ("\n".join(lines) + "\n").encode()
+
+
+def rejected_letter(rejected: list[str], dropped: int, max_kept: int) -> tuple[bytes, int]:
+    """The dead-letter file of rejected calls (their lines, see :func:`rejected_line`) and how many lines it has;
+    ``dropped`` calls that were counted but not kept get a line saying so."""
+    lines = list(rejected)
+    if dropped:
+        lines.append(json.dumps({
+            "reason": f"{dropped} more rejected calls were counted but not kept: keep_rejected holds at most "
+                      f"{max_kept} calls, and a quarter of max_buffer_bytes, between two syncs",
+            "at": datetime.now(UTC).isoformat(), "input": None, "not_kept": dropped}))
+    return ("\n".join(lines) + "\n").encode(), len(lines)

@@ -17,13 +17,11 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import os
 import threading
 import time
-import uuid
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -32,17 +30,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-import orjson
 import pyarrow as pa
 
 from cio_sync._errors import BufferFull, CioSyncError, ConfigError, PublishConflict, SinkClosed
-from cio_sync._time import ISO_MICROS, iso_micros
-from cio_sync._types import Batch, Filled, held_size
+from cio_sync._types import Batch, BatchState, Filled, Row, held_size
 from cio_sync.buffer.rows import MemoryRowStore, RowStore, rows_to_table
 from cio_sync.formats.base import Format
-from cio_sync.publish.dead_letters import DEAD_LETTERS_FOLDER, kept_size, letter_time, rejected_line
-from cio_sync.publish.manifests import ManifestSpec
-from cio_sync.schemas.tables import TIMESTAMP
+from cio_sync.publish.dead_letters import batch_letter, dead_letter_name, kept_size, rejected_letter, rejected_line
+from cio_sync.publish.manifests import ManifestSpec, manifest_document
 from cio_sync.storage.writer import Writer, WrittenFile
 
 log = logging.getLogger("cio_sync.sink")
@@ -217,7 +212,6 @@ class Publisher:
         self.store: RowStore = store if store is not None else MemoryRowStore()
         self._pending: deque[Batch] = deque(self.store.pending())
         for batch in self._pending:
-            batch.attempted = batch.attempted or batch.name is not None
             batch.held = held_size(batch)
         #: What memory holds, as the budget counts it: rows buffered, batches waiting (their rows or their encoded
         #: file), rejected calls kept. Raised by each row's size as it comes (an upper bound), and counted again
@@ -306,16 +300,10 @@ class Publisher:
             dropped, self._rejected_dropped = self._rejected_dropped, 0
         if not rejected and not dropped:
             return
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-        name = f"{DEAD_LETTERS_FOLDER}/rejected/{stamp}-{uuid.uuid4().hex[:12]}.jsonl"
-        lines = list(rejected)
-        if dropped:
-            lines.append(json.dumps({
-                "reason": f"{dropped} more rejected calls were counted but not kept: keep_rejected holds at most "
-                          f"{_MAX_REJECTED_KEPT} calls, and a quarter of max_buffer_bytes, between two syncs",
-                "at": datetime.now(UTC).isoformat(), "input": None, "not_kept": dropped}))
+        name = dead_letter_name("rejected")
+        data, lines = rejected_letter(rejected, dropped, _MAX_REJECTED_KEPT)
         try:
-            self.writer.publish(name, ("\n".join(lines) + "\n").encode(), table="_rejected", rows=len(lines))
+            self.writer.publish(name, data, table="_rejected", rows=lines)
         except CioSyncError:
             with self.lock:
                 self._rejected = rejected + self._rejected
@@ -480,6 +468,75 @@ class Publisher:
         if full:
             self.publish_ready()
 
+    def add_call(self, rows: list[tuple[str, pa.Schema, Row, int]], at: int | None = None) -> None:
+        """Buffer every row one accepted call gave (table, schema, row, size; ``at``: the call's time in µs), or
+        none of them: if the store refuses one, those appended before it are taken back and the error raised."""
+        if not rows:
+            self.check_open()
+            self.accept()
+            return
+        if self.max_buffer_bytes is not None and self._memory >= self.max_buffer_bytes:
+            self.make_room()
+        with self.lock:
+            if self._closed or self._closing:
+                self.check_open()
+            full = self._accepted_rows(self._append_all(rows, at))
+        if full:
+            self.publish_ready()
+
+    @contextlib.contextmanager
+    def holding_call(self, rows: list[tuple[str, pa.Schema, Row, int]], at: int | None = None) -> Iterator[None]:
+        """:meth:`holding` for every row of one call: all appended before the block, all taken back if it
+        raises."""
+        if self.max_buffer_bytes is not None and self._memory >= self.max_buffer_bytes:
+            self.make_room()
+        with self.lock:
+            if self._closed or self._closing:
+                self.check_open()
+            done = self._append_all(rows, at)
+            try:
+                yield
+            except BaseException:
+                self._retract_all(done)
+                raise
+            full = self._accepted_rows(done) if done else False
+            if not done:
+                self._counts.accepted += 1
+        if full:
+            self.publish_ready()
+
+    def _append_all(self, rows: list[tuple[str, pa.Schema, Row, int]],
+                    at: int | None) -> list[tuple[str, int, Filled]]:
+        """Append rows to the store (under ``lock``); if one fails, take back the others and raise."""
+        done: list[tuple[str, int, Filled]] = []
+        try:
+            for table, schema, row, size in rows:
+                done.append((table, size, self.store.append(table, schema, row, size, at)))
+        except BaseException:
+            self._retract_all(done)
+            raise
+        return done
+
+    def _retract_all(self, done: list[tuple[str, int, Filled]]) -> None:
+        for table, size, _ in reversed(done):
+            self.store.retract(table, size)
+
+    def _accepted_rows(self, done: list[tuple[str, int, Filled]]) -> bool:
+        """Count one call whose rows were just appended, and cut the tables they filled (under ``lock``)."""
+        self._counts.accepted += 1
+        last: dict[str, Filled] = {}
+        for table, size, now in done:
+            self._memory += size
+            last[table] = now
+        full = False
+        for table, now in last.items():
+            if (self.max_rows is not None and now[0] >= self.max_rows) or (
+                self._batch_bytes is not None and now[1] >= self._batch_bytes
+            ):
+                self._cut(table)
+                full = True
+        return full
+
     def _accepted(self, table: str, now: Filled, size: int) -> bool:
         """Count a call's row just appended (``now``: what its table buffers) and cut its table if that is full;
         whether it was (then call :meth:`publish_ready`, outside the lock). Under ``lock``."""
@@ -609,7 +666,8 @@ class Publisher:
 
     def _publish_one(self, batch: Batch) -> WrittenFile | None:
         """Encode, name and upload one batch; ``None`` if its rows could not be encoded and went to dead letters."""
-        if batch.damage is not None:
+        if batch.state is BatchState.DAMAGED:
+            assert batch.damage is not None
             self._dead_letter(batch, batch.damage)
             return None
         if batch.data is None and batch.encoded is None:
@@ -632,13 +690,12 @@ class Publisher:
         for _ in range(_MAX_RENAMES):
             if batch.name is None:
                 batch.name = self._name_for(batch.table)
-                batch.unrecorded = True
-            if batch.unrecorded:
+                batch.state = BatchState.NAMED
+            if batch.state is BatchState.NAMED:
                 # If recording fails the batch keeps its name and records it on the next try, before any upload.
                 with self.lock:
                     self.store.named(batch)
-                batch.unrecorded = False
-            batch.attempted = True
+                batch.state = BatchState.RECORDED
             try:
                 # Always as a resume: the name is ours (claimed from the counter), so a file already under it
                 # with exactly these bytes is this batch landed by an earlier try, ours or the backend client's
@@ -650,48 +707,21 @@ class Publisher:
                 # alone and publish these rows under the next name.
                 log.error("%s: %s; publishing the batch under a new name", self.label, exc)
                 batch.name = None
-                batch.attempted = False
+                batch.state = BatchState.CUT
         raise CioSyncError(f"{self.label}: gave up after {_MAX_RENAMES} names that were already taken")
 
     def _publish_manifest(self, files: list[tuple[Batch, WrittenFile]]) -> None:
         assert self.manifest is not None
-        label = self.manifest.time_label
-
-        def when(micros: int | None) -> str | None:
-            return None if micros is None else iso_micros(micros)
-
-        entries = [{
-            "name": w.name, "table": w.table, "rows": w.rows, "bytes": w.bytes, "sha256": b.sha256,
-            f"min_{label}": when(b.first_time), f"max_{label}": when(b.last_time),
-        } for b, w in files]
         name = self.manifest.name_for()
-        document = {
-            "manifest_version": 1, **self.manifest.header, "name": name,
-            "created_at": datetime.now(UTC).strftime(ISO_MICROS),
-            "files": entries, "rows": sum(w.rows for _, w in files),
-        }
-        self.writer.publish(name, orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n", table="_manifest",
-                            rows=len(entries))
+        self.writer.publish(name, manifest_document(self.manifest, name, files), table="_manifest", rows=len(files))
 
     def _dead_letter(self, batch: Batch, exc: BaseException) -> None:
         """Keep rows that cannot be encoded under ``_cio_sync/dead_letters/`` with the reason, never drop them."""
         reason = f"{type(exc).__name__}: {exc}"
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-        name = f"{DEAD_LETTERS_FOLDER}/{batch.table}/{stamp}-{uuid.uuid4().hex[:12]}.jsonl"
-        lines = [json.dumps({"reason": reason, "table": batch.table, "rows": batch.rows, "format": self.format.name})]
-        names = batch.schema.names if batch.schema is not None else None
-        times = {i for i, f in enumerate(batch.schema) if f.type == TIMESTAMP} if batch.schema is not None else set()
-        data = batch.data
-        if isinstance(data, pa.Table):
-            data = list(zip(*(column.to_pylist() for column in data.columns), strict=True))
-        for row in data or []:
-            cells = [letter_time(v) if i in times else v for i, v in enumerate(row)]
-            record = dict(zip(names, cells, strict=False)) if names else cells
-            lines.append(json.dumps(record, default=str, ensure_ascii=True))
-        data = ("\n".join(lines) + "\n").encode()
-        self.writer.publish(name, data, table=batch.table, rows=batch.rows)
+        name = dead_letter_name(batch.table)
+        self.writer.publish(name, batch_letter(batch, reason, self.format.name), table=batch.table, rows=batch.rows)
         log.error("%s: %d rows of %s could not be %s (%s); kept in %s", self.label, batch.rows, batch.table,
-                  "encoded" if batch.damage is None else "read back", reason, name)
+                  "read back" if batch.state is BatchState.DAMAGED else "encoded", reason, name)
         with self.lock:
             self._counts.dead_letters += batch.rows
 
@@ -722,6 +752,16 @@ class Publisher:
                 self._closed = True
         _OPEN.discard(self)
         return files
+
+    def abandon(self) -> None:
+        """Stop as a crash would stop the process: the timer ends, nothing more is published, buffered rows are
+        dropped (a durable store keeps its own), and the exit handler forgets the sink. For tests of recovery."""
+        self._stop.set()
+        if self._timer is not None and self._timer is not threading.current_thread():
+            self._timer.join()
+        with self.lock:
+            self._closed = True
+        _OPEN.discard(self)
 
     # -- observation ---------------------------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from types import MappingProxyType
 from typing import Any, Final
@@ -14,15 +14,13 @@ from fsspec import AbstractFileSystem
 
 from cio_sync._errors import ConfigError, InvalidCall
 from cio_sync._time import to_micros
-from cio_sync.buffer.spool import AvroSpool
 from cio_sync.formats.base import Format
 from cio_sync.formats.registry import get_format
 from cio_sync.intake.calls import DOCUMENT_ROW_OVERHEAD, Call, call_document, call_row, call_to_row, parse_call
-from cio_sync.publish.counters import Counters
-from cio_sync.publish.manifests import MANIFESTS_FOLDER, ManifestSpec
-from cio_sync.publish.publisher import Publisher
+from cio_sync.publish.layout import advanced_counter, advanced_manifest_counter, advanced_manifest_name
 from cio_sync.schemas.tables import CALL_SCHEMAS, CALL_TYPES, DOCUMENT_SCHEMA
-from cio_sync.sinks.base import BaseSink, check_int, make_writer
+from cio_sync.sinks.base import check_int
+from cio_sync.sinks.buffered import DEFAULT_MAX_BUFFER_BYTES, DEFAULT_MAX_BYTES, DEFAULT_MAX_ROWS, BufferedSink
 from cio_sync.storage.writer import RetryPolicy, Writer, WrittenFile
 
 #: Default action id of each call type: one per type, so each type has its own run of positions.
@@ -30,12 +28,10 @@ DEFAULT_ACTION_IDS: Final[Mapping[str, int]] = MappingProxyType(
     {"identify": 1, "track": 2, "page": 3, "screen": 4, "group": 5, "alias": 6}
 )
 
-DEFAULT_MAX_ROWS: Final = 500_000
-DEFAULT_MAX_BYTES: Final = 64 * 1024 * 1024
-DEFAULT_MAX_BUFFER_BYTES: Final = 256 * 1024 * 1024
+__all__ = ["DEFAULT_ACTION_IDS", "DEFAULT_MAX_BUFFER_BYTES", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_ROWS", "AdvancedSink"]
 
 
-class AdvancedSink(BaseSink):
+class AdvancedSink(BufferedSink):
     """Writes identify, track, page, screen, group and alias calls, as sent, to one file per call type per sync.
 
     Files are named ``<destination_id>.<action_id>.<position>.<type>.<ext>``: ``action_id`` is the call type's
@@ -62,6 +58,10 @@ class AdvancedSink(BaseSink):
     under ``_cio_sync/dead_letters/rejected/`` (written at each sync). ``csv_neutralize_formulas`` prefixes CSV
     cells that a spreadsheet would run as a formula.
     """
+
+    tables = CALL_SCHEMAS
+    layout = "{destination_id}.{action_id}.{position}.{call_type}.{ext}"
+    layout_fields = ("destination_id", "action_id", "call_type")
 
     def __init__(
         self,
@@ -104,41 +104,15 @@ class AdvancedSink(BaseSink):
             if not (isinstance(format, str) and format.lower() == "csv"):
                 raise ConfigError("csv_neutralize_formulas applies to the csv format only")
             options["neutralize_formulas"] = True
-        self.format = get_format(format, **options)
-        self._documents = bool(getattr(self.format, "accepts_documents", False))
-        writer = make_writer(target, filesystem=filesystem, storage_options=storage_options, retry=retry)
-        self._counters = Counters(writer)
-        schema_of = (lambda table: DOCUMENT_SCHEMA) if self._documents else CALL_SCHEMAS.__getitem__
-        self.spool = None if spool_dir is None else AvroSpool(spool_dir, schema_of=schema_of, sync=spool_sync,
-                                                               sync_interval=spool_sync_interval)
-        manifest = None
-        if manifests:
-            header = {"mode": "advanced", "destination_id": self.destination_id, "format": self.format.name}
-            manifest = ManifestSpec(self._manifest_name, header, "received_at")
-        try:
-            self._publisher = Publisher(
-                label=f"AdvancedSink({writer.url!r})",
-                writer=writer,
-                format=self.format,
-                name_for=self._name_for,
-                flush_interval=flush_interval,
-                max_rows=max_rows,
-                max_bytes=max_bytes,
-                on_publish=on_publish,
-                store=self.spool,
-                max_buffer_bytes=max_buffer_bytes,
-                when_full=when_full or ("spill" if self.spool is not None else "block"),
-                block_timeout=block_timeout,
-                manifest=manifest,
-                keep_rejected=keep_rejected,
-            )
-        except BaseException:
-            if self.spool is not None:
-                self.spool.close()  # lets go of the spool directory's lock
-            raise
-        if self._publisher.stats().batches_pending:
-            # Calls spooled before a crash: publish them first, under the names they were given.
-            self._publisher.publish_ready()
+        chosen = get_format(format, **options)
+        self._documents = bool(getattr(chosen, "accepts_documents", False))
+        self._start(
+            target, format=chosen, storage_options=storage_options, filesystem=filesystem,
+            flush_interval=flush_interval, max_rows=max_rows, max_bytes=max_bytes,
+            max_buffer_bytes=max_buffer_bytes, when_full=when_full, block_timeout=block_timeout,
+            spool_dir=spool_dir, spool_sync=spool_sync, spool_sync_interval=spool_sync_interval,
+            manifests=manifests, retry=retry, on_publish=on_publish, keep_rejected=keep_rejected,
+        )
 
     @property
     def writes_documents(self) -> bool:
@@ -151,22 +125,31 @@ class AdvancedSink(BaseSink):
             f"closed={self.closed})"
         )
 
+    # -- the toolkit's hooks: the six call types as tables, named <destination>.<action>.<position>.<type>.<ext> --
+
+    def _spool_schema(self, table: str) -> pa.Schema:
+        return DOCUMENT_SCHEMA if self._documents else CALL_SCHEMAS[table]
+
+    def _spool_codec(self, table: str) -> None:
+        return None  # rows of calls (JSON text as UTF-8 bytes, or whole documents) are the spool's own kind
+
+    def _counter_key(self, table: str) -> str:
+        return advanced_counter(self.destination_id, self.action_ids[table])
+
+    def _name_fields(self, table: str) -> dict[str, object]:
+        return {"destination_id": self.destination_id, "action_id": self.action_ids[table], "call_type": table}
+
+    def _manifest_header(self) -> dict[str, Any]:
+        return {"mode": "advanced", "destination_id": self.destination_id, "format": self.format.name}
+
     def _manifest_name(self) -> str:
-        sequence = self._counters.claim(f"manifest.{self.destination_id}")
-        return f"{MANIFESTS_FOLDER}/advanced.{self.destination_id}.{sequence}.json"
+        sequence = self._counters.claim(advanced_manifest_counter(self.destination_id))
+        return advanced_manifest_name(self.destination_id, sequence)
 
-    def close(self) -> list[WrittenFile]:
-        if self._publisher.inherited:
-            return []  # a child after fork: the buffers, the spool and its lock are the parent's
-        files = self._publisher.close()
-        if self.spool is not None:
-            self.spool.close()
-        return files
-
-    def _name_for(self, call_type: str) -> str:
-        action_id = self.action_ids[call_type]
-        position = self._counters.claim(f"{self.destination_id}.{action_id}")
-        return f"{self.destination_id}.{action_id}.{position}.{call_type}.{self.format.extension}"
+    def route(self, call: Call) -> Iterator[tuple[str, Any]]:
+        """The call as one row of its type's table (what :meth:`write` buffers, by a faster path)."""
+        _, row, _ = self._row_of(call)
+        yield call.type, row
 
     def write(self, call: Any) -> str:
         """Validate and buffer one call (a dict, JSON str or JSON bytes); return its ``messageId``.
@@ -209,9 +192,9 @@ class AdvancedSink(BaseSink):
             self._publisher.reject(parsed.data, exc)
             raise
 
-    def _holding(self, parsed: Call) -> AbstractContextManager[None]:
-        """Buffer ``parsed`` for as long as the ``with`` block does not raise: if it does, the call is taken back,
-        as if it had never been written (see Publisher.holding). The Pipeline's way to give a call to both sinks or
-        to neither."""
+    def check_call(self, parsed: Call) -> None:
+        call_document(parsed) if self._documents else call_row(parsed)
+
+    def holding(self, parsed: Call) -> AbstractContextManager[None]:
         schema, row, size = self._row_of(parsed)
         return self._publisher.holding(parsed.type, schema, row, size, to_micros(parsed.received_at))

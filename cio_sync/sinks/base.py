@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, Self
 
 from fsspec import AbstractFileSystem
 
 from cio_sync._errors import ConfigError, InvalidCall, InvalidCalls
-from cio_sync.intake.calls import load_json
+from cio_sync.intake.calls import Call, load_json
 from cio_sync.publish.publisher import Publisher, SinkStats
 from cio_sync.storage.writer import FsspecWriter, RetryPolicy, Writer, WrittenFile
 
@@ -89,6 +90,40 @@ class BaseSink:
             raise InvalidCalls(errors, accepted=accepted)
         return accepted
 
+    # -- composing sinks: how a Pipeline gives one validated call to several sinks, to all of them or to none ----
+
+    def check_call(self, parsed: Call) -> None:
+        """Raise :class:`~cio_sync.InvalidCall` if this sink would refuse ``parsed`` (a call ``parse_call``
+        accepted) for what only its own encoding finds; keep nothing."""
+
+    def refuse(self, given: Any, error: InvalidCall) -> None:
+        """Count a call refused before it reached this sink (kept as a dead letter with ``keep_rejected``)."""
+        self._publisher.reject(given, error)
+
+    def make_room(self) -> None:
+        """Before taking a call: publish (or spill, or wait) if the memory budget is used up."""
+        self._publisher.make_room()
+
+    def holding(self, parsed: Call) -> AbstractContextManager[None]:
+        """Buffer ``parsed`` for as long as the ``with`` block does not raise; if it does, the call is taken back
+        as if it had never been written, and no batch is cut in between. Raises ``InvalidCall`` (counted) before
+        the block if the sink refuses the call."""
+        raise NotImplementedError(f"{type(self).__name__} cannot hold a call for another sink")
+
+    def write_deferred(self, parsed: Call) -> bool:
+        """Take ``parsed`` without publishing anything now; return whether batches are ready to publish (then
+        call :meth:`publish_ready`, outside any other sink's :meth:`holding`)."""
+        self.write_call(parsed)
+        return False
+
+    def write_call(self, parsed: Call) -> object:  # pragma: no cover - every sink overrides it
+        """Buffer a call already validated by ``parse_call``."""
+        raise NotImplementedError
+
+    def publish_ready(self) -> None:
+        """Publish the batches already cut; a failure is logged and retried later, never raised."""
+        self._publisher.publish_ready()
+
     def flush(self) -> list[WrittenFile]:
         """Publish everything buffered now: one file per table that has rows. Returns the files published.
 
@@ -103,6 +138,7 @@ class BaseSink:
 
     @property
     def closed(self) -> bool:
+        """Whether the sink takes no more calls."""
         return self._publisher.closed
 
     @property
@@ -112,6 +148,7 @@ class BaseSink:
 
     @property
     def writer(self) -> Writer:
+        """Where the sink publishes its files."""
         return self._publisher.writer
 
     def __enter__(self) -> Self:

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
 from cio_sync._errors import ConfigError, InvalidCall
-from cio_sync.intake.calls import Call, call_document, call_row, parse_call
+from cio_sync.intake.calls import Call, parse_call
+from cio_sync.publish.publisher import SinkStats
 from cio_sync.sinks.advanced import AdvancedSink
 from cio_sync.sinks.base import BaseSink
+from cio_sync.sinks.buffered import BufferedSink
 from cio_sync.sinks.standard import StandardSink
-from cio_sync.storage.writer import WrittenFile
+from cio_sync.storage.writer import Writer, WrittenFile
+
+
+@dataclass(frozen=True)
+class PipelineStats:
+    """What each sink of a :class:`Pipeline` has done: the stats of each, side by side (``None`` for a sink left
+    out). They are not added up: a call both sinks accepted is one call in each."""
+
+    advanced: SinkStats | None
+    standard: SinkStats | None
 
 
 class Pipeline(BaseSink):
@@ -18,10 +30,12 @@ class Pipeline(BaseSink):
     for a workspace with both integrations.
 
     A call is validated once: one rejected by validation reaches neither sink (``InvalidCall`` is raised), and the
-    two sinks see the same ``messageId`` and ``receivedAt``. Either sink may be left out.
+    two sinks see the same ``messageId`` and ``receivedAt``. Either sink may be left out. The Advanced sink may be
+    any sink built on :class:`~cio_sync.BufferedSink`. ``stats`` is a :class:`PipelineStats` (each sink's own);
+    ``writer`` is the Advanced sink's writer (the Standard sink's if there is no Advanced sink).
     """
 
-    def __init__(self, *, advanced: AdvancedSink | None = None, standard: StandardSink | None = None) -> None:
+    def __init__(self, *, advanced: BufferedSink | None = None, standard: StandardSink | None = None) -> None:
         if advanced is None and standard is None:
             raise ConfigError("a Pipeline needs an advanced sink, a standard sink, or both")
         self.advanced = advanced
@@ -31,37 +45,37 @@ class Pipeline(BaseSink):
         return f"Pipeline(advanced={self.advanced!r}, standard={self.standard!r})"
 
     @property
-    def sinks(self) -> list[AdvancedSink | StandardSink]:
+    def sinks(self) -> list[BaseSink]:
+        """The sinks calls go to: the Advanced one first."""
         return [s for s in (self.advanced, self.standard) if s is not None]
 
     def write(self, call: Any) -> str:
         """Validate ``call`` once and give it to each sink; return its ``messageId``."""
-        wants_row = self.advanced is not None and not self.advanced.writes_documents
+        wants_row = isinstance(self.advanced, AdvancedSink) and not self.advanced.writes_documents
         try:
             parsed: Call = parse_call(call, row=wants_row)
             # Checks that only encoding can make (a value JSON cannot hold) happen before either sink sees it.
-            if self.advanced is not None:
-                call_document(parsed) if self.advanced.writes_documents else call_row(parsed)
-            if self.standard is not None:
-                self.standard._trait_texts(parsed)
+            for sink in self.sinks:
+                sink.check_call(parsed)
         except InvalidCall as exc:
             for sink in self.sinks:
-                sink._publisher.reject(call, exc)
+                sink.refuse(call, exc)
             raise
         if self.standard is None:
             assert self.advanced is not None
-            return self.advanced.write_call(parsed)
+            self.advanced.write_call(parsed)
+            return parsed.message_id
         if self.advanced is None:
             self.standard.write_call(parsed)
             return parsed.message_id
         # Both sinks or neither: the Advanced sink holds the call (spooled, if it has a spool) while the Standard
         # sink applies and commits it, and takes it back if that fails; no Advanced cut happens in between. Room is
         # made first in both, so that neither waits for storage while the other holds its lock.
-        self.standard._publisher.make_room()
-        with self.advanced._holding(parsed):
-            _, cut = self.standard._write_parsed(parsed)
+        self.standard.make_room()
+        with self.advanced.holding(parsed):
+            cut = self.standard.write_deferred(parsed)
         if cut:
-            self.standard._publisher.publish_ready()
+            self.standard.publish_ready()
         return parsed.message_id
 
     def flush(self) -> list[WrittenFile]:
@@ -83,7 +97,21 @@ class Pipeline(BaseSink):
 
     @property
     def closed(self) -> bool:
+        """Whether every sink is closed."""
         return all(sink.closed for sink in self.sinks)
+
+    @property
+    def stats(self) -> PipelineStats:  # type: ignore[override]
+        """Each sink's stats (see :class:`PipelineStats`)."""
+        return PipelineStats(advanced=None if self.advanced is None else self.advanced.stats,
+                             standard=None if self.standard is None else self.standard.stats)
+
+    @property
+    def writer(self) -> Writer:
+        """The Advanced sink's writer, or the Standard sink's if there is no Advanced sink."""
+        sink = self.advanced if self.advanced is not None else self.standard
+        assert sink is not None
+        return sink.writer
 
     def __enter__(self) -> Self:
         return self

@@ -35,7 +35,8 @@ from cio_sync.intake.calls import (
 from cio_sync.intake.records import check_record
 from cio_sync.intake.values import shown
 from cio_sync.publish.counters import Counters
-from cio_sync.publish.manifests import MANIFESTS_FOLDER, ManifestSpec
+from cio_sync.publish.layout import standard_counter, standard_manifest_counter, standard_manifest_name, standard_name
+from cio_sync.publish.manifests import ManifestSpec
 from cio_sync.publish.publisher import Publisher
 from cio_sync.schemas.tables import STANDARD_TABLES, STANDARD_VERSION
 from cio_sync.sinks.base import BaseSink, check_int, make_writer
@@ -167,14 +168,15 @@ class StandardSink(BaseSink):
                 f"closed={self.closed})")
 
     def _name_for(self, table: str) -> str:
-        key = f"{table}_v{STANDARD_TABLES[table].version}_{self.workspace_id}"
+        version = STANDARD_TABLES[table].version
+        key = standard_counter(table, version, self.workspace_id)
         sequence = self._counters.claim(key, at_least=time.time_ns() // 1000)
-        return f"{key}_{sequence}.parquet"
+        return standard_name(table, version, self.workspace_id, sequence)
 
     def _manifest_name(self) -> str:
-        key = f"manifest_v{STANDARD_VERSION}_{self.workspace_id}"
+        key = standard_manifest_counter(STANDARD_VERSION, self.workspace_id)
         sequence = self._counters.claim(key, at_least=time.time_ns() // 1000)
-        return f"{MANIFESTS_FOLDER}/{key}_{sequence}.json"
+        return standard_manifest_name(STANDARD_VERSION, self.workspace_id, sequence)
 
     def close(self) -> list[WrittenFile]:
         """Commit the state, publish what is buffered and stop the timer. Idempotent; after it, writes raise
@@ -285,6 +287,12 @@ class StandardSink(BaseSink):
         if cut:
             self._publisher.publish_ready()
         return emitted
+
+    def check_call(self, parsed: Call) -> None:
+        self._trait_texts(parsed)
+
+    def write_deferred(self, parsed: Call) -> bool:
+        return self._write_parsed(parsed)[1]
 
     def _write_parsed(self, parsed: Call) -> tuple[int, bool]:
         """:meth:`write_call` but for publishing what it cut (see :meth:`_step`)."""

@@ -10,7 +10,7 @@ from typing import Any
 import pyarrow as pa
 
 from cio_sync._errors import CioSyncError, StorageError
-from cio_sync._types import Batch, Buffered, Filled
+from cio_sync._types import Batch, BatchState, Buffered, Filled
 from cio_sync.schemas.tables import STANDARD_SCHEMAS
 from cio_sync.workspace.state import WorkspaceState
 
@@ -62,7 +62,7 @@ class SqliteOutbox:
         for batch_id, table, rows, name, data, nbytes, first, last in self._state.outbox_batches():
             if name is not None and data is not None:
                 batch = Batch(table, rows, None, STANDARD_SCHEMAS[table], name=name, encoded=data, key=batch_id,
-                              attempted=True, nbytes=nbytes, first_time=first, last_time=last)
+                              state=BatchState.RECORDED, nbytes=nbytes, first_time=first, last_time=last)
             else:
                 decoded = self._state.outbox_batch_rows(batch_id)
                 batch = Batch(table, len(decoded), decoded, STANDARD_SCHEMAS[table], key=batch_id,
@@ -79,7 +79,7 @@ class SqliteOutbox:
         # The publisher loads outside its lock, while calls may be applied: a read error is reported as it is,
         # without recovering here (a write that finds the transaction gone recovers, in the calls' own thread).
         try:
-            if batch.name is not None and not batch.unrecorded:
+            if batch.state is BatchState.RECORDED:
                 batch.encoded = self._state.outbox_encoded(batch.key, recover=False)
             else:  # never named, or named but not recorded yet: the bytes are encoded again from the rows
                 batch.data = self._state.outbox_batch_rows(batch.key, recover=False)

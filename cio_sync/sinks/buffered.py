@@ -1,0 +1,305 @@
+"""The public sink toolkit: a sink that declares its tables and how a call becomes rows, and inherits the rest."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
+from types import MappingProxyType
+from typing import Any, ClassVar, Final
+
+import pyarrow as pa
+from fsspec import AbstractFileSystem
+
+from cio_sync._errors import ConfigError, InvalidCall
+from cio_sync._time import to_micros
+from cio_sync._types import Row
+from cio_sync.buffer.spool import AvroSpool, RowCodec
+from cio_sync.formats.base import Format
+from cio_sync.formats.registry import get_format
+from cio_sync.intake.calls import Call, parse_call, row_size
+from cio_sync.publish.counters import Counters
+from cio_sync.publish.layout import Layout, check_table_names, custom_manifest_counter, custom_manifest_name
+from cio_sync.publish.manifests import ManifestSpec
+from cio_sync.publish.publisher import Publisher
+from cio_sync.sinks.base import BaseSink, make_writer
+from cio_sync.sinks.rowfit import RowFitter, spool_codec
+from cio_sync.storage.writer import RetryPolicy, Writer, WrittenFile
+
+DEFAULT_LAYOUT: Final = "{table}.{position}.{ext}"
+DEFAULT_FLUSH_INTERVAL: Final = 600.0
+DEFAULT_MAX_ROWS: Final = 500_000
+DEFAULT_MAX_BYTES: Final = 64 * 1024 * 1024
+DEFAULT_MAX_BUFFER_BYTES: Final = 256 * 1024 * 1024
+#: The most rows one call may give (a call's rows are taken back together if one of them cannot be kept).
+MAX_ROWS_PER_CALL: Final = 4096
+
+
+def _schemas(owner: str, tables: Mapping[str, Any]) -> dict[str, pa.Schema]:
+    """``tables`` (name -> Arrow schema, or an object with a ``schema``) as name -> schema; ConfigError if wrong."""
+    if not isinstance(tables, Mapping) or not tables:
+        raise ConfigError(f"{owner}.tables must map at least one table name to an Arrow schema; got {tables!r}")
+    check_table_names(tables)
+    out = {}
+    for name, spec in tables.items():
+        schema = spec if isinstance(spec, pa.Schema) else getattr(spec, "schema", None)
+        if not isinstance(schema, pa.Schema):
+            raise ConfigError(f"{owner}.tables[{name!r}] must be an Arrow schema or carry one as .schema; "
+                              f"got {type(spec).__name__}")
+        out[name] = schema
+    return out
+
+
+def _layout(owner: str, template: Any, tables: Iterable[str], extra: tuple[str, ...]) -> Layout:
+    layout = template if isinstance(template, Layout) else Layout(template, extra=extra)
+    if len(list(tables)) > 1 and "table" not in layout.fields and not extra:
+        raise ConfigError(f"{owner}.layout {layout.template!r} needs {{table}}: the sink writes several tables, "
+                          "each with its own positions, and their names must differ")
+    return layout
+
+
+class BufferedSink(BaseSink):
+    """A sink built from the toolkit every built-in sink uses: subclass it, declare ``tables`` and ``layout``, and
+    implement :meth:`route`::
+
+        class OrdersSink(cio_sync.BufferedSink):
+            tables = {"orders": pa.schema([("messageId", pa.string()), ("revenue", pa.float64())])}
+            layout = "orders.{position}.{ext}"
+
+            def route(self, call):
+                if call.type == "track" and call.data.get("event") == "Order Completed":
+                    yield "orders", {"messageId": call.message_id,
+                                     "revenue": (call.data.get("properties") or {}).get("revenue")}
+
+    ``tables`` maps each table name to its Arrow schema (or to a table spec object carrying one as ``.schema``).
+    ``layout`` names the files, with the placeholders ``{table}``, ``{position}`` (required) and ``{ext}``; default
+    ``"{table}.{position}.{ext}"``. Both are checked when the class is defined (and again when a sink is made):
+    an unknown placeholder, a missing ``{position}``, a path separator or ``..`` raise
+    :class:`~cio_sync.ConfigError`. Positions come from durable counters under ``_cio_sync/`` on the target, one
+    per table, from 1 and never reused: a restart continues them and two processes on one prefix never collide.
+
+    :meth:`route` gets each validated :class:`~cio_sync.Call` and yields ``(table, row)`` pairs, a row being a dict
+    (column -> value, missing columns null) or a tuple in schema order; none to ignore the call. A row that does
+    not fit its table (a wrong type, an unknown column, a wrong length, a null in a non-nullable column) makes
+    :meth:`write` raise :class:`~cio_sync.InvalidCall` naming the table and column, and none of that call's rows
+    is kept.
+
+    The keywords mean what they mean for :class:`~cio_sync.AdvancedSink`: ``target`` with ``storage_options``,
+    ``filesystem`` or ``retry``; ``format`` (parquet, csv or a Format); publishing on :meth:`flush`, on
+    :meth:`close`, every ``flush_interval`` seconds and early at ``max_rows`` or ``max_bytes`` per table; the memory
+    budget ``max_buffer_bytes`` with ``when_full`` and ``block_timeout``; the spool (``spool_dir``,
+    ``spool_sync``, ``spool_sync_interval``), with which every accepted call's rows survive a crash and are
+    published exactly once; ``manifests`` (one per sync under ``_manifests/``, named after the class); ``on_publish``;
+    ``keep_rejected``.
+    """
+
+    #: Table name -> Arrow schema (or an object with a ``schema`` attribute).
+    tables: ClassVar[Mapping[str, Any]] = {}
+    #: The file-name template; see the class docstring.
+    layout: ClassVar[str] = DEFAULT_LAYOUT
+    #: Placeholders of ``layout`` besides ``{table}``, ``{position}`` and ``{ext}`` that the sink fills in
+    #: (:meth:`_name_fields`); for sinks that extend the toolkit, like the Advanced sink.
+    layout_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.tables:  # a class that declares its tables is checked now, not at its first flush
+            _layout(cls.__name__, cls.layout, _schemas(cls.__name__, cls.tables), cls.layout_fields)
+
+    def __init__(
+        self,
+        target: str | Writer,
+        *,
+        format: str | Format = "parquet",
+        storage_options: Mapping[str, Any] | None = None,
+        filesystem: AbstractFileSystem | None = None,
+        flush_interval: float | None = DEFAULT_FLUSH_INTERVAL,
+        max_rows: int | None = DEFAULT_MAX_ROWS,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
+        max_buffer_bytes: int | None = DEFAULT_MAX_BUFFER_BYTES,
+        when_full: str | None = None,
+        block_timeout: float | None = None,
+        spool_dir: str | os.PathLike[str] | None = None,
+        spool_sync: str = "always",
+        spool_sync_interval: float = 0.2,
+        manifests: bool = True,
+        retry: RetryPolicy | None = None,
+        on_publish: Callable[[WrittenFile], None] | None = None,
+        keep_rejected: bool = False,
+    ) -> None:
+        self._start(
+            target, format=get_format(format), storage_options=storage_options, filesystem=filesystem,
+            flush_interval=flush_interval, max_rows=max_rows, max_bytes=max_bytes,
+            max_buffer_bytes=max_buffer_bytes, when_full=when_full, block_timeout=block_timeout,
+            spool_dir=spool_dir, spool_sync=spool_sync, spool_sync_interval=spool_sync_interval,
+            manifests=manifests, retry=retry, on_publish=on_publish, keep_rejected=keep_rejected,
+        )
+
+    def _start(
+        self,
+        target: str | Writer,
+        *,
+        format: Format,
+        storage_options: Mapping[str, Any] | None,
+        filesystem: AbstractFileSystem | None,
+        flush_interval: float | None,
+        max_rows: int | None,
+        max_bytes: int | None,
+        max_buffer_bytes: int | None,
+        when_full: str | None,
+        block_timeout: float | None,
+        spool_dir: str | os.PathLike[str] | None,
+        spool_sync: str,
+        spool_sync_interval: float,
+        manifests: bool,
+        retry: RetryPolicy | None,
+        on_publish: Callable[[WrittenFile], None] | None,
+        keep_rejected: bool,
+    ) -> None:
+        """Open the sink's writer, counters, spool and publisher (what every subclass's ``__init__`` ends with)."""
+        owner = type(self).__name__
+        self._schemas: Mapping[str, pa.Schema] = MappingProxyType(_schemas(owner, self.tables))
+        self._layout = _layout(owner, self.layout, self._schemas, self.layout_fields)
+        self._fitters: dict[str, RowFitter] = {}
+        self.format = format
+        writer = make_writer(target, filesystem=filesystem, storage_options=storage_options, retry=retry)
+        self._counters = Counters(writer)
+        codecs = {table: self._spool_codec(table) for table in self._schemas}
+        self.spool = None if spool_dir is None else AvroSpool(
+            spool_dir, schema_of=self._spool_schema, sync=spool_sync, sync_interval=spool_sync_interval,
+            # Only tables with binary or decimal columns need one; the others take the spool's fast path.
+            codec_of=codecs.get if any(codecs.values()) else None)
+        manifest = None
+        if manifests:
+            manifest = ManifestSpec(self._manifest_name, self._manifest_header(), "received_at")
+        try:
+            self._publisher = Publisher(
+                label=f"{owner}({writer.url!r})",
+                writer=writer,
+                format=self.format,
+                name_for=self._name_for,
+                flush_interval=flush_interval,
+                max_rows=max_rows,
+                max_bytes=max_bytes,
+                on_publish=on_publish,
+                store=self.spool,
+                max_buffer_bytes=max_buffer_bytes,
+                when_full=when_full or ("spill" if self.spool is not None else "block"),
+                block_timeout=block_timeout,
+                manifest=manifest,
+                keep_rejected=keep_rejected,
+            )
+        except BaseException:
+            if self.spool is not None:
+                self.spool.close()  # lets go of the spool directory's lock
+            raise
+        if self._publisher.stats().batches_pending:
+            # Rows spooled before a crash: publish them first, under the names they were given.
+            self._publisher.publish_ready()
+
+    # -- what a subclass declares ----------------------------------------------------------------------------------
+
+    def route(self, call: Call) -> Iterable[tuple[str, Any]]:
+        """The ``(table, row)`` pairs ``call`` becomes (a row: a dict, or a tuple in schema order); none to ignore
+        it. Subclasses implement it."""
+        raise NotImplementedError(f"{type(self).__name__} must implement route(call)")
+
+    # -- naming hooks ----------------------------------------------------------------------------------------------
+
+    def _spool_schema(self, table: str) -> pa.Schema:
+        """The schema of ``table``'s rows on the spool (KeyError for a folder that is not a table's)."""
+        return self._schemas[table]
+
+    def _spool_codec(self, table: str) -> RowCodec | None:
+        return spool_codec(self._schemas[table])
+
+    def _counter_key(self, table: str) -> str:
+        """The durable counter whose values are ``table``'s positions."""
+        return f"table.{table}"
+
+    def _name_fields(self, table: str) -> dict[str, object]:
+        """Values of the layout's extra placeholders (``layout_fields``) for ``table``'s files."""
+        return {}
+
+    def _name_for(self, table: str) -> str:
+        position = self._counters.claim(self._counter_key(table))
+        return self._layout.name(table=table, position=position, ext=self.format.extension,
+                                 **self._name_fields(table))
+
+    def _manifest_label(self) -> str:
+        return type(self).__name__
+
+    def _manifest_header(self) -> dict[str, Any]:
+        return {"mode": "custom", "sink": self._manifest_label(), "format": self.format.name}
+
+    def _manifest_name(self) -> str:
+        label = self._manifest_label()
+        return custom_manifest_name(label, self._counters.claim(custom_manifest_counter(label)))
+
+    # -- intake ----------------------------------------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.writer.url!r}, tables={sorted(self._schemas)}, "
+                f"format={self.format.name!r}, closed={self.closed})")
+
+    def write(self, call: Any) -> str:
+        """Validate one call (a dict, JSON str or JSON bytes), route it and buffer its rows; return its
+        ``messageId``.
+
+        Raises :class:`~cio_sync.InvalidCall` naming the field if the call is bad, or the table and column if a row
+        :meth:`route` made does not fit; then nothing of the call is kept and the sink keeps working.
+        """
+        try:
+            parsed = parse_call(call)
+        except InvalidCall as exc:
+            self._publisher.reject(call, exc)
+            raise
+        return self.write_call(parsed)
+
+    def write_call(self, parsed: Call) -> str:
+        """Route and buffer a call already validated by ``parse_call``; return its ``messageId``."""
+        self._publisher.add_call(self._rows_of(parsed), to_micros(parsed.received_at))
+        return parsed.message_id
+
+    def _fitter(self, table: str) -> RowFitter:
+        fitter = self._fitters.get(table)
+        if fitter is None:
+            schema = self._schemas.get(table)
+            if schema is None:
+                raise InvalidCall(f"route() gave a row for table {table!r}, which is not one of this sink's "
+                                  f"tables ({', '.join(self._schemas)})", field=str(table))
+            fitter = self._fitters[table] = RowFitter(table, schema)
+        return fitter
+
+    def _rows_of(self, parsed: Call) -> list[tuple[str, pa.Schema, Row, int]]:
+        """The rows ``parsed`` becomes, fitted to their tables; :class:`InvalidCall` (counted as a rejection) if one
+        does not fit."""
+        try:
+            out = []
+            for table, row in self.route(parsed) or ():
+                fitter = self._fitter(table)
+                fitted = fitter.fit(row)
+                out.append((table, fitter.schema, fitted, row_size(fitted)))
+                if len(out) > MAX_ROWS_PER_CALL:
+                    raise InvalidCall(f"route() gave more than {MAX_ROWS_PER_CALL} rows for one call")
+        except InvalidCall as exc:
+            self._publisher.reject(parsed.data, exc)
+            raise
+        return out
+
+    # -- composing sinks (Pipeline) --------------------------------------------------------------------------------
+
+    def check_call(self, parsed: Call) -> None:
+        for table, row in self.route(parsed) or ():
+            self._fitter(table).fit(row)
+
+    def holding(self, parsed: Call) -> AbstractContextManager[None]:
+        return self._publisher.holding_call(self._rows_of(parsed), to_micros(parsed.received_at))
+
+    def close(self) -> list[WrittenFile]:
+        if self._publisher.inherited:
+            return []  # a child after fork: the buffers, the spool and its lock are the parent's
+        files = self._publisher.close()
+        if self.spool is not None:
+            self.spool.close()
+        return files
