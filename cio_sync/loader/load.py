@@ -33,7 +33,15 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from cio_sync._errors import CioSyncError, ConfigError, InvalidCall, StorageError
+from cio_sync._errors import (
+    CioSyncError,
+    ConfigError,
+    InvalidCall,
+    InvalidFile,
+    StorageError,
+    library_error,
+    make_error,
+)
 from cio_sync._time import to_micros
 from cio_sync.intake.calls import parse_time
 from cio_sync.schemas.tables import (
@@ -162,13 +170,13 @@ class LoadReport:
         return text
 
 
-class _Unloadable(Exception):
-    """A file (or manifest) that cannot load as it is; the message is the reason recorded in the load state."""
+class _Unloadable(InvalidFile):
+    """A file (or manifest) that cannot load as it is; ``reason`` is what the load state records."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, name: str | None = None) -> None:
         # One line, of bounded length: the reason is printed once per file and stored in the load state.
         text = " ".join(reason.split())
-        super().__init__(text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 1] + "…")
+        super().__init__(text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 1] + "…", name=name)
 
 
 def classify(name: str) -> SourceFile | None:
@@ -331,7 +339,7 @@ def conform(table: pa.Table, schema: pa.Schema, *, table_name: str = "its table"
             try:
                 converted = _convert(column, wanted.type, json_text=is_json_text(wanted))
             except _Unloadable as exc:
-                raise _Unloadable(f"column {wanted.name!r} {exc}") from exc
+                raise _Unloadable(f"column {wanted.name!r} {exc.reason}") from exc
             if converted is None:
                 raise _Unloadable(f"column {wanted.name!r} holds {_family(column.type)} ({column.type}), but "
                                   f"{table_name} has it as {_family(wanted.type)}")
@@ -354,7 +362,7 @@ def conform(table: pa.Table, schema: pa.Schema, *, table_name: str = "its table"
         try:
             converted = _convert(column, target, json_text=_family(target) == "text")
         except _Unloadable as exc:
-            raise _Unloadable(f"column {name!r} {exc}") from exc
+            raise _Unloadable(f"column {name!r} {exc.reason}") from exc
         if converted is None:
             raise _Unloadable(f"column {name!r} holds {_family(column.type)} ({column.type}), but the warehouse's "
                               f"{table_name} has it as {_family(target)}")
@@ -443,22 +451,27 @@ def read_file(data: bytes, source: SourceFile,
               existing: Mapping[str, tuple[str, pa.DataType | None]] | None = None) -> pa.Table:
     """The rows of one file as an Arrow table under its table's known schema (see :func:`conform`).
 
-    Raises ``_Unloadable`` (caught by :func:`load`, which quarantines the file) with the reason when the bytes are
-    not a whole file of their format or the file does not fit the schema.
+    Raises :class:`~cio_sync.InvalidFile` naming the file, with the reason (which :func:`load` records when it
+    quarantines the file), when the bytes are not a whole file of their format or the file does not fit the schema;
+    the parser's own error is the ``__cause__``.
     """
     schema = known_schema(source)
     try:
-        if source.ext == "parquet":
-            table = pq.read_table(pa.BufferReader(data))
-        elif source.ext == "csv":
-            table = _read_csv(data, schema)
-        else:
-            table = _read_json_lines(data, source.table.removeprefix("raw_"), schema)
-    except (_Unloadable, MemoryError):
+        try:
+            if source.ext == "parquet":
+                table = pq.read_table(pa.BufferReader(data))
+            elif source.ext == "csv":
+                table = _read_csv(data, schema)
+            else:
+                table = _read_json_lines(data, source.table.removeprefix("raw_"), schema)
+        except (_Unloadable, MemoryError):
+            raise
+        except Exception as exc:  # any failure to parse untrusted bytes is the file's, and is reported
+            raise _Unloadable(f"cannot be read as {_FORMATS[source.ext]}: {exc}") from exc
+        return conform(table, schema, table_name=source.table, existing=existing)
+    except _Unloadable as exc:
+        exc.name = exc.name or source.name
         raise
-    except Exception as exc:  # any failure to parse untrusted bytes is the file's, and is reported
-        raise _Unloadable(f"cannot be read as {_FORMATS[source.ext]}: {exc}") from exc
-    return conform(table, schema, table_name=source.table, existing=existing)
 
 
 # -- targets -----------------------------------------------------------------------------------------------------
@@ -606,8 +619,11 @@ class _SqlTarget:
     con: Any
     _tables: dict[str, Columns]
 
-    def _failed(self, what: str, exc: BaseException) -> StorageError:
-        return StorageError(f"{what}: {self.name} failed: {redact(str(exc).strip(), ())}", path=self.path)
+    def _failed(self, what: str, exc: BaseException) -> CioSyncError:
+        # The one map of library errors (cio_sync._errors.LIBRARY_ERRORS); a warehouse failure is a StorageError.
+        kind = library_error(exc) or StorageError
+        return make_error(kind, f"{what}: {self.name} failed: {redact(' '.join(str(exc).split()), ())}",
+                          path=self.path)
 
     def state(self, source: str) -> dict[str, str]:
         try:
@@ -809,8 +825,12 @@ class _PostgresTarget(_SqlTarget):
             # Autocommit, so that each ``transaction()`` block is a real transaction of its own.
             self.con = psycopg.connect(dsn, autocommit=True)
         except psycopg.Error as exc:
-            raise CioSyncError(f"cannot connect to PostgreSQL at {self.path}: "
-                               f"{redact(str(exc).strip(), ())}") from exc
+            # Connecting, a ProgrammingError is a URL psycopg cannot parse; else the server is not reachable.
+            kind = ConfigError if isinstance(exc, psycopg.ProgrammingError) else library_error(exc) or StorageError
+            raise make_error(kind, f"cannot connect to PostgreSQL at {self.path}: "
+                             f"{redact(' '.join(str(exc).split()), ())}; check the URL "
+                             "(postgresql://user:password@host:port/database) and that the server runs",
+                             path=self.path) from exc
         try:
             with self.con.transaction():
                 self.con.execute(_state_sql("postgres"))
@@ -984,7 +1004,7 @@ def _manifests(fs: AbstractFileSystem, root: str, *, where: str, target: _Target
                 raise _Unloadable(f"is not JSON: {exc}") from exc
             entries = manifest_files(document)
         except _Unloadable as exc:
-            _quarantine(target, report, name, table=MANIFESTS_FOLDER, reason=f"manifest {exc}",
+            _quarantine(target, report, name, table=MANIFESTS_FOLDER, reason=f"manifest {exc.reason}",
                         replace=status is not None, tell=tell)
             continue
         if status is not None:
@@ -1068,7 +1088,7 @@ def load(
                 table = read_file(data, file, target.columns(file.table))
                 target.load(where, file, table, replace=status is not None)
             except _Unloadable as exc:
-                _quarantine(target, report, file.name, table=file.table, reason=str(exc), replace=status is not None,
+                _quarantine(target, report, file.name, table=file.table, reason=exc.reason, replace=status is not None,
                             tell=on_quarantine)
                 continue
             report.files_loaded += 1
@@ -1127,7 +1147,7 @@ def inspect_prefix(source: str, *, storage_options: Mapping[str, Any] | None = N
         try:
             rows = read_file(data, file)
         except _Unloadable as exc:
-            unreadable.append({"name": file.name, "table": file.table, "reason": str(exc)})
+            unreadable.append({"name": file.name, "table": file.table, "reason": exc.reason})
             continue
         table = summary.setdefault(file.table, {"files": 0, "rows": 0, "bytes": 0, "numbers": [],
                                                 "formats": set(), "first": None, "last": None})
