@@ -117,6 +117,23 @@ def test_a_corrupt_duckdb_file_is_a_storage_error_naming_it(tmp_path: Path) -> N
     assert isinstance(raised.value.__cause__, duckdb.Error)
 
 
+def test_a_duckdb_url_with_three_slashes_for_an_absolute_path_gets_a_hint(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    absolute = str(tmp_path / "w.duckdb").lstrip("/")
+    with pytest.raises(cio_sync.StorageError) as raised:
+        cio_sync.load(str(_prefix(tmp_path)), f"duckdb:///{absolute}")
+    assert f"duckdb:////{absolute}" in str(raised.value)
+    assert isinstance(raised.value.__cause__, FileNotFoundError)
+
+
+@pytest.mark.parametrize("url", ["duckdb:/x.duckdb", "duckdb://x.duckdb", "duckdb:x.duckdb"])
+def test_a_malformed_duckdb_url_is_refused(tmp_path: Path, url: str) -> None:
+    with pytest.raises(cio_sync.ConfigError, match="malformed DuckDB URL"):
+        cio_sync.load(str(_prefix(tmp_path)), url)
+
+
 @pytest.mark.postgres
 def test_a_postgres_url_of_a_missing_database_is_a_storage_error_naming_it(request: pytest.FixtureRequest,
                                                                            tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ retry it; the load goes on with the next file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -671,7 +672,8 @@ class _DuckDBTarget(_SqlTarget):
         try:
             import duckdb
         except ImportError as exc:
-            raise ConfigError("loading into DuckDB needs the duckdb package: pip install 'cio_sync[duckdb]'") from exc
+            raise ConfigError("loading into DuckDB needs the duckdb package: pip install -e '.[duckdb]' in the "
+                              "cio_sync checkout") from exc
         self._duckdb = duckdb
         self._error = duckdb.Error
         self.path = path
@@ -681,6 +683,9 @@ class _DuckDBTarget(_SqlTarget):
         self._tables: dict[str, Columns] = {}
         try:
             if path != ":memory:" and not _NOT_A_FILE.match(path):
+                folder = os.path.dirname(path) or "."
+                if not os.path.isdir(folder):  # say so, rather than DuckDB's error about a temporary file in it
+                    raise FileNotFoundError(errno.ENOENT, "no such folder", folder)
                 _remove_stale(path)
                 if not os.path.exists(path):
                     self._create(path)
@@ -694,7 +699,8 @@ class _DuckDBTarget(_SqlTarget):
                 self.con.execute(sql)
         except (duckdb.Error, OSError) as exc:
             self.close()
-            raise StorageError(f"cannot open {self.name}: {exc}", path=path) from exc
+            raise StorageError(f"cannot open {self.name}: {' '.join(str(exc).split())}{_path_hint(path)}",
+                               path=path) from exc
 
     def _create(self, path: str) -> None:
         """A new database, made whole under a temporary name and then linked into place.
@@ -814,7 +820,8 @@ class _PostgresTarget(_SqlTarget):
         try:
             import psycopg
         except ImportError as exc:
-            raise ConfigError("loading into PostgreSQL needs psycopg: pip install 'cio_sync[postgres]'") from exc
+            raise ConfigError("loading into PostgreSQL needs psycopg: pip install -e '.[postgres]' in the "
+                              "cio_sync checkout") from exc
         self._psycopg = psycopg
         self._error = psycopg.Error
         self.path = redact(dsn, ())
@@ -904,14 +911,35 @@ class _PostgresTarget(_SqlTarget):
 
 def duckdb_path(into: str) -> str:
     """The database file a ``duckdb://`` URL names, as SQLAlchemy URLs do: ``duckdb:///relative.duckdb``,
-    ``duckdb:////absolute/path.duckdb``, ``duckdb:///:memory:``. A plain path ending .duckdb or .db works too."""
+    ``duckdb:////absolute/path.duckdb``, ``duckdb:///:memory:``. A plain path ending .duckdb or .db works too.
+    Raises :class:`~cio_sync.ConfigError` for any other ``duckdb:`` URL (``duckdb:/x``, ``duckdb://host/x``)."""
     if into.startswith("duckdb:///"):
         path = into.removeprefix("duckdb:///")
         return path or ":memory:"
+    if into.lower().startswith("duckdb:"):
+        raise ConfigError(f"malformed DuckDB URL {redact(into, ())!r}: use duckdb:///relative/path.duckdb (three "
+                          "slashes) or duckdb:////absolute/path.duckdb (four)")
     if into.endswith((".duckdb", ".db")) and "://" not in into:
         return into
     raise ConfigError(f"unknown load target {redact(into, ())!r}; use duckdb:///relative.duckdb, "
                       "duckdb:////absolute.duckdb or postgresql://user@host/database")
+
+
+def _path_hint(path: str) -> str:
+    """A hint for a DuckDB path that names a folder that does not exist: ``duckdb:///x`` is relative to the working
+    directory, and the absolute path meant may need a fourth slash (or the other way round)."""
+    if path == ":memory:" or _NOT_A_FILE.match(path):
+        return ""
+    folder = os.path.dirname(path) or "."
+    if os.path.isdir(folder):
+        return ""
+    if not os.path.isabs(path) and os.path.isdir(os.path.dirname("/" + path)):
+        return (f"; the folder {folder!r} does not exist here ({os.getcwd()}): for the absolute path /{path} write "
+                f"duckdb:////{path} (four slashes)")
+    if os.path.isabs(path) and os.path.isdir(os.path.dirname(path.lstrip("/")) or "."):
+        return (f"; the folder {folder} does not exist: for the path {path.lstrip('/')} relative to {os.getcwd()} "
+                f"write duckdb:///{path.lstrip('/')} (three slashes)")
+    return f"; the folder {folder} does not exist"
 
 
 def _target(into: str) -> _Target:
@@ -938,6 +966,44 @@ def list_files(fs: AbstractFileSystem, root: str) -> list[SourceFile]:
     entries = _list(fs, root)
     files = [classify(e.rstrip("/").rsplit("/", 1)[-1]) for e in entries]
     return sorted(f for f in files if f is not None)
+
+
+def _holding(fs: AbstractFileSystem, entries: list[str]) -> bool:
+    """Whether a folder with ``entries`` is a prefix of either sink (or an export): it holds a file of theirs, or
+    the folders they keep (a prefix whose files were all loaded and deleted keeps its counters)."""
+    names = {e.rstrip("/").rsplit("/", 1)[-1] for e in entries}
+    return bool(names & {_OWN_PREFIX, MANIFESTS_FOLDER}) or any(classify(n) is not None for n in names)
+
+
+def require_files(fs: AbstractFileSystem, root: str) -> None:
+    """Raise :class:`~cio_sync.ConfigError` when ``root`` does not exist or holds no file of either sink, naming
+    the subfolders that do (as the demo writes one prefix per format and mode under one folder)."""
+    where = display_url(fs, root)
+    entries = _list(fs, root)
+    if _holding(fs, entries):
+        return
+    found: list[str] = []
+    for entry in sorted(entries):
+        if len(found) >= 6:
+            break
+        try:
+            if not fs.isdir(entry):
+                continue
+            inner = _list(fs, entry)
+            if _holding(fs, inner):
+                found.append(entry)
+            else:
+                found += [e for e in sorted(inner) if fs.isdir(e) and _holding(fs, _list(fs, e))]
+        except OSError:  # an entry that went away or cannot be looked into is no hint
+            continue
+    missing = not entries and not fs.exists(root)
+    what = f"{where} does not exist" if missing else f"no cio_sync files in {where}"
+    if found:
+        shown = [display_url(fs, f.rstrip("/")) for f in found[:6]]
+        raise ConfigError(f"{what}; try {', '.join(shown[:-1]) + ' or ' if len(shown) > 1 else ''}{shown[-1]}")
+    if missing:
+        raise ConfigError(f"{what}; check the prefix")
+    raise ConfigError(f"{what}: it holds no file of either sink nor of a Customer.io export; check the prefix")
 
 
 def _read(fs: AbstractFileSystem, path: str, shown: str) -> bytes:
@@ -1056,10 +1122,12 @@ def load(
 
     Raises :class:`StorageError` naming the file or the database when the prefix cannot be read or the warehouse
     fails (a full disk, a lost connection): the file being loaded is rolled back, every file before it stays loaded.
-    Raises :class:`ConfigError` for an unknown target, :class:`CioSyncError` when PostgreSQL cannot be reached.
+    Raises :class:`ConfigError` for an unknown or malformed target or a source that holds no file of either sink,
+    :class:`StorageError` when PostgreSQL cannot be reached.
     """
     fs, root = resolve(source, filesystem=filesystem, storage_options=storage_options)
     where = display_url(fs, root)
+    require_files(fs, root)
     target = _target(into)
     report = LoadReport(where, redact(into, ()))
     try:
@@ -1136,10 +1204,12 @@ def inspect_prefix(source: str, *, storage_options: Mapping[str, Any] | None = N
     """What a prefix holds: per table its files, rows, schema versions, time range, and gaps in the numbering.
 
     A file that cannot be read under its table's schema is listed under ``"unreadable"`` with the reason (the
-    reason a load would quarantine it for) instead of being counted.
+    reason a load would quarantine it for) instead of being counted. Raises :class:`~cio_sync.ConfigError` when
+    ``source`` does not exist or holds no file of either sink (naming the subfolders that do).
     """
     fs, root = resolve(source, filesystem=filesystem, storage_options=storage_options)
     where = display_url(fs, root)
+    require_files(fs, root)
     summary: dict[str, dict[str, Any]] = {}
     unreadable: list[dict[str, str]] = []
     for file in list_files(fs, root):
