@@ -2,10 +2,11 @@
 
 Every error ends the command with one line on stderr, ``cio-sync: error: <what, which file or URL, what to do>``
 (with ``--debug``, after the traceback), never showing a credential. Exit codes: 0 success, 1 the work failed
-(storage, data) or, for ``load``, files were quarantined by this run, 2 the command line was wrong (an unknown
-option, a storage option the backend does not take, a malformed URL, a prefix with no files), 128 + the signal's
-number when ``replay`` or ``load`` was stopped by SIGTERM, SIGINT or SIGHUP (143, 130, 129) after finishing what
-it had accepted: ``replay`` publishes every call it accepted, ``load`` stops between two files.
+(storage, data, a value such as a URL, a prefix or a storage option found wrong) or, for ``load``, files were
+quarantined by this run, 2 the command line could not be parsed (an unknown option, a ``--storage-option`` without
+``=``), 128 + the signal's number when ``replay`` or ``load`` was stopped by SIGTERM, SIGINT or SIGHUP (143, 130,
+129) after finishing what it had accepted: ``replay`` publishes every call it accepted, ``load`` stops between two
+files.
 """
 
 from __future__ import annotations
@@ -276,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "integrations, as a library), and load them into DuckDB or PostgreSQL.",
         epilog="Commands: demo (try both modes locally), replay (a JSON-lines file of calls through a sink, to a "
                "folder or a bucket), load (a prefix into DuckDB or PostgreSQL, each file once), inspect (what a "
-               "prefix holds). Every error is one line 'cio-sync: error: ...' (exit 1; 2 for a wrong command "
-               "line); --debug adds the traceback. 'cio-sync COMMAND --help' for each.",
+               "prefix holds). Every error is one line 'cio-sync: error: ...' (exit 1; 2 when the command "
+               "line cannot be parsed); --debug adds the traceback. 'cio-sync COMMAND --help' for each.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
     parser.add_argument("--debug", action="store_true", help="on an error, print its traceback too")
@@ -434,7 +435,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # The traceback may show the options' values: it is for the one who typed them.
             traceback.print_exc()
         print(_error_line(exc, secrets), file=sys.stderr)
-        return 2 if isinstance(exc, UsageError | ConfigError) else 1
+        # 2, as argparse, only for a command line that cannot be parsed; a value found wrong once used is 1.
+        return 2 if isinstance(exc, UsageError) else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -148,7 +148,7 @@ def test_a_storage_option_the_backend_does_not_take_is_one_line_naming_it(
     url, options = s3_bucket
     result = _cio_sync("inspect", url, "--storage-option", f"endpoint={options['endpoint_url']}",
                        "--storage-option", f"key={options['key']}", "--storage-option", f"secret={options['secret']}")
-    line = _one_error_line(result, 2, options["secret"])
+    line = _one_error_line(result, 1, options["secret"])
     assert "'endpoint'" in line
     assert "endpoint_url" in line
 
@@ -200,9 +200,9 @@ def test_storage_options_take_json_values(s3_bucket: tuple[str, dict[str, Any]],
 
 def test_the_traceback_shows_only_with_debug(tmp_path: Path) -> None:
     quiet = _cio_sync("inspect", str(tmp_path / "nothing"))
-    _one_error_line(quiet, 2)
+    _one_error_line(quiet, 1)
     loud = _cio_sync("--debug", "inspect", str(tmp_path / "nothing"))
-    assert loud.returncode == 2
+    assert loud.returncode == 1
     assert "Traceback" in loud.stderr
     assert loud.stderr.splitlines()[-1].startswith("cio-sync: error: ")
 
@@ -212,22 +212,22 @@ def test_a_storage_option_without_a_value_is_a_usage_error() -> None:
     assert "KEY=VALUE" in line
 
 
-def test_a_local_storage_option_the_backend_does_not_take_is_a_usage_error(tmp_path: Path) -> None:
-    line = _one_error_line(_cio_sync("inspect", f"file://{tmp_path}", "--storage-option", "anon=true"), 2)
+def test_a_local_storage_option_the_backend_does_not_take_is_an_error(tmp_path: Path) -> None:
+    line = _one_error_line(_cio_sync("inspect", f"file://{tmp_path}", "--storage-option", "anon=true"), 1)
     assert "'anon'" in line
 
 
 def test_loading_a_prefix_that_does_not_exist_is_an_error(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-prefix"
     result = _cio_sync("load", str(missing), "--into", f"duckdb:///{tmp_path / 'w.duckdb'}")
-    line = _one_error_line(result, 2)
+    line = _one_error_line(result, 1)
     assert f"{missing} does not exist" in line
     assert not (tmp_path / "w.duckdb").exists()
 
 
 def test_inspecting_the_demo_folder_points_to_its_subfolders(tmp_path: Path) -> None:
     assert main(["demo", str(tmp_path / "demo"), "--calls", "50"]) == 0
-    line = _one_error_line(_cio_sync("inspect", str(tmp_path / "demo")), 2)
+    line = _one_error_line(_cio_sync("inspect", str(tmp_path / "demo")), 1)
     assert "no cio_sync files in" in line
     for sub in ("advanced/parquet", "advanced/csv", "standard"):
         assert str(tmp_path / "demo" / sub) in line
@@ -235,13 +235,13 @@ def test_inspecting_the_demo_folder_points_to_its_subfolders(tmp_path: Path) -> 
 
 def test_a_folder_of_other_files_is_not_loaded_as_zero_files(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("hello")
-    line = _one_error_line(_cio_sync("load", str(tmp_path), "--into", "duckdb:///:memory:"), 2)
+    line = _one_error_line(_cio_sync("load", str(tmp_path), "--into", "duckdb:///:memory:"), 1)
     assert "no cio_sync files" in line
 
 
-def test_a_malformed_duckdb_url_is_a_usage_error(tmp_path: Path) -> None:
+def test_a_malformed_duckdb_url_is_an_error(tmp_path: Path) -> None:
     assert main(["demo", str(tmp_path / "demo"), "--calls", "20"]) == 0
-    line = _one_error_line(_cio_sync("load", str(tmp_path / "demo" / "standard"), "--into", "duckdb:/w.duckdb"), 2)
+    line = _one_error_line(_cio_sync("load", str(tmp_path / "demo" / "standard"), "--into", "duckdb:/w.duckdb"), 1)
     assert "duckdb:////" in line
 
 
