@@ -199,8 +199,9 @@ def inspect_command(args: argparse.Namespace) -> int:
     for bad in found["unreadable"]:
         print(f"cio-sync: unreadable {found['source']}/{bad['name']}: {bad['reason']}", file=sys.stderr)
     if not tables:
-        print(f"{found['source']}: no readable cio_sync or Customer.io files")
-        return 0
+        print(f"cio-sync: error: no readable files in {found['source']}: each of its {len(found['unreadable'])} "
+              "cio_sync files is unreadable (see above); a load would quarantine them", file=sys.stderr)
+        return 1
     print(f"{found['source']}:")
     for name, t in sorted(tables.items()):
         span = f"{t['first']:%Y-%m-%d %H:%M:%S} .. {t['last']:%Y-%m-%d %H:%M:%S} UTC" if t["first"] else "no rows"
@@ -432,8 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not isinstance(exc, (CioSyncError, UsageError, *_backend_errors())):
             raise  # a bug of ours: its traceback is what to report
         if args.debug:
-            # The traceback may show the options' values: it is for the one who typed them.
-            traceback.print_exc()
+            # Redacted too: a traceback ends up in logs and issue reports.
+            print(redact(traceback.format_exc().rstrip(), secrets), file=sys.stderr)
         print(_error_line(exc, secrets), file=sys.stderr)
         # 2, as argparse, only for a command line that cannot be parsed; a value found wrong once used is 1.
         return 2 if isinstance(exc, UsageError) else 1

@@ -207,6 +207,16 @@ def test_the_traceback_shows_only_with_debug(tmp_path: Path) -> None:
     assert loud.stderr.splitlines()[-1].startswith("cio-sync: error: ")
 
 
+def test_inspecting_a_prefix_of_unreadable_files_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "1.2.1.track.parquet").write_bytes(b"PAR1 not really")
+    result = _cio_sync("inspect", str(tmp_path))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith(f"cio-sync: unreadable {tmp_path}/1.2.1.track.parquet: cannot be read as Parquet")
+    assert lines[-1].startswith(f"cio-sync: error: no readable files in {tmp_path}")
+
+
 def test_a_storage_option_without_a_value_is_a_usage_error() -> None:
     line = _one_error_line(_cio_sync("inspect", "memory://x/y", "--storage-option", "anon"), 2)
     assert "KEY=VALUE" in line
