@@ -413,15 +413,35 @@ def _error_line(exc: BaseException, secrets: list[str]) -> str:
     return redact(f"cio-sync: error: {text}{_what_to_do(exc)}", secrets)
 
 
+class _OneLine(logging.Formatter):
+    """Log records as one line each, credentials redacted; their tracebacks only with ``--debug``."""
+
+    def __init__(self, *, debug: bool, secrets: list[str]) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+        self.debug = debug
+        self.secrets = secrets
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not self.debug and record.exc_info:
+            exc = record.exc_info[1]
+            record = logging.makeLogRecord(record.__dict__)
+            record.msg, record.args = f"{record.getMessage()}: {type(exc).__name__}: {exc}", None
+            record.exc_info = record.exc_text = None
+        text = super().format(record)
+        return redact(text if self.debug else " ".join(text.split()), self.secrets)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``cio-sync`` command with ``argv`` (default: the process's arguments); returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
-                        format="%(levelname)s %(name)s: %(message)s")
     pairs = getattr(args, "storage_option", [])
     # The values of the pairs as given too, before JSON reading, so that none of them is ever printed.
     secrets = secrets_in({key: value for key, _, value in (p.partition("=") for p in pairs)})
+    handler = logging.StreamHandler()
+    handler.setFormatter(_OneLine(debug=args.debug, secrets=secrets))
+    logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
+                        handlers=[handler])
     try:
         args.options = _options(pairs)
         secrets += secrets_in(args.options)
@@ -436,6 +456,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Redacted too: a traceback ends up in logs and issue reports.
             print(redact(traceback.format_exc().rstrip(), secrets), file=sys.stderr)
         print(_error_line(exc, secrets), file=sys.stderr)
+        if not args.debug:
+            # Said once: a sink whose publishing failed is tried once more at exit (nothing is dropped while it
+            # may still publish), and that attempt's failure is the same error again.
+            logging.getLogger("cio_sync").setLevel(logging.CRITICAL)
         # 2, as argparse, only for a command line that cannot be parsed; a value found wrong once used is 1.
         return 2 if isinstance(exc, UsageError) else 1
 

@@ -165,6 +165,20 @@ def test_an_unreachable_endpoint_is_one_line_saying_to_check_it(s3_bucket: tuple
 
 
 @pytest.mark.s3
+def test_a_replay_to_an_unreachable_endpoint_is_one_line_even_after_the_retry_at_exit(
+        s3_bucket: tuple[str, dict[str, Any]], tmp_path: Path) -> None:
+    url, options = s3_bucket
+    calls = tmp_path / "calls.jsonl"
+    calls.write_text('{"type": "track", "userId": "1", "event": "A"}\n')
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    result = _cio_sync("replay", str(calls), "--to", url, "--storage-option", f"endpoint_url={endpoint}",
+                       "--storage-option", f"key={options['key']}", "--storage-option", f"secret={options['secret']}")
+    line = _one_error_line(result, 1, options["secret"])
+    assert url.removeprefix("s3://") in line
+    assert endpoint.removeprefix("http://") in line
+
+
+@pytest.mark.s3
 def test_missing_credentials_are_one_line_saying_to_give_them(s3_bucket: tuple[str, dict[str, Any]]) -> None:
     url, options = s3_bucket
     result = _cio_sync("inspect", url, "--storage-option", f"endpoint_url={options['endpoint_url']}",
