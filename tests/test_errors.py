@@ -128,6 +128,15 @@ def test_a_duckdb_url_with_three_slashes_for_an_absolute_path_gets_a_hint(tmp_pa
     assert isinstance(raised.value.__cause__, FileNotFoundError)
 
 
+def test_a_duckdb_url_with_four_slashes_for_a_relative_path_gets_a_hint(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "warehouses").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(cio_sync.StorageError) as raised:
+        cio_sync.load(str(_prefix(tmp_path)), "duckdb:////warehouses/w.duckdb")
+    assert "duckdb:///warehouses/w.duckdb (three slashes)" in str(raised.value)
+
+
 @pytest.mark.parametrize("url", ["duckdb:/x.duckdb", "duckdb://x.duckdb", "duckdb:x.duckdb"])
 def test_a_malformed_duckdb_url_is_refused(tmp_path: Path, url: str) -> None:
     with pytest.raises(cio_sync.ConfigError, match="malformed DuckDB URL"):
