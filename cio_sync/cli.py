@@ -1,32 +1,40 @@
 """The ``cio-sync`` command line (also ``python -m cio_sync``).
 
-Exit codes: 0 success, 1 the work failed (storage, data) or, for ``load``, files were quarantined by this run,
-2 the command line was wrong, 128 + the signal's number when ``replay`` or ``load`` was stopped by SIGTERM, SIGINT
-or SIGHUP (143, 130, 129) after finishing what it had accepted: ``replay`` publishes every call it accepted,
-``load`` stops between two files.
+Every error ends the command with one line on stderr, ``cio-sync: error: <what, which file or URL, what to do>``
+(with ``--debug``, after the traceback), never showing a credential. Exit codes: 0 success, 1 the work failed
+(storage, data, a value such as a URL, a prefix or a storage option found wrong) or, for ``load``, files were
+quarantined by this run, 2 the command line could not be parsed (an unknown option, a ``--storage-option`` without
+``=``), 128 + the signal's number when ``replay`` or ``load`` was stopped by SIGTERM, SIGINT or SIGHUP (143, 130,
+129) after finishing what it had accepted: ``replay`` publishes every call it accepted, ``load`` stops between two
+files.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cio_sync._errors import CioSyncError, InvalidCall, InvalidCalls
+from cio_sync._errors import CioSyncError, ConfigError, InvalidCall, InvalidCalls
 from cio_sync._sample import sample_calls, sample_records
 from cio_sync.loader.load import inspect_prefix, load
 from cio_sync.sinks.advanced import AdvancedSink
 from cio_sync.sinks.pipeline import Pipeline
 from cio_sync.sinks.signals import close_on_signals
 from cio_sync.sinks.standard import StandardSink
-from cio_sync.storage.backends import redact
+from cio_sync.storage.backends import is_secret_name, redact, secrets_in
 from cio_sync.storage.writer import WrittenFile
 
 FORMATS = ("parquet", "csv", "json")
+_STORAGE_OPTION_HELP = ("an option for the storage backend (repeatable); VALUE is read as JSON when it is JSON, else "
+                        "as text: endpoint_url=http://127.0.0.1:9000, anon=true, "
+                        "'client_kwargs={\"region_name\": \"eu-west-1\"}'")
 #: The signals that stop the long-running commands cleanly (SIGHUP: the terminal went away).
 STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)) if s is not None)
 
@@ -96,7 +104,8 @@ def demo(args: argparse.Namespace) -> int:
     try:
         import duckdb  # noqa: F401
     except ImportError:
-        print("\n(install 'cio_sync[duckdb]' to load the files into DuckDB)", file=out)
+        print("\n(to load the files into DuckDB, install it: pip install -e '.[duckdb]' in the cio_sync "
+              "checkout)", file=out)
         return 0
     database = folder / "warehouse.duckdb"
     for prefix in (folder / "advanced" / "parquet", folder / "standard"):
@@ -109,13 +118,31 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class UsageError(Exception):
+    """A command-line value that is wrong before any work starts (exit code 2)."""
+
+
+def _value(key: str, text: str) -> Any:
+    """``text`` as JSON when it is JSON (``true``, ``3``, ``{"endpoint_url": "..."}``), else as the plain string. A
+    credential stays a string unless it is a JSON object: a numeric secret is still a secret."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    if is_secret_name(key) and not isinstance(value, dict):
+        return text
+    return value
+
+
 def _options(pairs: list[str]) -> dict[str, Any]:
+    """The storage options of ``--storage-option KEY=VALUE`` pairs, each VALUE as :func:`_value` reads it."""
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"cio-sync: error: --storage-option takes KEY=VALUE, got {pair!r}")
-        options[key] = value
+            raise UsageError(f"--storage-option takes KEY=VALUE (VALUE as JSON or plain text), got "
+                             f"{pair.split('=', 1)[0]!r}")
+        options[key.strip()] = _value(key.strip(), value)
     return options
 
 
@@ -143,7 +170,7 @@ def load_command(args: argparse.Namespace) -> int:
 
     try:
         with guard:
-            report = load(args.source, args.into, storage_options=_options(args.storage_option),
+            report = load(args.source, args.into, storage_options=args.options,
                           delete_after_load=args.delete_after_load, retry_quarantined=args.retry_quarantined,
                           progress=progress, on_quarantine=quarantined)
             if show:
@@ -167,13 +194,14 @@ def load_command(args: argparse.Namespace) -> int:
 
 def inspect_command(args: argparse.Namespace) -> int:
     """Describe a prefix."""
-    found = inspect_prefix(args.prefix, storage_options=_options(args.storage_option))
+    found = inspect_prefix(args.prefix, storage_options=args.options)
     tables = found["tables"]
     for bad in found["unreadable"]:
         print(f"cio-sync: unreadable {found['source']}/{bad['name']}: {bad['reason']}", file=sys.stderr)
     if not tables:
-        print(f"{found['source']}: no readable cio_sync or Customer.io files")
-        return 0
+        print(f"cio-sync: error: no readable files in {found['source']}: each of its {len(found['unreadable'])} "
+              "cio_sync files is unreadable (see above); a load would quarantine them", file=sys.stderr)
+        return 1
     print(f"{found['source']}:")
     for name, t in sorted(tables.items()):
         span = f"{t['first']:%Y-%m-%d %H:%M:%S} .. {t['last']:%Y-%m-%d %H:%M:%S} UTC" if t["first"] else "no rows"
@@ -185,7 +213,7 @@ def inspect_command(args: argparse.Namespace) -> int:
 
 def replay_command(args: argparse.Namespace) -> int:
     """Replay a JSON-lines file of calls into a sink."""
-    options = _options(args.storage_option)
+    options = args.options
     sinks: list[Any] = []
     if args.mode in ("advanced", "both"):
         target = args.to if args.mode == "advanced" else f"{args.to.rstrip('/')}/advanced"
@@ -237,19 +265,37 @@ def replay_command(args: argparse.Namespace) -> int:
     return 1 if rejected else 0
 
 
+def _version() -> str:
+    from cio_sync import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cio-sync",
         description="Write customer-data calls to storage buckets as immutable files (Customer.io's storage "
-                    "integrations, as a library).",
+                    "integrations, as a library), and load them into DuckDB or PostgreSQL.",
+        epilog="Commands: demo (try both modes locally), replay (a JSON-lines file of calls through a sink, to a "
+               "folder or a bucket), load (a prefix into DuckDB or PostgreSQL, each file once), inspect (what a "
+               "prefix holds). Every error is one line 'cio-sync: error: ...' (exit 1; 2 when the command "
+               "line cannot be parsed); --debug adds the traceback. 'cio-sync COMMAND --help' for each.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
+    parser.add_argument("--debug", action="store_true", help="on an error, print its traceback too")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = commands.add_parser(
-        "demo", help="write sample calls in Parquet, CSV and JSON to a local folder and show them",
-        description="Writes realistic sample calls through the Advanced sink in all three formats to FOLDER "
-                    "(one subfolder per format), prints every file written, and reads the Parquet files back "
-                    "with DuckDB when it is installed.",
+        "demo", help="try both modes on sample calls in a local folder, loaded into DuckDB",
+        description="Generates CALLS realistic sample calls (identify, track, page, screen, group, alias from "
+                    "CALLS/10 people) and writes them to FOLDER: through the Advanced sink as CSV and JSON lines "
+                    "(FOLDER/advanced/csv, FOLDER/advanced/json), and through a Pipeline of both modes as "
+                    "Advanced Parquet (FOLDER/advanced/parquet) and Standard files (FOLDER/standard: people, "
+                    "attributes, campaigns, deliveries, metrics, with sample campaign records; the workspace state "
+                    "in FOLDER/workspace.sqlite). Prints every file written; with DuckDB installed, loads "
+                    "FOLDER/advanced/parquet and FOLDER/standard into FOLDER/warehouse.duckdb and prints a summary "
+                    "of its current-state views. Run it again and positions and sequences continue, and only the "
+                    "new files are loaded. Inspect or load one of those subfolders, not FOLDER itself.",
     )
     p.add_argument("folder", nargs="?", default="cio-sync-demo", help="where to write (default: ./cio-sync-demo)")
     p.add_argument("--calls", type=int, default=10_000, help="how many calls to write (default: 10000)")
@@ -259,26 +305,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=demo)
 
     p = commands.add_parser(
-        "load", help="load a prefix into a warehouse, each file once",
+        "load", help="load a prefix into DuckDB or PostgreSQL, each file once",
         description="Loads every file of SOURCE (written by either sink, or a Customer.io export) that was not "
-                    "loaded before into the target, in position/sequence order, each file in one transaction with "
-                    "its entry in _cio_sync_loaded; then builds the current-state views (people_current, "
-                    "attributes_current, deliveries_current, subjects_current, metrics_unique, raw_<type>_unique). "
+                    "loaded before into the target (DuckDB or PostgreSQL), in position/sequence order, each file "
+                    "in one transaction with its entry in _cio_sync_loaded; then builds the current-state views "
+                    "(people_current, attributes_current, deliveries_current, subjects_current, metrics_unique, "
+                    "raw_<type>_unique). "
                     "A file that cannot load is quarantined (one line on stderr with its name and the reason) and "
                     "the load goes on; later loads skip it unless --retry-quarantined is given. Exit code 1 when "
                     "this run quarantined a file or failed, 0 otherwise.",
     )
     p.add_argument("source", help="the prefix: s3://bucket/raw, gs://..., az://..., or a local folder")
     p.add_argument("--into", default="duckdb:///cio_sync.duckdb",
-                   help="target: duckdb:///relative.duckdb or duckdb:////absolute.duckdb (default: "
-                        "duckdb:///cio_sync.duckdb)")
+                   help="target: duckdb:///relative.duckdb, duckdb:////absolute.duckdb, or PostgreSQL as "
+                        "postgresql://user:password@host:5432/database (default: duckdb:///cio_sync.duckdb)")
     p.add_argument("--delete-after-load", action="store_true",
                    help="delete each file once its rows are committed (and manifests whose files are all loaded); "
                         "the _cio_sync/ counters stay")
     p.add_argument("--retry-quarantined", action="store_true",
                    help="try again the files an earlier load quarantined (by default they are skipped)")
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an option for the storage backend, e.g. endpoint_url=http://127.0.0.1:9000 (repeatable)")
+                   help=_STORAGE_OPTION_HELP)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     p.set_defaults(handler=load_command)
 
@@ -289,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("prefix", help="the prefix: s3://bucket/raw, gs://..., az://..., or a local folder")
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an option for the storage backend (repeatable)")
+                   help=_STORAGE_OPTION_HELP)
     p.set_defaults(handler=inspect_command)
 
     p = commands.add_parser(
@@ -307,24 +354,114 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace-id", type=int, default=1, help="Standard workspace id (default 1)")
     p.add_argument("--state", default=None, help="Standard workspace state file (default: in memory)")
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an option for the storage backend (repeatable)")
+                   help=_STORAGE_OPTION_HELP)
     p.set_defaults(handler=replay_command)
     return parser
 
 
+#: Base classes of the storage backends' (and databases') own errors, which are not all OSErrors: (module, class).
+#: Looked up only in modules already imported: a backend never imported raised nothing (and importing costs time).
+_BACKEND_ERRORS = (
+    ("botocore.exceptions", "BotoCoreError"),  # no credentials, an unreachable endpoint, a bad parameter
+    ("botocore.exceptions", "ClientError"),  # an S3 error response: access denied, no such bucket
+    ("aiohttp", "ClientError"),  # gcsfs and adlfs talk HTTP through aiohttp
+    ("google.auth.exceptions", "GoogleAuthError"),
+    ("google.api_core.exceptions", "GoogleAPIError"),
+    ("azure.core.exceptions", "AzureError"),
+    # The libraries of the load targets and the state, where an error of theirs escaped the library's own map.
+    ("duckdb", "Error"),
+    ("psycopg", "Error"),
+    ("sqlite3", "Error"),
+)
+
+
+def _backend_errors() -> tuple[type[BaseException], ...]:
+    kinds: list[type[BaseException]] = [OSError, ImportError, ValueError, TypeError, LookupError]
+    for module, name in _BACKEND_ERRORS:
+        loaded = sys.modules.get(module)
+        kind = getattr(loaded, name, None) if loaded is not None else None
+        if isinstance(kind, type) and issubclass(kind, BaseException):
+            kinds.append(kind)
+    return tuple(kinds)
+
+
+def _what_to_do(exc: BaseException) -> str:
+    """What to try, for an error that does not say it itself (judged by it or, for a cio_sync error, its cause)."""
+    if isinstance(exc, ConfigError | UsageError) or (isinstance(exc, CioSyncError) and "; " in str(exc)):
+        return ""
+    if isinstance(exc, CioSyncError):
+        if exc.__cause__ is None:
+            return "; run with --debug for details"
+        exc = exc.__cause__
+    name = type(exc).__name__
+    if any(w in name for w in ("Credential", "Auth", "Signature", "AccessDenied")) or isinstance(exc,
+                                                                                               PermissionError):
+        return "; check the credentials (--storage-option key=... secret=..., or the environment) and their access"
+    if "Endpoint" in name or "Connect" in name or isinstance(exc, ConnectionError | TimeoutError):
+        return "; check that the endpoint is right and reachable (--storage-option endpoint_url=...)"
+    return "; check the URL and the --storage-option values (run with --debug for the traceback)"
+
+
+def _error_line(exc: BaseException, secrets: list[str]) -> str:
+    """The one line an error ends the command with: what, where, what to do; no credential, no newline."""
+    text = " ".join(str(exc).split())
+    if not isinstance(exc, CioSyncError | UsageError):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        cause = exc.__cause__ or exc.__context__
+        if cause is not None and str(cause) and str(cause) not in text:
+            text += f" ({type(cause).__name__}: {' '.join(str(cause).split())})"
+    return redact(f"cio-sync: error: {text}{_what_to_do(exc)}", secrets)
+
+
+class _OneLine(logging.Formatter):
+    """Log records as one line each, credentials redacted; their tracebacks only with ``--debug``."""
+
+    def __init__(self, *, debug: bool, secrets: list[str]) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+        self.debug = debug
+        self.secrets = secrets
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not self.debug and record.exc_info:
+            exc = record.exc_info[1]
+            record = logging.makeLogRecord(record.__dict__)
+            record.msg, record.args = f"{record.getMessage()}: {type(exc).__name__}: {exc}", None
+            record.exc_info = record.exc_text = None
+        text = super().format(record)
+        return redact(text if self.debug else " ".join(text.split()), self.secrets)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``cio-sync`` command with ``argv`` (default: the process's arguments); returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    pairs = getattr(args, "storage_option", [])
+    # The values of the pairs as given too, before JSON reading, so that none of them is ever printed.
+    secrets = secrets_in({key: value for key, _, value in (p.partition("=") for p in pairs)})
+    handler = logging.StreamHandler()
+    handler.setFormatter(_OneLine(debug=args.debug, secrets=secrets))
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
-                        format="%(levelname)s %(name)s: %(message)s")
+                        handlers=[handler])
     try:
+        args.options = _options(pairs)
+        secrets += secrets_in(args.options)
         return int(args.handler(args))
-    except CioSyncError as exc:
-        print(f"cio-sync: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("cio-sync: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not isinstance(exc, (CioSyncError, UsageError, *_backend_errors())):
+            raise  # a bug of ours: its traceback is what to report
+        if args.debug:
+            # Redacted too: a traceback ends up in logs and issue reports.
+            print(redact(traceback.format_exc().rstrip(), secrets), file=sys.stderr)
+        print(_error_line(exc, secrets), file=sys.stderr)
+        if not args.debug:
+            # Said once: a sink whose publishing failed is tried once more at exit (nothing is dropped while it
+            # may still publish), and that attempt's failure is the same error again.
+            logging.getLogger("cio_sync").setLevel(logging.CRITICAL)
+        # 2, as argparse, only for a command line that cannot be parsed; a value found wrong once used is 1.
+        return 2 if isinstance(exc, UsageError) else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

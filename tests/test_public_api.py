@@ -30,6 +30,18 @@ def test_errors_subclass_the_matching_builtins() -> None:
     assert issubclass(cio_sync.PublishConflict, FileExistsError)
     assert issubclass(cio_sync.ConfigError, ValueError)
     assert issubclass(cio_sync.MissingBackend, ImportError)
+    assert issubclass(cio_sync.InvalidFile, ValueError)
+    assert issubclass(cio_sync.InvalidFile, cio_sync.CioSyncError)
+    assert issubclass(cio_sync.StateError, RuntimeError)
+    assert issubclass(cio_sync.BufferFull, TimeoutError)
+    assert issubclass(cio_sync.SinkClosed, RuntimeError)
+    assert issubclass(cio_sync.UnknownPerson, LookupError)
+    for name in cio_sync.__all__:
+        error = getattr(cio_sync, name)
+        if isinstance(error, type) and issubclass(error, cio_sync.CioSyncError) and error is not cio_sync.CioSyncError:
+            builtin = [b for b in error.__mro__ if b.__module__ == "builtins" and b not in (Exception, BaseException,
+                                                                                             object)]
+            assert builtin, f"cio_sync.{name} subclasses no builtin error but Exception"
 
 
 def test_importing_cio_sync_needs_no_cloud_backend() -> None:

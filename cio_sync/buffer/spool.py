@@ -80,7 +80,7 @@ import orjson
 import pyarrow as pa
 from fastavro.write import Writer as AvroWriter
 
-from cio_sync._errors import ConfigError, StateError, StorageError
+from cio_sync._errors import CioSyncError, ConfigError, StateError, StorageError, library_error, make_error
 from cio_sync._types import Batch, BatchState, Buffered, Filled
 from cio_sync.buffer.rows import TableRows
 from cio_sync.schemas.tables import is_document_schema
@@ -579,9 +579,10 @@ class AvroSpool:
             raise StorageError(f"cannot lock spool directory {self.directory}: {exc}", path=str(path)) from exc
         return fd
 
-    def _error(self, what: str, exc: OSError, path: Path | None = None) -> StorageError:
+    def _error(self, what: str, exc: OSError, path: Path | None = None) -> CioSyncError:
         where = path if path is not None else self.directory
-        return StorageError(f"spool {self.directory}: {what}: {exc}", path=str(where))
+        # The one map of library errors (cio_sync._errors.LIBRARY_ERRORS): an OSError is a StorageError.
+        return make_error(library_error(exc) or StorageError, f"spool {self.directory}: {what}: {exc}", path=str(where))
 
     # -- encoding rows -------------------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ retry it; the load goes on with the next file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -33,7 +34,15 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from cio_sync._errors import CioSyncError, ConfigError, InvalidCall, StorageError
+from cio_sync._errors import (
+    CioSyncError,
+    ConfigError,
+    InvalidCall,
+    InvalidFile,
+    StorageError,
+    library_error,
+    make_error,
+)
 from cio_sync._time import to_micros
 from cio_sync.intake.calls import parse_time
 from cio_sync.publish.layout import parse_advanced, parse_standard
@@ -136,13 +145,13 @@ class LoadReport:
         return text
 
 
-class _Unloadable(Exception):
-    """A file (or manifest) that cannot load as it is; the message is the reason recorded in the load state."""
+class _Unloadable(InvalidFile):
+    """A file (or manifest) that cannot load as it is; ``reason`` is what the load state records."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, name: str | None = None) -> None:
         # One line, of bounded length: the reason is printed once per file and stored in the load state.
         text = " ".join(reason.split())
-        super().__init__(text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 1] + "…")
+        super().__init__(text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 1] + "…", name=name)
 
 
 def classify(name: str) -> SourceFile | None:
@@ -304,7 +313,7 @@ def conform(table: pa.Table, schema: pa.Schema, *, table_name: str = "its table"
             try:
                 converted = _convert(column, wanted.type, json_text=is_json_text(wanted))
             except _Unloadable as exc:
-                raise _Unloadable(f"column {wanted.name!r} {exc}") from exc
+                raise _Unloadable(f"column {wanted.name!r} {exc.reason}") from exc
             if converted is None:
                 raise _Unloadable(f"column {wanted.name!r} holds {_family(column.type)} ({column.type}), but "
                                   f"{table_name} has it as {_family(wanted.type)}")
@@ -327,7 +336,7 @@ def conform(table: pa.Table, schema: pa.Schema, *, table_name: str = "its table"
         try:
             converted = _convert(column, target, json_text=_family(target) == "text")
         except _Unloadable as exc:
-            raise _Unloadable(f"column {name!r} {exc}") from exc
+            raise _Unloadable(f"column {name!r} {exc.reason}") from exc
         if converted is None:
             raise _Unloadable(f"column {name!r} holds {_family(column.type)} ({column.type}), but the warehouse's "
                               f"{table_name} has it as {_family(target)}")
@@ -416,22 +425,27 @@ def read_file(data: bytes, source: SourceFile,
               existing: Mapping[str, tuple[str, pa.DataType | None]] | None = None) -> pa.Table:
     """The rows of one file as an Arrow table under its table's known schema (see :func:`conform`).
 
-    Raises ``_Unloadable`` (caught by :func:`load`, which quarantines the file) with the reason when the bytes are
-    not a whole file of their format or the file does not fit the schema.
+    Raises :class:`~cio_sync.InvalidFile` naming the file, with the reason (which :func:`load` records when it
+    quarantines the file), when the bytes are not a whole file of their format or the file does not fit the schema;
+    the parser's own error is the ``__cause__``.
     """
     schema = known_schema(source)
     try:
-        if source.ext == "parquet":
-            table = pq.read_table(pa.BufferReader(data))
-        elif source.ext == "csv":
-            table = _read_csv(data, schema)
-        else:
-            table = _read_json_lines(data, source.table.removeprefix("raw_"), schema)
-    except (_Unloadable, MemoryError):
+        try:
+            if source.ext == "parquet":
+                table = pq.read_table(pa.BufferReader(data))
+            elif source.ext == "csv":
+                table = _read_csv(data, schema)
+            else:
+                table = _read_json_lines(data, source.table.removeprefix("raw_"), schema)
+        except (_Unloadable, MemoryError):
+            raise
+        except Exception as exc:  # any failure to parse untrusted bytes is the file's, and is reported
+            raise _Unloadable(f"cannot be read as {_FORMATS[source.ext]}: {exc}") from exc
+        return conform(table, schema, table_name=source.table, existing=existing)
+    except _Unloadable as exc:
+        exc.name = exc.name or source.name
         raise
-    except Exception as exc:  # any failure to parse untrusted bytes is the file's, and is reported
-        raise _Unloadable(f"cannot be read as {_FORMATS[source.ext]}: {exc}") from exc
-    return conform(table, schema, table_name=source.table, existing=existing)
 
 
 # -- targets -----------------------------------------------------------------------------------------------------
@@ -579,8 +593,11 @@ class _SqlTarget:
     con: Any
     _tables: dict[str, Columns]
 
-    def _failed(self, what: str, exc: BaseException) -> StorageError:
-        return StorageError(f"{what}: {self.name} failed: {redact(str(exc).strip(), ())}", path=self.path)
+    def _failed(self, what: str, exc: BaseException) -> CioSyncError:
+        # The one map of library errors (cio_sync._errors.LIBRARY_ERRORS); a warehouse failure is a StorageError.
+        kind = library_error(exc) or StorageError
+        return make_error(kind, f"{what}: {self.name} failed: {redact(' '.join(str(exc).split()), ())}",
+                          path=self.path)
 
     def state(self, source: str) -> dict[str, str]:
         try:
@@ -628,7 +645,8 @@ class _DuckDBTarget(_SqlTarget):
         try:
             import duckdb
         except ImportError as exc:
-            raise ConfigError("loading into DuckDB needs the duckdb package: pip install 'cio_sync[duckdb]'") from exc
+            raise ConfigError("loading into DuckDB needs the duckdb package: pip install -e '.[duckdb]' in the "
+                              "cio_sync checkout") from exc
         self._duckdb = duckdb
         self._error = duckdb.Error
         self.path = path
@@ -638,6 +656,9 @@ class _DuckDBTarget(_SqlTarget):
         self._tables: dict[str, Columns] = {}
         try:
             if path != ":memory:" and not _NOT_A_FILE.match(path):
+                folder = os.path.dirname(path) or "."
+                if not os.path.isdir(folder):  # say so, rather than DuckDB's error about a temporary file in it
+                    raise FileNotFoundError(errno.ENOENT, "no such folder", folder)
                 _remove_stale(path)
                 if not os.path.exists(path):
                     self._create(path)
@@ -651,7 +672,8 @@ class _DuckDBTarget(_SqlTarget):
                 self.con.execute(sql)
         except (duckdb.Error, OSError) as exc:
             self.close()
-            raise StorageError(f"cannot open {self.name}: {exc}", path=path) from exc
+            raise StorageError(f"cannot open {self.name}: {' '.join(str(exc).split())}{_path_hint(path)}",
+                               path=path) from exc
 
     def _create(self, path: str) -> None:
         """A new database, made whole under a temporary name and then linked into place.
@@ -771,7 +793,8 @@ class _PostgresTarget(_SqlTarget):
         try:
             import psycopg
         except ImportError as exc:
-            raise ConfigError("loading into PostgreSQL needs psycopg: pip install 'cio_sync[postgres]'") from exc
+            raise ConfigError("loading into PostgreSQL needs psycopg: pip install -e '.[postgres]' in the "
+                              "cio_sync checkout") from exc
         self._psycopg = psycopg
         self._error = psycopg.Error
         self.path = redact(dsn, ())
@@ -782,8 +805,12 @@ class _PostgresTarget(_SqlTarget):
             # Autocommit, so that each ``transaction()`` block is a real transaction of its own.
             self.con = psycopg.connect(dsn, autocommit=True)
         except psycopg.Error as exc:
-            raise CioSyncError(f"cannot connect to PostgreSQL at {self.path}: "
-                               f"{redact(str(exc).strip(), ())}") from exc
+            # Connecting, a ProgrammingError is a URL psycopg cannot parse; else the server is not reachable.
+            kind = ConfigError if isinstance(exc, psycopg.ProgrammingError) else library_error(exc) or StorageError
+            raise make_error(kind, f"cannot connect to PostgreSQL at {self.path}: "
+                             f"{redact(' '.join(str(exc).split()), ())}; check the URL "
+                             "(postgresql://user:password@host:port/database) and that the server runs",
+                             path=self.path) from exc
         try:
             with self.con.transaction():
                 self.con.execute(_state_sql("postgres"))
@@ -857,14 +884,35 @@ class _PostgresTarget(_SqlTarget):
 
 def duckdb_path(into: str) -> str:
     """The database file a ``duckdb://`` URL names, as SQLAlchemy URLs do: ``duckdb:///relative.duckdb``,
-    ``duckdb:////absolute/path.duckdb``, ``duckdb:///:memory:``. A plain path ending .duckdb or .db works too."""
+    ``duckdb:////absolute/path.duckdb``, ``duckdb:///:memory:``. A plain path ending .duckdb or .db works too.
+    Raises :class:`~cio_sync.ConfigError` for any other ``duckdb:`` URL (``duckdb:/x``, ``duckdb://host/x``)."""
     if into.startswith("duckdb:///"):
         path = into.removeprefix("duckdb:///")
         return path or ":memory:"
+    if into.lower().startswith("duckdb:"):
+        raise ConfigError(f"malformed DuckDB URL {redact(into, ())!r}: use duckdb:///relative/path.duckdb (three "
+                          "slashes) or duckdb:////absolute/path.duckdb (four)")
     if into.endswith((".duckdb", ".db")) and "://" not in into:
         return into
     raise ConfigError(f"unknown load target {redact(into, ())!r}; use duckdb:///relative.duckdb, "
                       "duckdb:////absolute.duckdb or postgresql://user@host/database")
+
+
+def _path_hint(path: str) -> str:
+    """A hint for a DuckDB path that names a folder that does not exist: ``duckdb:///x`` is relative to the working
+    directory, and the absolute path meant may need a fourth slash (or the other way round)."""
+    if path == ":memory:" or _NOT_A_FILE.match(path):
+        return ""
+    folder = os.path.dirname(path) or "."
+    if os.path.isdir(folder):
+        return ""
+    if not os.path.isabs(path) and os.path.isdir(os.path.dirname("/" + path)):
+        return (f"; the folder {folder!r} does not exist here ({os.getcwd()}): for the absolute path /{path} write "
+                f"duckdb:////{path} (four slashes)")
+    if os.path.isabs(path) and os.path.isdir(os.path.dirname(path.lstrip("/")) or "."):
+        return (f"; the folder {folder} does not exist: for the path {path.lstrip('/')} relative to {os.getcwd()} "
+                f"write duckdb:///{path.lstrip('/')} (three slashes)")
+    return f"; the folder {folder} does not exist"
 
 
 def _target(into: str) -> _Target:
@@ -891,6 +939,44 @@ def list_files(fs: AbstractFileSystem, root: str) -> list[SourceFile]:
     entries = _list(fs, root)
     files = [classify(e.rstrip("/").rsplit("/", 1)[-1]) for e in entries]
     return sorted(f for f in files if f is not None)
+
+
+def _holding(fs: AbstractFileSystem, entries: list[str]) -> bool:
+    """Whether a folder with ``entries`` is a prefix of either sink (or an export): it holds a file of theirs, or
+    the folders they keep (a prefix whose files were all loaded and deleted keeps its counters)."""
+    names = {e.rstrip("/").rsplit("/", 1)[-1] for e in entries}
+    return bool(names & {_OWN_PREFIX, MANIFESTS_FOLDER}) or any(classify(n) is not None for n in names)
+
+
+def require_files(fs: AbstractFileSystem, root: str) -> None:
+    """Raise :class:`~cio_sync.ConfigError` when ``root`` does not exist or holds no file of either sink, naming
+    the subfolders that do (as the demo writes one prefix per format and mode under one folder)."""
+    where = display_url(fs, root)
+    entries = _list(fs, root)
+    if _holding(fs, entries):
+        return
+    found: list[str] = []
+    for entry in sorted(entries):
+        if len(found) >= 6:
+            break
+        try:
+            if not fs.isdir(entry):
+                continue
+            inner = _list(fs, entry)
+            if _holding(fs, inner):
+                found.append(entry)
+            else:
+                found += [e for e in sorted(inner) if fs.isdir(e) and _holding(fs, _list(fs, e))]
+        except OSError:  # an entry that went away or cannot be looked into is no hint
+            continue
+    missing = not entries and not fs.exists(root)
+    what = f"{where} does not exist" if missing else f"no cio_sync files in {where}"
+    if found:
+        shown = [display_url(fs, f.rstrip("/")) for f in found[:6]]
+        raise ConfigError(f"{what}; try {', '.join(shown[:-1]) + ' or ' if len(shown) > 1 else ''}{shown[-1]}")
+    if missing:
+        raise ConfigError(f"{what}; check the prefix")
+    raise ConfigError(f"{what}: it holds no file of either sink nor of a Customer.io export; check the prefix")
 
 
 def _read(fs: AbstractFileSystem, path: str, shown: str) -> bytes:
@@ -957,7 +1043,7 @@ def _manifests(fs: AbstractFileSystem, root: str, *, where: str, target: _Target
                 raise _Unloadable(f"is not JSON: {exc}") from exc
             entries = manifest_files(document)
         except _Unloadable as exc:
-            _quarantine(target, report, name, table=MANIFESTS_FOLDER, reason=f"manifest {exc}",
+            _quarantine(target, report, name, table=MANIFESTS_FOLDER, reason=f"manifest {exc.reason}",
                         replace=status is not None, tell=tell)
             continue
         if status is not None:
@@ -1009,10 +1095,12 @@ def load(
 
     Raises :class:`StorageError` naming the file or the database when the prefix cannot be read or the warehouse
     fails (a full disk, a lost connection): the file being loaded is rolled back, every file before it stays loaded.
-    Raises :class:`ConfigError` for an unknown target, :class:`CioSyncError` when PostgreSQL cannot be reached.
+    Raises :class:`ConfigError` for an unknown or malformed target or a source that holds no file of either sink,
+    :class:`StorageError` when PostgreSQL cannot be reached.
     """
     fs, root = resolve(source, filesystem=filesystem, storage_options=storage_options)
     where = display_url(fs, root)
+    require_files(fs, root)
     target = _target(into)
     report = LoadReport(where, redact(into, ()))
     try:
@@ -1041,7 +1129,7 @@ def load(
                 table = read_file(data, file, target.columns(file.table))
                 target.load(where, file, table, replace=status is not None)
             except _Unloadable as exc:
-                _quarantine(target, report, file.name, table=file.table, reason=str(exc), replace=status is not None,
+                _quarantine(target, report, file.name, table=file.table, reason=exc.reason, replace=status is not None,
                             tell=on_quarantine)
                 continue
             report.files_loaded += 1
@@ -1089,10 +1177,12 @@ def inspect_prefix(source: str, *, storage_options: Mapping[str, Any] | None = N
     """What a prefix holds: per table its files, rows, schema versions, time range, and gaps in the numbering.
 
     A file that cannot be read under its table's schema is listed under ``"unreadable"`` with the reason (the
-    reason a load would quarantine it for) instead of being counted.
+    reason a load would quarantine it for) instead of being counted. Raises :class:`~cio_sync.ConfigError` when
+    ``source`` does not exist or holds no file of either sink (naming the subfolders that do).
     """
     fs, root = resolve(source, filesystem=filesystem, storage_options=storage_options)
     where = display_url(fs, root)
+    require_files(fs, root)
     summary: dict[str, dict[str, Any]] = {}
     unreadable: list[dict[str, str]] = []
     for file in list_files(fs, root):
@@ -1100,7 +1190,7 @@ def inspect_prefix(source: str, *, storage_options: Mapping[str, Any] | None = N
         try:
             rows = read_file(data, file)
         except _Unloadable as exc:
-            unreadable.append({"name": file.name, "table": file.table, "reason": str(exc)})
+            unreadable.append({"name": file.name, "table": file.table, "reason": exc.reason})
             continue
         table = summary.setdefault(file.table, {"files": 0, "rows": 0, "bytes": 0, "numbers": [],
                                                 "formats": set(), "first": None, "last": None})

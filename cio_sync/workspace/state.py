@@ -57,7 +57,7 @@ from typing import IO, Any, Final
 import orjson
 import pyarrow as pa
 
-from cio_sync._errors import CioSyncError, StateError, StorageError
+from cio_sync._errors import CioSyncError, StateError, StorageError, library_error
 from cio_sync._time import now_micros
 from cio_sync.schemas.tables import STANDARD_VERSION
 
@@ -207,11 +207,8 @@ class Definition:
 _CREATING: Final = ".creating"
 
 
-#: Primary SQLite result codes that are faults of the storage under the state file (a full disk, an I/O error, a
-#: file that cannot be opened or written, a lock held elsewhere): a StorageError. Any other code means the state
-#: cannot be used as it is (corrupt, not a database, a constraint broken): a StateError.
-#: (BUSY, LOCKED, NOMEM, READONLY, IOERR, FULL, CANTOPEN, PROTOCOL.)
-_STORAGE_CODES: Final = frozenset({5, 6, 7, 8, 10, 13, 14, 15})
+#: SQLite's primary result codes that mean a fault of the storage (a StorageError, else a StateError) are in
+#: cio_sync._errors, with the map of every library's errors.
 
 
 _FULL: Final = 13
@@ -795,8 +792,8 @@ class WorkspaceState:
         name = getattr(exc, "sqlite_errorname", None)
         where = self.path if self.path is not None else "(in memory)"
         detail = f"{exc} ({name})" if name else str(exc)
-        if code is not None and code & 0xFF in _STORAGE_CODES:
-            hint = "; free some space, then go on" if code & 0xFF == _FULL else ""
+        if library_error(exc) is StorageError:  # the one map of library errors (cio_sync._errors.LIBRARY_ERRORS)
+            hint = "; free some space, then go on" if code is not None and code & 0xFF == _FULL else ""
             return StorageError(f"workspace state {where}: could not {doing}: {detail}{hint}{note}", path=self.path)
         return StateError(f"workspace state {where} cannot be used: could not {doing}: {detail}{note}")
 
