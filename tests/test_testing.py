@@ -40,10 +40,16 @@ class TestAdvancedCsvMeetsTheContract(SinkContract):
     def make_sink(self, writer: MemoryWriter) -> Any:
         return cio_sync.AdvancedSink(writer, format="csv", flush_interval=None)
 
+    def make_spooled_sink(self, writer: MemoryWriter, spool_dir: Path) -> Any:
+        return cio_sync.AdvancedSink(writer, format="csv", flush_interval=None, spool_dir=spool_dir)
+
 
 class TestAdvancedJsonMeetsTheContract(SinkContract):
     def make_sink(self, writer: MemoryWriter) -> Any:
         return cio_sync.AdvancedSink(writer, format="json", flush_interval=None)
+
+    def make_spooled_sink(self, writer: MemoryWriter, spool_dir: Path) -> Any:
+        return cio_sync.AdvancedSink(writer, format="json", flush_interval=None, spool_dir=spool_dir)
 
 
 class TestTheExampleCustomSinkMeetsTheContract(SinkContract):
