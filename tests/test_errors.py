@@ -17,7 +17,7 @@ import pytest
 
 import cio_sync
 from cio_sync._errors import LIBRARY_ERRORS, library_error, library_errors
-from cio_sync.loader.load import classify, read_file
+from cio_sync.loader.files import classify, read_file
 from tests import faults
 
 #: Every module whose exception classes reach cio_sync.

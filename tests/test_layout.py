@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import cio_sync
-from cio_sync.loader.load import classify
+from cio_sync.loader.files import classify
 from cio_sync.publish import layout
 from cio_sync.testing import MemoryWriter
 
