@@ -36,7 +36,7 @@ from cio_sync.loader.load import LoadReport, QuarantinedFile, inspect_prefix, lo
 from cio_sync.publish.publisher import SinkStats
 from cio_sync.sinks.advanced import AdvancedSink
 from cio_sync.sinks.buffered import BufferedSink
-from cio_sync.sinks.pipeline import Pipeline
+from cio_sync.sinks.pipeline import Pipeline, PipelineStats
 from cio_sync.sinks.registry import open_sink, register_sink, sink_names
 from cio_sync.sinks.signals import close_on_signals
 from cio_sync.sinks.standard import StandardSink
@@ -64,6 +64,7 @@ __all__ = [
     "MissingBackend",
     "ParquetFormat",
     "Pipeline",
+    "PipelineStats",
     "PublishConflict",
     "QuarantinedFile",
     "RetryPolicy",

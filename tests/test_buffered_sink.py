@@ -306,6 +306,7 @@ def test_every_accepted_order_is_published_exactly_once_after_sigkills(
     names = storage.data_files()
     for name in names:
         published += [str(r["messageId"]) for r in duckdb_rows(download / name, "parquet")]
+    print(f"{kind}: {len(acked)} orders accepted over {TRIALS} killed runs, {len(published)} published")
     assert len(acked) > TRIALS, "the writer never got going"
     counts = Counter(published)
     assert not [m for m, n in counts.items() if n > 1], "orders published twice"
