@@ -16,7 +16,7 @@ from cio_sync._errors import ConfigError, InvalidCall
 from cio_sync._time import to_micros
 from cio_sync.formats.base import Format
 from cio_sync.formats.registry import get_format
-from cio_sync.intake.calls import DOCUMENT_ROW_OVERHEAD, Call, call_document, call_row, call_to_row, parse_call
+from cio_sync.intake.calls import DOCUMENT_ROW_OVERHEAD, Call, call_document, call_row, call_to_row
 from cio_sync.publish.layout import advanced_counter, advanced_manifest_counter, advanced_manifest_name
 from cio_sync.schemas.tables import CALL_SCHEMAS, CALL_TYPES, DOCUMENT_SCHEMA
 from cio_sync.sinks.base import check_int
@@ -142,8 +142,10 @@ class AdvancedSink(BufferedSink):
     def _manifest_header(self) -> dict[str, Any]:
         return {"mode": "advanced", "destination_id": self.destination_id, "format": self.format.name}
 
-    def _manifest_name(self) -> str:
-        sequence = self._counters.claim(advanced_manifest_counter(self.destination_id))
+    def _manifest_counter(self) -> str:
+        return advanced_manifest_counter(self.destination_id)
+
+    def _manifest_file(self, sequence: int) -> str:
         return advanced_manifest_name(self.destination_id, sequence)
 
     def route(self, call: Call) -> Iterator[tuple[str, Any]]:
@@ -158,12 +160,7 @@ class AdvancedSink(BufferedSink):
         working and nothing else is affected.
         """
         if self._documents:
-            try:
-                parsed = parse_call(call)
-            except InvalidCall as exc:
-                self._publisher.reject(call, exc)
-                raise
-            return self.write_call(parsed)
+            return self.write_call(self._parse(call))
         received = time.time_ns() // 1000
         try:
             call_type, row, size = call_to_row(call, received)
