@@ -19,6 +19,11 @@ from tests import faults as harness
 
 WORKSPACE = 7
 
+#: Every sink a trial opened, kept until the child dies: a crash runs no destructor, and a sink the garbage collector
+#: frees later would close its state (SQLite checkpoints it: writes under the watched folder) in the middle of
+#: another trial's count, at a moment that depends on how many objects the whole library allocates.
+_LEFT_OPEN: list[Any] = []
+
 
 def call(call_id: str, index: int) -> dict[str, Any]:
     """An identify call whose trait ``n`` is ``call_id`` (a change every time: 13 people take turns)."""
@@ -64,6 +69,7 @@ def drive(paths: dict[str, str], steps: list[list[Any]], options: dict[str, Any]
         try:
             if what == "open":
                 sink = open_sink(paths, options)
+                _LEFT_OPEN.append(sink)
             elif what == "write":
                 for _ in range(int(step[1])):
                     call_id = f"{tag}{index}"

@@ -142,8 +142,10 @@ class AdvancedSink(BufferedSink):
     def _manifest_header(self) -> dict[str, Any]:
         return {"mode": "advanced", "destination_id": self.destination_id, "format": self.format.name}
 
-    def _manifest_name(self) -> str:
-        sequence = self._counters.claim(advanced_manifest_counter(self.destination_id))
+    def _manifest_counter(self) -> str:
+        return advanced_manifest_counter(self.destination_id)
+
+    def _manifest_file(self, sequence: int) -> str:
         return advanced_manifest_name(self.destination_id, sequence)
 
     def route(self, call: Call) -> Iterator[tuple[str, Any]]:
@@ -158,7 +160,7 @@ class AdvancedSink(BufferedSink):
         working and nothing else is affected.
         """
         if self._documents:  # the JSON format keeps each call as sent: the toolkit's path
-            return super().write(call)
+            return self.write_call(self._parse(call))
         received = time.time_ns() // 1000
         try:
             call_type, row, size = call_to_row(call, received)

@@ -14,6 +14,7 @@ from fsspec import AbstractFileSystem
 from cio_sync._errors import ConfigError, InvalidCall
 from cio_sync._time import to_micros
 from cio_sync._types import Row
+from cio_sync.buffer.rows import RowStore
 from cio_sync.buffer.spool import AvroSpool, RowCodec
 from cio_sync.formats.base import Format
 from cio_sync.formats.registry import get_format
@@ -58,7 +59,133 @@ def _layout(owner: str, template: Any, tables: Iterable[str], extra: tuple[str, 
     return layout
 
 
-class BufferedSink(BaseSink):
+class PublishingSink(BaseSink):
+    """What every sink built on the toolkit shares, whatever its rows come from: a writer, durable counters, a row
+    store and a :class:`Publisher` (rotation, the timer, the memory budget, manifests, dead letters, stats).
+
+    A subclass ends its ``__init__`` with :meth:`_open` and says through small hooks where its rows wait
+    (:meth:`_open_store`, :meth:`_close_store`), what its counters are (:meth:`_counter_key`,
+    :meth:`_position_floor`, :meth:`_manifest_counter`) and how its files and manifests are named
+    (:meth:`_file_name`, :meth:`_manifest_file`, :meth:`_manifest_header`). :class:`BufferedSink` adds declared
+    tables, a layout and routing; the Standard sink adds its workspace state, whose outbox is its row store.
+    """
+
+    #: What the time range of a manifest's files is about (``min_<label>``/``max_<label>``).
+    _manifest_time: ClassVar[str] = "received_at"
+
+    def _open(
+        self,
+        target: str | Writer,
+        *,
+        format: Format,
+        storage_options: Mapping[str, Any] | None,
+        filesystem: AbstractFileSystem | None,
+        flush_interval: float | None,
+        max_rows: int | None,
+        max_bytes: int | None,
+        max_buffer_bytes: int | None,
+        when_full: str,
+        block_timeout: float | None,
+        manifests: bool,
+        retry: RetryPolicy | None,
+        on_publish: Callable[[WrittenFile], None] | None,
+        keep_rejected: bool,
+    ) -> None:
+        """Open the sink's writer, counters, row store and publisher, then publish what was left from before."""
+        self.format = format
+        writer = make_writer(target, filesystem=filesystem, storage_options=storage_options, retry=retry)
+        self._counters = Counters(writer)
+        manifest = None
+        if manifests:
+            manifest = ManifestSpec(self._manifest_name, self._manifest_header(), self._manifest_time)
+        store = self._open_store()
+        try:
+            self._publisher = Publisher(
+                label=f"{type(self).__name__}({writer.url!r})",
+                writer=writer,
+                format=self.format,
+                name_for=self._name_for,
+                flush_interval=flush_interval,
+                max_rows=max_rows,
+                max_bytes=max_bytes,
+                on_publish=on_publish,
+                store=store,
+                max_buffer_bytes=max_buffer_bytes,
+                when_full=when_full,
+                block_timeout=block_timeout,
+                manifest=manifest,
+                keep_rejected=keep_rejected,
+            )
+        except BaseException:
+            self._close_store()  # lets go of the store's lock (a spool directory's, a state file's)
+            raise
+        self._resume()
+
+    def _resume(self) -> None:
+        """Once the publisher exists: publish the batches left from before a crash, under the names they were given."""
+        if self._publisher.stats().batches_pending:
+            self._publisher.publish_ready()
+
+    # -- the row store ---------------------------------------------------------------------------------------------
+
+    def _open_store(self) -> RowStore | None:
+        """Where rows wait until they are published (``None``: in memory). Called once the writer is made."""
+        return None
+
+    def _close_store(self) -> None:
+        """Let go of the row store (after :meth:`close`, or when opening the sink failed)."""
+
+    # -- naming ----------------------------------------------------------------------------------------------------
+
+    def _counter_key(self, table: str) -> str:
+        """The durable counter whose values are ``table``'s positions."""
+        raise NotImplementedError
+
+    def _position_floor(self) -> int:
+        """The least value a counter may give now (``at_least`` of :meth:`Counters.claim`)."""
+        return 1
+
+    def _file_name(self, table: str, position: int) -> str:
+        """The name of ``table``'s file at ``position``."""
+        raise NotImplementedError
+
+    def _name_for(self, table: str) -> str:
+        return self._file_name(table, self._counters.claim(self._counter_key(table), at_least=self._position_floor()))
+
+    def _manifest_header(self) -> dict[str, Any]:
+        """Fields about the sink written at the top of every manifest."""
+        raise NotImplementedError
+
+    def _manifest_counter(self) -> str:
+        """The durable counter whose values number the sink's manifests."""
+        raise NotImplementedError
+
+    def _manifest_file(self, sequence: int) -> str:
+        """The name (under the root) of the manifest numbered ``sequence``."""
+        raise NotImplementedError
+
+    def _manifest_name(self) -> str:
+        return self._manifest_file(self._counters.claim(self._manifest_counter(), at_least=self._position_floor()))
+
+    # -- intake ----------------------------------------------------------------------------------------------------
+
+    def _parse(self, call: Any) -> Call:
+        """``call`` validated by ``parse_call``; :class:`~cio_sync.InvalidCall` (counted as a rejection) if bad."""
+        try:
+            return parse_call(call)
+        except InvalidCall as exc:
+            self._publisher.reject(call, exc)
+            raise
+
+    def close(self) -> list[WrittenFile]:
+        if self._publisher.inherited:
+            return []  # a child after fork: the buffers, the row store and its lock are the parent's
+        files = self._publisher.close()
+        self._close_store()
+        return files
+
+
+class BufferedSink(PublishingSink):
     """A sink built from the toolkit every built-in sink uses: subclass it, declare ``tables`` and ``layout``, and
     implement :meth:`route`::
 
@@ -139,63 +266,36 @@ class BufferedSink(BaseSink):
         self,
         target: str | Writer,
         *,
-        format: Format,
-        storage_options: Mapping[str, Any] | None,
-        filesystem: AbstractFileSystem | None,
-        flush_interval: float | None,
-        max_rows: int | None,
-        max_bytes: int | None,
-        max_buffer_bytes: int | None,
-        when_full: str | None,
-        block_timeout: float | None,
         spool_dir: str | os.PathLike[str] | None,
         spool_sync: str,
         spool_sync_interval: float,
-        manifests: bool,
-        retry: RetryPolicy | None,
-        on_publish: Callable[[WrittenFile], None] | None,
-        keep_rejected: bool,
+        when_full: str | None,
+        **options: Any,
     ) -> None:
-        """Open the sink's writer, counters, spool and publisher (what every subclass's ``__init__`` ends with)."""
+        """Check the tables and the layout, then open the sink's writer, counters, spool and publisher (what every
+        subclass's ``__init__`` ends with); ``options`` are the keywords of :meth:`PublishingSink._open`."""
         owner = type(self).__name__
         self._schemas: Mapping[str, pa.Schema] = MappingProxyType(_schemas(owner, self.tables))
         self._layout = _layout(owner, self.layout, self._schemas, self.layout_fields)
         self._fitters: dict[str, RowFitter] = {}
-        self.format = format
-        writer = make_writer(target, filesystem=filesystem, storage_options=storage_options, retry=retry)
-        self._counters = Counters(writer)
+        self.spool: AvroSpool | None = None
+        self._spool_options = (spool_dir, spool_sync, spool_sync_interval)
+        self._open(target, when_full=when_full or ("spill" if spool_dir is not None else "block"), **options)
+
+    def _open_store(self) -> AvroSpool | None:
+        spool_dir, sync, sync_interval = self._spool_options
+        if spool_dir is None:
+            return None
         codecs = {table: self._spool_codec(table) for table in self._schemas}
-        self.spool = None if spool_dir is None else AvroSpool(
-            spool_dir, schema_of=self._spool_schema, sync=spool_sync, sync_interval=spool_sync_interval,
+        self.spool = AvroSpool(
+            spool_dir, schema_of=self._spool_schema, sync=sync, sync_interval=sync_interval,
             # Only tables with binary or decimal columns need one; the others take the spool's fast path.
             codec_of=codecs.get if any(codecs.values()) else None)
-        manifest = None
-        if manifests:
-            manifest = ManifestSpec(self._manifest_name, self._manifest_header(), "received_at")
-        try:
-            self._publisher = Publisher(
-                label=f"{owner}({writer.url!r})",
-                writer=writer,
-                format=self.format,
-                name_for=self._name_for,
-                flush_interval=flush_interval,
-                max_rows=max_rows,
-                max_bytes=max_bytes,
-                on_publish=on_publish,
-                store=self.spool,
-                max_buffer_bytes=max_buffer_bytes,
-                when_full=when_full or ("spill" if self.spool is not None else "block"),
-                block_timeout=block_timeout,
-                manifest=manifest,
-                keep_rejected=keep_rejected,
-            )
-        except BaseException:
-            if self.spool is not None:
-                self.spool.close()  # lets go of the spool directory's lock
-            raise
-        if self._publisher.stats().batches_pending:
-            # Rows spooled before a crash: publish them first, under the names they were given.
-            self._publisher.publish_ready()
+        return self.spool
+
+    def _close_store(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
 
     # -- what a subclass declares ----------------------------------------------------------------------------------
 
@@ -214,15 +314,13 @@ class BufferedSink(BaseSink):
         return spool_codec(self._schemas[table])
 
     def _counter_key(self, table: str) -> str:
-        """The durable counter whose values are ``table``'s positions."""
         return f"table.{table}"
 
     def _name_fields(self, table: str) -> dict[str, object]:
         """Values of the layout's extra placeholders (``layout_fields``) for ``table``'s files."""
         return {}
 
-    def _name_for(self, table: str) -> str:
-        position = self._counters.claim(self._counter_key(table))
+    def _file_name(self, table: str, position: int) -> str:
         return self._layout.name(table=table, position=position, ext=self.format.extension,
                                  **self._name_fields(table))
 
@@ -232,9 +330,11 @@ class BufferedSink(BaseSink):
     def _manifest_header(self) -> dict[str, Any]:
         return {"mode": "custom", "sink": self._manifest_label(), "format": self.format.name}
 
-    def _manifest_name(self) -> str:
-        label = self._manifest_label()
-        return custom_manifest_name(label, self._counters.claim(custom_manifest_counter(label)))
+    def _manifest_counter(self) -> str:
+        return custom_manifest_counter(self._manifest_label())
+
+    def _manifest_file(self, sequence: int) -> str:
+        return custom_manifest_name(self._manifest_label(), sequence)
 
     # -- intake ----------------------------------------------------------------------------------------------------
 
@@ -249,12 +349,7 @@ class BufferedSink(BaseSink):
         Raises :class:`~cio_sync.InvalidCall` naming the field if the call is bad, or the table and column if a row
         :meth:`route` made does not fit; then nothing of the call is kept and the sink keeps working.
         """
-        try:
-            parsed = parse_call(call)
-        except InvalidCall as exc:
-            self._publisher.reject(call, exc)
-            raise
-        return self.write_call(parsed)
+        return self.write_call(self._parse(call))
 
     def write_call(self, parsed: Call) -> str:
         """Route and buffer a call already validated by ``parse_call``; return its ``messageId``."""
@@ -295,11 +390,3 @@ class BufferedSink(BaseSink):
 
     def holding(self, parsed: Call) -> AbstractContextManager[None]:
         return self._publisher.holding_call(self._rows_of(parsed), to_micros(parsed.received_at))
-
-    def close(self) -> list[WrittenFile]:
-        if self._publisher.inherited:
-            return []  # a child after fork: the buffers, the spool and its lock are the parent's
-        files = self._publisher.close()
-        if self.spool is not None:
-            self.spool.close()
-        return files

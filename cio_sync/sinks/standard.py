@@ -27,19 +27,16 @@ from cio_sync.intake.calls import (
     NUMBER_SIZE,
     Call,
     call_document,
-    parse_call,
     row_overhead,
     row_size,
     text_size,
 )
 from cio_sync.intake.records import check_record
 from cio_sync.intake.values import shown
-from cio_sync.publish.counters import Counters
 from cio_sync.publish.layout import standard_counter, standard_manifest_counter, standard_manifest_name, standard_name
-from cio_sync.publish.manifests import ManifestSpec
-from cio_sync.publish.publisher import Publisher
 from cio_sync.schemas.tables import STANDARD_TABLES, STANDARD_VERSION
-from cio_sync.sinks.base import BaseSink, check_int, make_writer
+from cio_sync.sinks.base import check_int
+from cio_sync.sinks.buffered import PublishingSink
 from cio_sync.storage.writer import RetryPolicy, Writer, WrittenFile
 from cio_sync.workspace.outbox import SqliteOutbox
 from cio_sync.workspace.state import Definition, Person, WorkspaceState
@@ -82,7 +79,7 @@ def attribute_text(value: Any, name: str) -> str | None:
         raise InvalidCall(f"trait {name!r} cannot be written as JSON: {exc}", field="traits") from None
 
 
-class StandardSink(BaseSink):
+class StandardSink(PublishingSink):
     """Applies calls to a workspace and writes only what changed, plus campaign and message records, to Parquet.
 
     Files are named ``<table>_v<version>_<workspace_id>_<sequence>.parquet``; ``sequence`` strictly increases across
@@ -103,7 +100,14 @@ class StandardSink(BaseSink):
     are they undone with their rows, and the error says how many: with ``commit_every=1`` there are none.)
     Publishing works as for :class:`~cio_sync.AdvancedSink`: on :meth:`flush`, :meth:`close`, every
     ``flush_interval`` seconds (900 by default) and early at ``max_rows`` / ``max_bytes`` per table.
+
+    It is built on the sink toolkit under :class:`~cio_sync.BufferedSink`, extended for the workspace: its rows are
+    the state's changes (not routed calls), kept in the state's outbox instead of a spool.
     """
+
+    _manifest_time = "changed_at"
+    #: The workspace's state: people, ids, attributes, definitions and the outbox (opened by the sink).
+    state: WorkspaceState
 
     def __init__(
         self,
@@ -129,53 +133,58 @@ class StandardSink(BaseSink):
     ) -> None:
         self.workspace_id = check_int("workspace_id", workspace_id)
         self.commit_every = check_int("commit_every", commit_every, minimum=1)
-        self.format = ParquetFormat(compression=compression)
-        writer = make_writer(target, filesystem=filesystem, storage_options=storage_options, retry=retry)
-        self._counters = Counters(writer)
         self._uncommitted = 0
-        self.state = WorkspaceState(state, workspace_id=self.workspace_id, new_workspace=new_workspace)
-        try:
-            self._outbox = SqliteOutbox(self.state)
-            self._publisher = Publisher(
-                label=f"StandardSink({writer.url!r})",
-                writer=writer,
-                format=self.format,
-                name_for=self._name_for,
-                flush_interval=flush_interval,
-                max_rows=max_rows,
-                max_bytes=max_bytes,
-                store=self._outbox,
-                on_publish=on_publish,
-                max_buffer_bytes=max_buffer_bytes,
-                when_full=when_full,
-                block_timeout=block_timeout,
-                manifest=ManifestSpec(self._manifest_name, {
-                    "mode": "standard", "workspace_id": self.workspace_id, "schema_version": STANDARD_VERSION,
-                }, "changed_at") if manifests else None,
-                keep_rejected=keep_rejected,
-            )
-        except BaseException:
-            self.state.close()
-            raise
-        self.state.on_recover = self._state_recovered
-        if self._publisher.stats().batches_pending:
-            # Batches cut before a crash or a failed close: publish them (under their recorded names) first.
-            self._publisher.publish_ready()
+        self._state_file, self._new_workspace = state, new_workspace
+        self._open(
+            target, format=ParquetFormat(compression=compression), storage_options=storage_options,
+            filesystem=filesystem, flush_interval=flush_interval, max_rows=max_rows, max_bytes=max_bytes,
+            max_buffer_bytes=max_buffer_bytes, when_full=when_full, block_timeout=block_timeout,
+            manifests=manifests, retry=retry, on_publish=on_publish, keep_rejected=keep_rejected,
+        )
 
     def __repr__(self) -> str:
         where = self.state.path or "memory"
         return (f"StandardSink({self.writer.url!r}, workspace_id={self.workspace_id}, state={where!r}, "
                 f"closed={self.closed})")
 
-    def _name_for(self, table: str) -> str:
-        version = STANDARD_TABLES[table].version
-        key = standard_counter(table, version, self.workspace_id)
-        sequence = self._counters.claim(key, at_least=time.time_ns() // 1000)
-        return standard_name(table, version, self.workspace_id, sequence)
+    # -- the toolkit's hooks: the workspace state's outbox as the row store, files named by table version and
+    # workspace, sequences from the current time in µs ----------------------------------------------------------
 
-    def _manifest_name(self) -> str:
-        key = standard_manifest_counter(STANDARD_VERSION, self.workspace_id)
-        sequence = self._counters.claim(key, at_least=time.time_ns() // 1000)
+    def _open_store(self) -> SqliteOutbox:
+        self.state = WorkspaceState(self._state_file, workspace_id=self.workspace_id,
+                                    new_workspace=self._new_workspace)
+        try:
+            self._outbox = SqliteOutbox(self.state)
+        except BaseException:
+            self.state.close()
+            raise
+        return self._outbox
+
+    def _close_store(self) -> None:
+        self.state.close()
+
+    def _resume(self) -> None:
+        self.state.on_recover = self._state_recovered
+        # Batches cut before a crash or a failed close: publish them (under their recorded names) first.
+        super()._resume()
+
+    def _counter_key(self, table: str) -> str:
+        return standard_counter(table, STANDARD_TABLES[table].version, self.workspace_id)
+
+    def _position_floor(self) -> int:
+        # A sequence starts from now in µs, so that a workspace whose counters were lost still names new files.
+        return time.time_ns() // 1000
+
+    def _file_name(self, table: str, position: int) -> str:
+        return standard_name(table, STANDARD_TABLES[table].version, self.workspace_id, position)
+
+    def _manifest_header(self) -> dict[str, Any]:
+        return {"mode": "standard", "workspace_id": self.workspace_id, "schema_version": STANDARD_VERSION}
+
+    def _manifest_counter(self) -> str:
+        return standard_manifest_counter(STANDARD_VERSION, self.workspace_id)
+
+    def _manifest_file(self, sequence: int) -> str:
         return standard_manifest_name(STANDARD_VERSION, self.workspace_id, sequence)
 
     def close(self) -> list[WrittenFile]:
@@ -186,9 +195,7 @@ class StandardSink(BaseSink):
             return []  # a child after fork: the buffers, the state file and its lock are the parent's
         if not self._publisher.closed:
             self.commit()
-        files = self._publisher.close()
-        self.state.close()
-        return files
+        return super().close()
 
     # -- applying changes ----------------------------------------------------------------------------------------
 
@@ -272,8 +279,8 @@ class StandardSink(BaseSink):
 
         Raises :class:`~cio_sync.InvalidCall` if the call is bad (nothing changes).
         """
+        parsed = self._parse(call)
         try:
-            parsed = parse_call(call)
             traits = self._trait_texts(parsed)
         except InvalidCall as exc:
             self._publisher.reject(call, exc)
