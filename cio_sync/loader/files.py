@@ -25,10 +25,11 @@ from cio_sync.schemas.tables import (
     ADVANCED_TABLES,
     CALL_COLUMNS,
     EXTRA_COLUMN,
-    STANDARD_TABLES,
     TIMESTAMP,
     Kind,
     is_json_text,
+    latest_spec,
+    standard_spec,
     table_for_file_name,
 )
 
@@ -65,6 +66,8 @@ class SourceFile:
     table: str
     mode: str
     ext: str
+    #: The schema version its name gives (Standard files; 0 for Advanced ones).
+    version: int = 0
 
 
 class _Unloadable(InvalidFile):
@@ -87,15 +90,45 @@ def classify(name: str) -> SourceFile | None:
         spec = table_for_file_name(standard.table)
         if spec is not None:
             order = ("standard", spec.name, standard.sequence)
-            return SourceFile(order, name, spec.name, "standard", "parquet")
+            return SourceFile(order, name, spec.name, "standard", "parquet", standard.version)
     return None
+
+
+def warehouse_schema(table: str) -> pa.Schema:
+    """The columns Standard table ``table`` has in the warehouse: those of its newest version (version 4, as
+    Customer.io's exports have them; ``actions`` has version 1 only), in that order, then the version-1 columns
+    with no counterpart in it (``dropped``, in their version-1 types), which version-4 files leave null."""
+    spec = latest_spec(table)
+    first = standard_spec(table, 1)
+    if first is None or first is spec:
+        return spec.schema
+    return pa.schema([*spec.schema, *(first.schema.field(name) for name in spec.dropped)])
 
 
 def known_schema(source: SourceFile) -> pa.Schema:
     """The schema the table of ``source`` has in the warehouse, before any extra column of other versions."""
     if source.mode == "standard":
-        return STANDARD_TABLES[source.table].schema
+        return warehouse_schema(source.table)
     return ADVANCED_TABLES[source.table.removeprefix("raw_")].schema
+
+
+def renamed(table: pa.Table, source: SourceFile) -> pa.Table:
+    """``table`` (the rows of ``source``) with the columns of an earlier version under the newest version's names:
+    a version-1 ``people`` file's ``external_customer_id`` becomes ``customer_id``, and so on (``TableSpec.renamed``).
+    Only version-1 files are renamed: those names are cio_sync's own, and files of any other version (Customer.io's
+    exports) already have Customer.io's names. Other files, and Advanced ones, are returned as they are."""
+    if source.mode != "standard" or source.version != 1:
+        return table
+    spec = latest_spec(source.table)
+    if spec.version == 1 or not spec.renamed:
+        return table
+    names = table.column_names
+    lower = {n.lower() for n in names}
+    for old, new in spec.renamed.items():
+        if old in names and new.lower() in lower:
+            raise _Unloadable(f"a version-{source.version} file with both {old!r} and {new!r}: {old!r} is what "
+                              f"version {spec.version} names {new!r}")
+    return table.rename_columns([spec.renamed.get(n, n) for n in names])
 
 
 def _shown(name: str) -> str:
@@ -351,7 +384,7 @@ def read_file(data: bytes, source: SourceFile,
             raise
         except Exception as exc:  # any failure to parse untrusted bytes is the file's, and is reported
             raise _Unloadable(f"cannot be read as {_FORMATS[source.ext]}: {exc}") from exc
-        return conform(table, schema, table_name=source.table, existing=existing)
+        return conform(renamed(table, source), schema, table_name=source.table, existing=existing)
     except _Unloadable as exc:
         exc.name = exc.name or source.name
         raise

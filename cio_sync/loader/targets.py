@@ -22,9 +22,19 @@ from cio_sync._errors import (
     library_error,
     make_error,
 )
-from cio_sync.loader.files import _WAREHOUSE_TYPES, SourceFile, _family, _shown, _Unloadable, known_schema
+from cio_sync.loader.files import (
+    _WAREHOUSE_TYPES,
+    SourceFile,
+    _family,
+    _shown,
+    _Unloadable,
+    known_schema,
+    warehouse_schema,
+)
 from cio_sync.schemas.tables import (
+    STANDARD_TABLES,
     current_views,
+    latest_spec,
 )
 from cio_sync.storage.backends import redact
 
@@ -95,6 +105,40 @@ def _migrations(have: set[str], dialect: str) -> list[str]:
     if "reason" not in have:
         sql.append(f"ALTER TABLE {LOAD_STATE_TABLE} ADD COLUMN reason {text}")
     return sql
+
+
+def _table_migrations(tables: dict[str, set[str]], dialect: str) -> list[str]:
+    """What brings the Standard tables an earlier release loaded (``tables``: name -> lower-case column names) to
+    the shape of the newest version: version-1 columns renamed to their version-4 names, then the columns version 4
+    added (null in the rows already there). Nothing is dropped: a version-1 column without a version-4 name stays."""
+    sql = []
+    for name in STANDARD_TABLES:
+        have = tables.get(name)
+        if not have:
+            continue
+        table = quote_identifier(name)
+        for old, new in latest_spec(name).renamed.items():
+            if old in have and new.lower() not in have:
+                sql.append(f"ALTER TABLE {table} RENAME COLUMN {quote_identifier(old)} TO {quote_identifier(new)}")
+                have = (have - {old}) | {new.lower()}
+        sql += [_add_column_sql(name, f, dialect) for f in warehouse_schema(name) if f.name.lower() not in have]
+    return sql
+
+
+def _standard_columns(rows: list[tuple[Any, ...]]) -> dict[str, set[str]]:
+    """(table name, column name) rows as table -> lower-case column names, for the Standard tables only."""
+    tables: dict[str, set[str]] = {}
+    for table, column in rows:
+        if str(table) in STANDARD_TABLES:
+            tables.setdefault(str(table), set()).add(str(column).lower())
+    return tables
+
+
+#: The columns of every base table of the current schema, as (table, column) rows (``_standard_columns``).
+_TABLE_COLUMNS_SQL: Final = ("SELECT c.table_name, c.column_name FROM information_schema.columns c JOIN "
+                             "information_schema.tables t ON t.table_name = c.table_name AND t.table_schema = "
+                             "c.table_schema WHERE t.table_type = 'BASE TABLE' AND c.table_schema = "
+                             "current_schema()")
 
 
 def _extras(table: pa.Table, source: SourceFile) -> list[pa.Field]:
@@ -279,10 +323,29 @@ class _DuckDBTarget(_SqlTarget):
                 "AND table_schema = current_schema()", [LOAD_STATE_TABLE]).fetchall()}
             for sql in _migrations(have, "duckdb"):
                 self.con.execute(sql)
+            upgrade = _table_migrations(_standard_columns(self.con.execute(_TABLE_COLUMNS_SQL).fetchall()),
+                                        "duckdb")
+            if upgrade:
+                # One transaction: a warehouse is upgraded whole or not at all. The views of before name the old
+                # columns, so they are rebuilt with it.
+                self.con.execute("BEGIN TRANSACTION")
+                try:
+                    for sql in upgrade:
+                        self.con.execute(sql)
+                    self.con.execute("COMMIT")
+                except BaseException:
+                    self._rollback()
+                    raise
         except (duckdb.Error, OSError) as exc:
             self.close()
             raise StorageError(f"cannot open {self.name}: {' '.join(str(exc).split())}{_path_hint(path)}",
                                path=path) from exc
+        if upgrade:
+            try:
+                self.build_views()
+            except CioSyncError:
+                self.close()
+                raise
 
     def _create(self, path: str) -> None:
         """A new database, made whole under a temporary name and then linked into place.
@@ -428,9 +491,19 @@ class _PostgresTarget(_SqlTarget):
                     "AND table_schema = current_schema()", [LOAD_STATE_TABLE]).fetchall()}
                 for sql in _migrations(have, "postgres"):
                     self.con.execute(sql)
+                upgrade = _table_migrations(
+                    _standard_columns(self.con.execute(_TABLE_COLUMNS_SQL).fetchall()), "postgres")
+                for sql in upgrade:
+                    self.con.execute(sql)
         except psycopg.Error as exc:
             self.close()
             raise self._failed("preparing the load state", exc) from exc
+        if upgrade:
+            try:
+                self.build_views()
+            except CioSyncError:
+                self.close()
+                raise
 
     def load(self, source: str, file: SourceFile, table: pa.Table, *, replace: bool) -> None:
         psycopg = self._psycopg

@@ -70,6 +70,10 @@ class TableSpec:
       definition with that key changed, and the sink counts its ``version``.
     - ``allowed``: for a column that takes only some values, those values.
     - ``file_names``: other names its files may have in place of ``name`` (Customer.io's own exports).
+    - ``renamed``: for a table of a later version, how the columns of its version-1 files map to it: version-1
+      name -> this version's name (version 1's ``external_customer_id`` is version 4's ``customer_id``).
+    - ``dropped``: the columns of its version-1 files that have no counterpart in this version; the loader keeps
+      them after this version's columns, so loading a version-1 file loses nothing.
     """
 
     name: str
@@ -83,6 +87,8 @@ class TableSpec:
     definition: bool = False
     allowed: Mapping[str, frozenset[str]] = field(default_factory=dict, hash=False)
     file_names: tuple[str, ...] = ()
+    renamed: Mapping[str, str] = field(default_factory=dict, hash=False)
+    dropped: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # A spec is data that several layers trust; a slip in one (a required column that does not exist) would
@@ -96,6 +102,14 @@ class TableSpec:
             unknown = [c for c in columns if c not in names]
             if unknown:
                 raise ValueError(f"table {self.name}: {what} names {', '.join(unknown)}, not columns of it")
+        if (self.renamed or self.dropped) and self.version == 1:
+            raise ValueError(f"table {self.name}: version 1 maps from no earlier version")
+        unknown = [c for c in self.renamed.values() if c not in names]
+        if unknown:
+            raise ValueError(f"table {self.name}: renamed names {', '.join(unknown)}, not columns of it")
+        clash = [c for c in (*self.renamed, *self.dropped) if c in names]
+        if clash:
+            raise ValueError(f"table {self.name}: {', '.join(clash)} renamed or dropped, yet columns of it")
         if self.view is not None and not self.key:
             raise ValueError(f"table {self.name}: a current-state view needs a key to partition by")
         if self.definition and len(self.key) != 1:

@@ -2,7 +2,11 @@
 
 Each table is one :class:`~cio_sync.schemas.spec.TableSpec` in :data:`STANDARD_TABLES`; the Standard sink, the
 workspace state, ``record()`` and the loader read nothing else, so a new table or version is one entry here
-(docs/standard.md, "Adding a table or a version"). Every table has ``workspace_id int64`` first.
+(docs/standard.md, "Adding a table or a version"). Every version-1 table has ``workspace_id int64`` first.
+
+:data:`STANDARD_V4_TABLES` holds version 4, the tables as Customer.io's own exports have them (shared/SCHEMAS.md,
+"Version 4"), each saying how its version-1 files map to it; the loader shapes its warehouse tables by them
+(:func:`latest_spec`), while the sink still writes version 1.
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ from typing import Any, Final
 import pyarrow as pa
 
 from cio_sync.schemas.spec import BOOL, INT, STRING, TIMESTAMP, CurrentView, TableSpec, json_text
+
+#: Arrow type of ``topic_names`` (version 4 campaigns and broadcasts): a list of strings.
+TOPICS: Final = pa.list_(pa.string())
 
 #: Schema version of the Standard tables this release writes; a new column means a new version.
 STANDARD_VERSION: Final = 1
@@ -87,10 +94,114 @@ _SPECS: Final = (
         allowed={"metric": METRICS}, view=CurrentView("metrics_unique", "created_at, seq_num")),
 )
 
+def _v4(name: str, columns: tuple[tuple[str, pa.DataType] | pa.Field, ...], **options: Any) -> TableSpec:
+    # Version 4 gives every column, workspace_id included: in metrics it is not first.
+    fields = [c if isinstance(c, pa.Field) else pa.field(c[0], c[1]) for c in columns]
+    return TableSpec(name, "standard", 4, pa.schema(fields), **options)
+
+
+_W: Final = ("workspace_id", INT)
+
+_V4_SPECS: Final = (
+    _v4("people", (
+        _W, ("customer_id", STRING), ("internal_customer_id", STRING), ("deleted", BOOL), ("suppressed", BOOL),
+        ("created_at", TIMESTAMP), ("updated_at", TIMESTAMP), ("email_addr", STRING),
+    ), key=("internal_customer_id",), view=CurrentView("people_current", "updated_at DESC"),
+        renamed={"external_customer_id": "customer_id"}),
+    _v4("attributes", (
+        _W, ("internal_customer_id", STRING), ("attribute_name", STRING), ("attribute_value", STRING),
+        ("timestamp", TIMESTAMP),
+    ), key=("internal_customer_id", "attribute_name"),
+        view=CurrentView("attributes_current", "timestamp DESC", where="attribute_value IS NOT NULL"),
+        dropped=("external_customer_id",)),
+    _v4("campaigns", (
+        _W, ("campaign_id", INT), ("name", STRING), ("created_at", TIMESTAMP), ("updated_at", TIMESTAMP),
+        ("version", INT), ("topic_names", TOPICS),
+    ), required=("campaign_id",), key=("campaign_id",), recordable=True, definition=True, dropped=("type", "state")),
+    _v4("broadcasts", (
+        _W, ("broadcast_id", INT), ("name", STRING), ("created_at", TIMESTAMP), ("updated_at", TIMESTAMP),
+        ("topic_names", TOPICS),
+    ), required=("broadcast_id",), key=("broadcast_id",), recordable=True, definition=True, dropped=("type",)),
+    _v4("subjects", (
+        _W, ("subject_name", STRING), ("internal_customer_id", STRING), ("campaign_type", STRING),
+        ("campaign_id", INT), ("event_id", STRING), ("trigger_id", INT), ("started_campaign_at", TIMESTAMP),
+        ("created_at", TIMESTAMP), ("seq_num", INT),
+    ), required=("subject_name", "campaign_id"), key=("subject_name",), recordable=True,
+        view=CurrentView("subjects_current", "created_at DESC, seq_num DESC"), dropped=("external_customer_id",)),
+    _v4("outputs", (
+        _W, ("output_id", STRING), ("subject_name", STRING), ("output_type", STRING), ("action_id", INT),
+        ("explanation", STRING), ("delivery_id", STRING), ("draft", BOOL), ("link_tracked", BOOL),
+        ("split_test_index", INT), ("delay_ends_at", TIMESTAMP), ("branch_index", INT), ("manual_segment_id", INT),
+        ("add_to_manual_segment", BOOL), ("created_at", TIMESTAMP), ("seq_num", INT),
+    ), required=("output_id", "subject_name", "output_type"), key=("output_id",), recordable=True),
+    _v4("deliveries", (
+        _W, ("delivery_id", STRING), ("internal_customer_id", STRING), ("subject_id", STRING), ("event_id", STRING),
+        ("delivery_type", STRING), ("campaign_id", INT), ("action_id", INT), ("newsletter_id", INT),
+        ("content_id", INT), ("trigger_id", INT), ("created_at", TIMESTAMP), ("transactional_message_id", INT),
+        ("seq_num", INT),
+    ), required=("delivery_id", "delivery_type"), key=("delivery_id",), recordable=True,
+        view=CurrentView("deliveries_current", "created_at DESC, seq_num DESC"),
+        renamed={"subject_name": "subject_id"}, dropped=("external_customer_id",)),
+    _v4("delivery_contents", (
+        _W, ("delivery_id", STRING), ("campaign_id", INT), ("action_id", INT), ("newsletter_id", INT),
+        ("content_id", INT), ("from", STRING), ("reply_to", STRING), ("bcc", STRING), ("recipient", STRING),
+        ("subject", STRING), ("body", STRING), ("body_amp", STRING), ("body_plain", STRING), ("preheader", STRING),
+        ("url", STRING), ("method", STRING), json_text("headers"), ("type", STRING),
+    ), required=("delivery_id",), key=("delivery_id",), recordable=True, file_names=("content", "contents"),
+        renamed={"recipients": "recipient", "delivery_type": "type"}, dropped=("created_at",)),
+    _v4("metrics", (
+        ("event_id", STRING), _W, ("delivery_id", STRING), ("metric", STRING), ("created_at", TIMESTAMP),
+        ("reason", STRING), ("link_id", INT), ("link_url", STRING), ("seq_num", INT),
+        # Bot and privacy-proxy detection: in newer exports only; null in older ones and in version-1 files.
+        ("proxied", BOOL), ("prefetched", BOOL), ("machine", BOOL), ("user_agent", STRING),
+        ("email_client", STRING), ("inbox_domain", STRING), ("inbox_provider", STRING), ("mx_host", STRING),
+    ), required=("event_id", "delivery_id", "metric"), key=("event_id",), recordable=True,
+        view=CurrentView("metrics_unique", "created_at, seq_num")),
+)
+
 #: Every Standard table by name, in the order the contract lists them. The one place a table is declared: the
 #: lookups below and the layers above read it when they run, not a copy taken at import (only the Standard sink
 #: keeps the people and attributes schemas, whose rows it builds from calls itself).
 STANDARD_TABLES: Final[Mapping[str, TableSpec]] = {spec.name: spec for spec in _SPECS}
+
+#: The Standard tables of version 4 by name, as Customer.io's own exports have them (shared/SCHEMAS.md, "Version
+#: 4"); ``actions`` is cio_sync's own table and has version 1 only. The sink does not write them yet; the loader
+#: shapes its warehouse tables by them.
+STANDARD_V4_TABLES: Final[Mapping[str, TableSpec]] = {spec.name: spec for spec in _V4_SPECS}
+
+#: Every version of the Standard tables: version -> table name -> spec.
+STANDARD_VERSIONS: Final[Mapping[int, Mapping[str, TableSpec]]] = {1: STANDARD_TABLES, 4: STANDARD_V4_TABLES}
+
+
+def _check_mappings() -> None:
+    # Every version-1 column must land somewhere in version 4 (same name, renamed or dropped), with the same type
+    # where it lands, or a version-1 file would lose a column or change a type when it loads.
+    for name, later in STANDARD_V4_TABLES.items():
+        for f in STANDARD_TABLES[name].schema:
+            if f.name in later.dropped:
+                continue
+            target = later.renamed.get(f.name, f.name)
+            if target not in later.schema.names:
+                raise ValueError(f"table {name} version 4: version 1's column {f.name} maps to no column")
+            if later.schema.field(target).type != f.type:
+                raise ValueError(f"table {name} version 4: column {target} changes its type from version 1")
+
+
+_check_mappings()
+
+
+def standard_spec(name: str, version: int) -> TableSpec | None:
+    """The spec of Standard table ``name`` in ``version``, or ``None`` if that version has no such table."""
+    return STANDARD_VERSIONS.get(version, {}).get(name)
+
+
+def latest_spec(name: str) -> TableSpec:
+    """The newest version of Standard table ``name`` (version 4, or 1 for ``actions``): the loader's shape of it."""
+    for version in sorted(STANDARD_VERSIONS, reverse=True):
+        spec = STANDARD_VERSIONS[version].get(name)
+        if spec is not None:
+            return spec
+    raise KeyError(name)
 
 
 def record_tables() -> tuple[str, ...]:
@@ -110,9 +221,12 @@ def table_for_file_name(name: str) -> TableSpec | None:
 
 
 def current_views() -> list[tuple[str, str, str]]:
-    """The loader's current-state views over the Standard tables: (view, table, DuckDB SQL), in table order."""
+    """The loader's current-state views over the Standard tables: (view, table, DuckDB SQL), in table order.
+
+    Each is the view of the table's newest version (:func:`latest_spec`): the warehouse tables have its columns.
+    """
     views = []
-    for spec in STANDARD_TABLES.values():
+    for spec in map(latest_spec, STANDARD_TABLES):
         if spec.view is not None:
             views.append((spec.view.name, spec.name, spec.view.sql(spec.name, spec.key)))
     return views

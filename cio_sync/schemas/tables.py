@@ -18,9 +18,13 @@ from cio_sync.schemas.standard import (
     SINK_COLUMNS,
     STANDARD_SCHEMAS,
     STANDARD_TABLES,
+    STANDARD_V4_TABLES,
     STANDARD_VERSION,
+    STANDARD_VERSIONS,
     current_views,
+    latest_spec,
     record_tables,
+    standard_spec,
     table_for_file_name,
 )
 
@@ -34,7 +38,9 @@ __all__ = [
     "SINK_COLUMNS",
     "STANDARD_SCHEMAS",
     "STANDARD_TABLES",
+    "STANDARD_V4_TABLES",
     "STANDARD_VERSION",
+    "STANDARD_VERSIONS",
     "TABLES",
     "TIMESTAMP",
     "CurrentView",
@@ -43,7 +49,9 @@ __all__ = [
     "current_views",
     "is_document_schema",
     "is_json_text",
+    "latest_spec",
     "record_tables",
+    "standard_spec",
     "table_for_file_name",
 ]
 
