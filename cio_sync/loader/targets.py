@@ -246,6 +246,12 @@ class _SqlTarget:
     con: Any
     _tables: dict[str, Columns]
 
+    def build_views(self) -> list[str]:  # pragma: no cover - each target has its own
+        raise NotImplementedError
+
+    def close(self) -> None:  # pragma: no cover - each target has its own
+        raise NotImplementedError
+
     def _failed(self, what: str, exc: BaseException) -> CioSyncError:
         # The one map of library errors (cio_sync._errors.LIBRARY_ERRORS); a warehouse failure is a StorageError.
         kind = library_error(exc) or StorageError
@@ -278,6 +284,26 @@ class _SqlTarget:
         else:
             self.con.execute(f"INSERT INTO {LOAD_STATE_TABLE} ({_STATE_COLUMNS}) VALUES ({', '.join([p] * 7)})",
                              [source, name, table, rows, now, status, reason])
+
+    def _prepare(self, dialect: str) -> list[str]:
+        """Create the load-state table or bring it up to date; return the statements that upgrade the warehouse
+        tables an earlier release made (v1 column names) to this one's, for the caller to run in one transaction."""
+        self.con.execute(_state_sql(dialect))
+        have = {r[0] for r in self.con.execute(
+            f"SELECT column_name FROM information_schema.columns WHERE table_name = {self.P} "
+            "AND table_schema = current_schema()", [LOAD_STATE_TABLE]).fetchall()}
+        for sql in _migrations(have, dialect):
+            self.con.execute(sql)
+        return _table_migrations(_standard_columns(self.con.execute(_TABLE_COLUMNS_SQL).fetchall()), dialect)
+
+    def _upgraded(self, upgrade: list[str]) -> None:
+        """After an upgrade, rebuild the views (those of before name the old columns); close if that fails."""
+        if upgrade:
+            try:
+                self.build_views()
+            except CioSyncError:
+                self.close()
+                raise
 
     def forget(self, source: str, name: str) -> None:
         try:
@@ -317,14 +343,7 @@ class _DuckDBTarget(_SqlTarget):
                     self._create(path)
             self.con = duckdb.connect(path)
             self.con.execute("SET TimeZone = 'UTC'")
-            self.con.execute(_state_sql("duckdb"))
-            have = {r[0] for r in self.con.execute(
-                "SELECT column_name FROM information_schema.columns WHERE table_name = ? "
-                "AND table_schema = current_schema()", [LOAD_STATE_TABLE]).fetchall()}
-            for sql in _migrations(have, "duckdb"):
-                self.con.execute(sql)
-            upgrade = _table_migrations(_standard_columns(self.con.execute(_TABLE_COLUMNS_SQL).fetchall()),
-                                        "duckdb")
+            upgrade = self._prepare("duckdb")
             if upgrade:
                 # One transaction: a warehouse is upgraded whole or not at all. The views of before name the old
                 # columns, so they are rebuilt with it.
@@ -340,12 +359,7 @@ class _DuckDBTarget(_SqlTarget):
             self.close()
             raise StorageError(f"cannot open {self.name}: {' '.join(str(exc).split())}{_path_hint(path)}",
                                path=path) from exc
-        if upgrade:
-            try:
-                self.build_views()
-            except CioSyncError:
-                self.close()
-                raise
+        self._upgraded(upgrade)
 
     def _create(self, path: str) -> None:
         """A new database, made whole under a temporary name and then linked into place.
@@ -485,25 +499,13 @@ class _PostgresTarget(_SqlTarget):
                              path=self.path) from exc
         try:
             with self.con.transaction():
-                self.con.execute(_state_sql("postgres"))
-                have = {r[0] for r in self.con.execute(
-                    "SELECT column_name FROM information_schema.columns WHERE table_name = %s "
-                    "AND table_schema = current_schema()", [LOAD_STATE_TABLE]).fetchall()}
-                for sql in _migrations(have, "postgres"):
-                    self.con.execute(sql)
-                upgrade = _table_migrations(
-                    _standard_columns(self.con.execute(_TABLE_COLUMNS_SQL).fetchall()), "postgres")
+                upgrade = self._prepare("postgres")
                 for sql in upgrade:
                     self.con.execute(sql)
         except psycopg.Error as exc:
             self.close()
             raise self._failed("preparing the load state", exc) from exc
-        if upgrade:
-            try:
-                self.build_views()
-            except CioSyncError:
-                self.close()
-                raise
+        self._upgraded(upgrade)
 
     def load(self, source: str, file: SourceFile, table: pa.Table, *, replace: bool) -> None:
         psycopg = self._psycopg
