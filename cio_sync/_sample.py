@@ -114,29 +114,29 @@ def sample_records(people: list[str], *, seed: int = 0,
     rng = random.Random(seed)
     moment = start or datetime(2026, 11, 1, tzinfo=UTC)
     campaigns = [(1, "Onboarding", "segment"), (2, "Win-back", "event")]
-    for campaign_id, name, trigger in campaigns:
-        yield "campaigns", {"campaign_id": campaign_id, "name": name, "type": trigger, "state": "running"}
+    for campaign_id, name, _ in campaigns:
+        yield "campaigns", {"campaign_id": campaign_id, "name": name, "topic_names": ["product"]}
         yield "actions", {"action_id": campaign_id * 10, "campaign_id": campaign_id, "action_type": "email",
                           "name": f"{name} email"}
         yield "actions", {"action_id": campaign_id * 10 + 1, "campaign_id": campaign_id, "action_type": "delay",
                           "name": "Wait a day"}
-    yield "broadcasts", {"broadcast_id": 7, "name": "November newsletter", "type": "newsletter"}
-    yield "campaigns", {"campaign_id": 2, "name": "Win-back", "type": "event", "state": "paused"}  # version 2
+    yield "broadcasts", {"broadcast_id": 7, "name": "November newsletter", "topic_names": ["newsletter"]}
+    yield "campaigns", {"campaign_id": 2, "name": "Win-back", "topic_names": ["product", "offers"]}  # version 2
     for n, person in enumerate(people):
         campaign_id, name, trigger = campaigns[n % 2]
         moment += timedelta(seconds=rng.randint(1, 120))
         subject = f"subject-{campaign_id}-{person}"
         delivery = f"delivery-{campaign_id}-{person}"
-        yield "subjects", {"subject_name": subject, "external_customer_id": person, "campaign_id": campaign_id,
+        yield "subjects", {"subject_name": subject, "customer_id": person, "campaign_id": campaign_id,
                            "campaign_type": trigger, "started_campaign_at": moment}
         yield "outputs", {"output_id": f"output-{delivery}", "subject_name": subject, "output_type": "email",
                           "action_id": campaign_id * 10, "delivery_id": delivery, "draft": False,
                           "link_tracked": True}
-        yield "deliveries", {"delivery_id": delivery, "external_customer_id": person, "subject_name": subject,
+        yield "deliveries", {"delivery_id": delivery, "customer_id": person, "subject_id": subject,
                              "delivery_type": "email", "campaign_id": campaign_id, "action_id": campaign_id * 10}
-        yield "delivery_contents", {"delivery_id": delivery, "delivery_type": "email", "campaign_id": campaign_id,
+        yield "delivery_contents", {"delivery_id": delivery, "type": "email", "campaign_id": campaign_id,
                                     "action_id": campaign_id * 10, "from": "team@example.com",
-                                    "recipients": f"{person}@example.com", "subject": f"{name}: hello",
+                                    "recipient": f"{person}@example.com", "subject": f"{name}: hello",
                                     "body_plain": "Hi!", "headers": {"X-Campaign": str(campaign_id)}}
         events = ["sent", "delivered"]
         roll = rng.random()

@@ -99,7 +99,7 @@ def _people_published_once(tmp_path: Path, people: int) -> None:
 
     published: Counter[str] = Counter()
     for path in (tmp_path / "bucket").glob("people_*.parquet"):
-        published.update(pq.read_table(path).column("external_customer_id").to_pylist())
+        published.update(pq.read_table(path).column("customer_id").to_pylist())
     assert published == Counter(f"person-{n}" for n in range(people))
 
 

@@ -20,6 +20,7 @@ import cio_sync
 from cio_sync.loader.targets import LOAD_STATE_TABLE, _create_table_sql, _pg_view
 from cio_sync.schemas.standard import (
     STANDARD_TABLES,
+    STANDARD_V1_TABLES,
     STANDARD_V4_TABLES,
     current_views,
     latest_spec,
@@ -143,13 +144,15 @@ def test_the_v4_specs_are_schemas_md_version_4() -> None:
         assert spec.dropped == DROPPED.get(name, ()), name
     assert standard_spec("actions", 4) is None
     assert latest_spec("actions") is STANDARD_TABLES["actions"]
-    # What the sink writes is still version 1.
-    assert {s.version for s in STANDARD_TABLES.values()} == {1}
+    # What the sink writes: version 4, and actions (cio_sync's own table) in version 1.
+    assert {n: s.version for n, s in STANDARD_TABLES.items()} == {n: 1 if n == "actions" else 4
+                                                                 for n in STANDARD_TABLES}
+    assert all(STANDARD_TABLES[n] is spec for n, spec in STANDARD_V4_TABLES.items())
 
 
 def test_every_v1_column_is_in_v4_renamed_or_dropped_with_its_type() -> None:
     for name, v4 in STANDARD_V4_TABLES.items():
-        v1 = STANDARD_TABLES[name]
+        v1 = STANDARD_V1_TABLES[name]
         for f in v1.schema:
             if f.name in v4.dropped:
                 assert f.name not in v4.schema.names
@@ -251,26 +254,30 @@ NAME = re.compile(r"(?P<table>[a-z_]+)_v(?P<version>\d+)_(?P<workspace>\d+)_(?P<
 
 
 def sink_v1_files(storage: Storage) -> dict[str, int]:
-    """Version-1 files of people, attributes, subjects and deliveries, written by today's StandardSink; returns the
-    highest sequence of each table's files."""
+    """Version-1 files of people, attributes, subjects and deliveries, as the release before version 4 wrote them
+    (its column lists, in its order: STANDARD_V1_TABLES; tests/test_v1_release.py reads files that release itself
+    made); returns the highest sequence of each table's files."""
     # Without manifests: the version-4 files the tests add beside them are exports, which come with none.
-    sink = cio_sync.StandardSink(storage.url, workspace_id=WORKSPACE, flush_interval=None, manifests=False,
-                                 storage_options=storage.storage_options)
-    sink.write({"type": "identify", "userId": "u1", "traits": {"email": "old@example.com", "plan": "free"},
-                "timestamp": "2026-01-01T00:00:00Z"})
-    sink.record("subjects", {"subject_name": "s1", "external_customer_id": "u1", "campaign_id": 1,
-                             "created_at": datetime(2026, 1, 1, tzinfo=UTC)})
-    sink.record("deliveries", {"delivery_id": "d1", "external_customer_id": "u1", "subject_name": "s1",
-                               "delivery_type": "email", "campaign_id": 1,
-                               "created_at": datetime(2026, 1, 1, tzinfo=UTC)})
-    sink.close()
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    rows = {
+        "people": [{"internal_customer_id": "c0ffee0000000001", "external_customer_id": "u1",
+                    "email_addr": "old@example.com", "deleted": False, "suppressed": False, "created_at": at,
+                    "updated_at": at}],
+        "attributes": [{"internal_customer_id": "c0ffee0000000001", "external_customer_id": "u1",
+                        "attribute_name": name, "attribute_value": value, "timestamp": at}
+                       for name, value in (("email", "old@example.com"), ("plan", "free"))],
+        "subjects": [{"subject_name": "s1", "internal_customer_id": "c0ffee0000000001",
+                      "external_customer_id": "u1", "campaign_id": 1, "created_at": at, "seq_num": 1}],
+        "deliveries": [{"delivery_id": "d1", "internal_customer_id": "c0ffee0000000001",
+                        "external_customer_id": "u1", "subject_name": "s1", "delivery_type": "email",
+                        "campaign_id": 1, "created_at": at, "seq_num": 2}],
+    }
     last: dict[str, int] = {}
-    for name in storage.fs.ls(storage.root, detail=False):
-        match = NAME.fullmatch(str(name).rsplit("/", 1)[-1])
-        if match:
-            assert match["version"] == "1"
-            last[match["table"]] = max(last.get(match["table"], 0), int(match["sequence"]))
-    assert {"people", "attributes", "subjects", "deliveries"} <= set(last)
+    for sequence, (table, found) in enumerate(rows.items(), start=1_767_225_600_000_000):
+        schema = STANDARD_V1_TABLES[table].schema
+        put(storage, f"{table}_v1_{WORKSPACE}_{sequence}.parquet", pa.Table.from_pylist(
+            [{c: {"workspace_id": WORKSPACE, **row}.get(c) for c in schema.names} for row in found], schema=schema))
+        last[table] = sequence
     return last
 
 
@@ -346,7 +353,7 @@ def old_warehouse(storage: Storage, target: Target) -> dict[str, int]:
         match = NAME.fullmatch(name)
         if not match:
             continue
-        table, spec = match["table"], STANDARD_TABLES[match["table"]]
+        table, spec = match["table"], STANDARD_V1_TABLES[match["table"]]
         rows = pq.read_table(storage.fs.open(path, "rb")).select(spec.schema.names)
         target.run(_create_table_sql(table, spec.schema, dialect))
         for row in rows.to_pylist():
@@ -392,7 +399,7 @@ def test_a_warehouse_of_the_previous_release_is_upgraded_in_place_with_nothing_l
         assert set(columns) >= {c for c, _ in V4[table]} | set(DROPPED.get(table, ())), table
         assert not set(RENAMED.get(table, {})) & set(columns), table
         old = latest_spec(table)
-        renamed = [old.renamed.get(c, c) for c in STANDARD_TABLES[table].schema.names]
+        renamed = [old.renamed.get(c, c) for c in STANDARD_V1_TABLES[table].schema.names]
         now = target.rows(f'SELECT {quoted(renamed)} FROM "{table}"')
         assert not Counter(before[table]) - Counter(now), table
     assert target.rows("SELECT customer_id, email_addr FROM people ORDER BY updated_at") == [
@@ -457,7 +464,7 @@ def test_the_fixture_warehouse_of_the_previous_release_upgrades_in_place_with_no
         # Renamed in place, the version-4 columns added, the version-1-only columns kept ...
         assert set(columns) == set(spec.schema.names) | set(spec.dropped), table
         # ... and every row of before still there, under the version-4 names.
-        names = [spec.renamed.get(c, c) for c in STANDARD_TABLES[table].schema.names]
+        names = [spec.renamed.get(c, c) for c in STANDARD_V1_TABLES[table].schema.names]
         now = duck_rows(db, f'SELECT {quoted(names)} FROM "{table}"')
         assert not Counter(before[table]) - Counter(now), table
         assert len(now) == len(before[table]) + added.get(table, 0), table

@@ -71,7 +71,7 @@ def test_sigterm_with_close_on_signals_given_no_sink_publishes_every_open_sink_o
     published = published_ids(root / "advanced")
     assert all(published[m] == 1 for m in acked)
     assert max(published.values()) == 1
-    people = {r["external_customer_id"] for r in _rows(root / "standard") if "external_customer_id" in r}
+    people = {r["customer_id"] for r in _rows(root / "standard") if "customer_id" in r}
     # Every acknowledged identify made its person in the Standard files (identify is every third call).
     assert {f"u{int(m[1:])}" for m in acked if int(m[1:]) % 3 == 1} <= people
 

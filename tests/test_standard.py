@@ -20,35 +20,42 @@ WORKSPACE = 111528
 NAME = re.compile(r"^(?P<table>[a-z_]+)_v(?P<version>\d+)_(?P<workspace>\d+)_(?P<sequence>\d+)\.parquet$")
 
 S, I, B, T = pa.string(), pa.int64(), pa.bool_(), pa.timestamp("us", tz="UTC")  # noqa: E741
-# The columns and types of shared/SCHEMAS.md, written out here independently of the implementation.
+# The columns and types of shared/SCHEMAS.md ("Version 4"; actions is cio_sync's own table, version 1), in file
+# order, written out here independently of the implementation.
+L = pa.list_(pa.string())
 CONTRACT: dict[str, list[tuple[str, pa.DataType]]] = {
-    "people": [("internal_customer_id", S), ("external_customer_id", S), ("email_addr", S), ("deleted", B),
-               ("suppressed", B), ("created_at", T), ("updated_at", T)],
-    "attributes": [("internal_customer_id", S), ("external_customer_id", S), ("attribute_name", S),
-                   ("attribute_value", S), ("timestamp", T)],
-    "campaigns": [("campaign_id", I), ("name", S), ("type", S), ("state", S), ("version", I), ("created_at", T),
-                  ("updated_at", T)],
-    "actions": [("action_id", I), ("campaign_id", I), ("broadcast_id", I), ("action_type", S), ("name", S),
-                ("version", I), ("created_at", T), ("updated_at", T)],
-    "broadcasts": [("broadcast_id", I), ("name", S), ("type", S), ("created_at", T), ("updated_at", T)],
-    "subjects": [("subject_name", S), ("internal_customer_id", S), ("external_customer_id", S),
-                 ("campaign_type", S), ("campaign_id", I), ("event_id", S), ("trigger_id", I),
-                 ("started_campaign_at", T), ("created_at", T), ("seq_num", I)],
-    "outputs": [("output_id", S), ("subject_name", S), ("output_type", S), ("action_id", I), ("explanation", S),
-                ("delivery_id", S), ("draft", B), ("link_tracked", B), ("split_test_index", I),
+    "people": [("workspace_id", I), ("customer_id", S), ("internal_customer_id", S), ("deleted", B),
+               ("suppressed", B), ("created_at", T), ("updated_at", T), ("email_addr", S)],
+    "attributes": [("workspace_id", I), ("internal_customer_id", S), ("attribute_name", S), ("attribute_value", S),
+                   ("timestamp", T)],
+    "campaigns": [("workspace_id", I), ("campaign_id", I), ("name", S), ("created_at", T), ("updated_at", T),
+                  ("version", I), ("topic_names", L)],
+    "actions": [("workspace_id", I), ("action_id", I), ("campaign_id", I), ("broadcast_id", I),
+                ("action_type", S), ("name", S), ("version", I), ("created_at", T), ("updated_at", T)],
+    "broadcasts": [("workspace_id", I), ("broadcast_id", I), ("name", S), ("created_at", T), ("updated_at", T),
+                   ("topic_names", L)],
+    "subjects": [("workspace_id", I), ("subject_name", S), ("internal_customer_id", S), ("campaign_type", S),
+                 ("campaign_id", I), ("event_id", S), ("trigger_id", I), ("started_campaign_at", T),
+                 ("created_at", T), ("seq_num", I)],
+    "outputs": [("workspace_id", I), ("output_id", S), ("subject_name", S), ("output_type", S), ("action_id", I),
+                ("explanation", S), ("delivery_id", S), ("draft", B), ("link_tracked", B), ("split_test_index", I),
                 ("delay_ends_at", T), ("branch_index", I), ("manual_segment_id", I),
                 ("add_to_manual_segment", B), ("created_at", T), ("seq_num", I)],
-    "deliveries": [("delivery_id", S), ("internal_customer_id", S), ("external_customer_id", S),
-                   ("subject_name", S), ("event_id", S), ("delivery_type", S), ("campaign_id", I),
-                   ("action_id", I), ("newsletter_id", I), ("content_id", I), ("trigger_id", I),
-                   ("transactional_message_id", I), ("created_at", T), ("seq_num", I)],
-    "delivery_contents": [("delivery_id", S), ("delivery_type", S), ("campaign_id", I), ("action_id", I),
+    "deliveries": [("workspace_id", I), ("delivery_id", S), ("internal_customer_id", S), ("subject_id", S),
+                   ("event_id", S), ("delivery_type", S), ("campaign_id", I), ("action_id", I),
+                   ("newsletter_id", I), ("content_id", I), ("trigger_id", I), ("created_at", T),
+                   ("transactional_message_id", I), ("seq_num", I)],
+    "delivery_contents": [("workspace_id", I), ("delivery_id", S), ("campaign_id", I), ("action_id", I),
                           ("newsletter_id", I), ("content_id", I), ("from", S), ("reply_to", S), ("bcc", S),
-                          ("recipients", S), ("subject", S), ("body", S), ("body_amp", S), ("body_plain", S),
-                          ("preheader", S), ("url", S), ("method", S), ("headers", S), ("created_at", T)],
-    "metrics": [("event_id", S), ("delivery_id", S), ("metric", S), ("reason", S), ("link_id", I),
-                ("link_url", S), ("created_at", T), ("seq_num", I)],
+                          ("recipient", S), ("subject", S), ("body", S), ("body_amp", S), ("body_plain", S),
+                          ("preheader", S), ("url", S), ("method", S), ("headers", S), ("type", S)],
+    "metrics": [("event_id", S), ("workspace_id", I), ("delivery_id", S), ("metric", S), ("created_at", T),
+                ("reason", S), ("link_id", I), ("link_url", S), ("seq_num", I), ("proxied", B), ("prefetched", B),
+                ("machine", B), ("user_agent", S), ("email_client", S), ("inbox_domain", S), ("inbox_provider", S),
+                ("mx_host", S)],
 }
+#: The version of each table's files: 4, as Customer.io's exports; actions is cio_sync's own, version 1.
+VERSION = {name: "1" if name == "actions" else "4" for name in CONTRACT}
 
 
 def sink_for(storage: Storage, state: Any = None, **kwargs: Any) -> cio_sync.StandardSink:
@@ -57,18 +64,25 @@ def sink_for(storage: Storage, state: Any = None, **kwargs: Any) -> cio_sync.Sta
                                  storage_options=storage.storage_options, **kwargs)
 
 
-def tables(storage: Storage, scratch: Path) -> dict[str, list[dict[str, Any]]]:
-    """Every row of every Standard file, by table, in sequence order (files read by pyarrow from a local copy)."""
+def tables(storage: Storage, scratch: Path, *, earlier: bool = False) -> dict[str, list[dict[str, Any]]]:
+    """Every row of every Standard file, by table, in sequence order (files read by pyarrow from a local copy);
+    with ``earlier``, version-1 files (rows an earlier release left in a state's outbox) may be among them."""
     storage.download(scratch)
     found: dict[str, list[tuple[int, list[dict[str, Any]]]]] = {}
     for name in storage.data_files():
         match = NAME.match(name)
         assert match, name
         assert int(match["workspace"]) == WORKSPACE
-        assert match["version"] == "1"
+        assert match["version"] in (VERSION[match["table"]], "1" if earlier else None), name
         rows = pq.read_table(scratch / name).to_pylist()
         found.setdefault(match["table"], []).append((int(match["sequence"]), rows))
     return {t: [r for _, rows in sorted(files, key=lambda f: f[0]) for r in rows] for t, files in found.items()}
+
+
+def customer_ids(found: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
+    """Each person's id as sent (``customer_id``) by internal id, from their latest people row: version 4's
+    attributes name a person by internal id only."""
+    return {r["internal_customer_id"]: r["customer_id"] for r in found.get("people", [])}
 
 
 def identify_calls(people: int) -> list[dict[str, Any]]:
@@ -126,13 +140,15 @@ def test_identify_calls_emit_exactly_the_changes(storage: Storage, scratch: Path
     assert emitted[3 * people:4 * people] == [0] * people
     got = tables(storage, scratch)
     want_attributes, want_people = expected_changes(calls)
-    got_attributes = [(r["external_customer_id"], r["attribute_name"], r["attribute_value"])
+    # Attributes name their person by internal id; people rows give the id it was sent with.
+    ids = {(r["customer_id"], r["internal_customer_id"]) for r in got["people"]}
+    customer = {cio: uid for uid, cio in ids}
+    got_attributes = [(customer[r["internal_customer_id"]], r["attribute_name"], r["attribute_value"])
                       for r in got["attributes"]]
     assert sorted(got_attributes, key=repr) == sorted(want_attributes, key=repr)
-    got_people = [(r["external_customer_id"], r["email_addr"]) for r in got["people"]]
+    got_people = [(r["customer_id"], r["email_addr"]) for r in got["people"]]
     assert sorted(got_people, key=repr) == sorted(want_people, key=repr)
     # Internal ids are stable per person and unique between people.
-    ids = {(r["external_customer_id"], r["internal_customer_id"]) for r in got["people"] + got["attributes"]}
     assert len(ids) == people
     assert len({cio for _, cio in ids}) == people
     assert set(got) == {"people", "attributes"}
@@ -141,16 +157,16 @@ def test_identify_calls_emit_exactly_the_changes(storage: Storage, scratch: Path
 def test_each_table_has_exactly_the_contract_schema_and_loads_in_duckdb(storage: Storage, scratch: Path) -> None:
     with sink_for(storage) as sink:
         sink.write({"type": "identify", "userId": "42", "traits": {"email": "a@example.com"}})
-        sink.record("campaigns", {"campaign_id": 1, "name": "Welcome", "type": "segment", "state": "running"})
+        sink.record("campaigns", {"campaign_id": 1, "name": "Welcome", "topic_names": ["news"]})
         sink.record("actions", {"action_id": 10, "campaign_id": 1, "action_type": "email", "name": "Hi"})
-        sink.record("broadcasts", {"broadcast_id": 3, "name": "News", "type": "newsletter"})
-        sink.record("subjects", {"subject_name": "s1", "external_customer_id": "42", "campaign_id": 1,
+        sink.record("broadcasts", {"broadcast_id": 3, "name": "News"})
+        sink.record("subjects", {"subject_name": "s1", "customer_id": "42", "campaign_id": 1,
                                  "campaign_type": "segment", "started_campaign_at": "2026-11-30T10:00:00Z"})
         sink.record("outputs", {"output_id": "o1", "subject_name": "s1", "output_type": "email", "action_id": 10,
                                 "delivery_id": "d1", "draft": False})
-        sink.record("deliveries", {"delivery_id": "d1", "external_customer_id": "42", "delivery_type": "email",
-                                   "campaign_id": 1, "action_id": 10, "subject_name": "s1"})
-        sink.record("delivery_contents", {"delivery_id": "d1", "delivery_type": "email", "subject": "Hi",
+        sink.record("deliveries", {"delivery_id": "d1", "customer_id": "42", "delivery_type": "email",
+                                   "campaign_id": 1, "action_id": 10, "subject_id": "s1"})
+        sink.record("delivery_contents", {"delivery_id": "d1", "type": "email", "subject": "Hi",
                                           "headers": {"X-Campaign": "1"}, "from": "team@example.com"})
         sink.record("metrics", {"event_id": "e1", "delivery_id": "d1", "metric": "opened"})
     storage.download(scratch)
@@ -160,7 +176,7 @@ def test_each_table_has_exactly_the_contract_schema_and_loads_in_duckdb(storage:
     con = duckdb.connect()
     for table, name in by_table.items():
         schema = pq.read_schema(scratch / name)
-        assert [(f.name, f.type) for f in schema] == [("workspace_id", I), *CONTRACT[table]], table
+        assert [(f.name, f.type) for f in schema] == CONTRACT[table], table
         assert con.execute(f"SELECT count(*) FROM read_parquet('{scratch / name}')").fetchone() == (1,)
     deliveries = pq.read_table(scratch / by_table["deliveries"]).to_pylist()
     person = pq.read_table(scratch / by_table["people"]).to_pylist()[0]
@@ -175,13 +191,13 @@ def test_a_restarted_sink_continues_sequences_and_emits_nothing_it_knows(storage
     with sink_for(storage, state=state) as sink:
         for call in calls:
             sink.write(call)
-        sink.record("campaigns", {"campaign_id": 7, "name": "Onboarding", "state": "running"})
+        sink.record("campaigns", {"campaign_id": 7, "name": "Onboarding", "topic_names": ["news"]})
     first = storage.data_files()
     with sink_for(storage, state=state) as sink:
         assert [sink.write(call) for call in calls] == [0] * len(calls)
-        assert sink.record("campaigns", {"campaign_id": 7, "name": "Onboarding", "state": "running"}) == 0
+        assert sink.record("campaigns", {"campaign_id": 7, "name": "Onboarding", "topic_names": ["news"]}) == 0
         assert sink.write({"type": "identify", "userId": "user-1", "traits": {"plan": "enterprise"}}) == 1
-        assert sink.record("campaigns", {"campaign_id": 7, "name": "Onboarding", "state": "paused"}) == 1
+        assert sink.record("campaigns", {"campaign_id": 7, "name": "Onboarding", "topic_names": []}) == 1
     after = storage.data_files()
     assert set(first) <= set(after)
     sequences: dict[str, list[int]] = {}
@@ -196,7 +212,7 @@ def test_a_restarted_sink_continues_sequences_and_emits_nothing_it_knows(storage
         assert int(match["sequence"]) == max(sequences[match["table"]])
         assert len(sequences[match["table"]]) == 2
     campaigns = tables(storage, scratch)["campaigns"]
-    assert [(r["state"], r["version"]) for r in campaigns] == [("running", 1), ("paused", 2)]
+    assert [(r["topic_names"], r["version"]) for r in campaigns] == [(["news"], 1), ([], 2)]
 
 
 def test_sequences_are_never_reused_after_files_are_deleted(memory_storage: Storage) -> None:
@@ -253,7 +269,8 @@ def test_alias_between_two_people_merges_and_deletes_the_secondary(memory_storag
         with pytest.raises(cio_sync.UnknownPerson):
             sink.person("old")
     people = tables(memory_storage, scratch)["people"]
-    assert [r["deleted"] for r in people if r["external_customer_id"] == "old"][-1] is True
+    [*_, gone] = [r for r in people if r["customer_id"] == "old"]
+    assert (gone["deleted"], gone["email_addr"]) == (True, None)
 
 
 def test_alias_to_a_new_id_renames_the_person(memory_storage: Storage) -> None:
@@ -278,11 +295,25 @@ def test_events_change_no_person(memory_storage: Storage) -> None:
 def test_delete_suppress_and_unsuppress_emit_people_rows(memory_storage: Storage, scratch: Path) -> None:
     with sink_for(memory_storage) as sink:
         sink.write({"type": "identify", "userId": "p", "traits": {"email": "p@x.com"}})
-        cio = sink.person("p")["cio_id"]
+        first = sink.person("p")["cio_id"]
         assert sink.suppress_person("p") == 1
-        assert sink.suppress_person("p") == 0
-        assert sink.write({"type": "identify", "userId": "p", "traits": {"plan": "pro"}}) == 0  # ignored
-        assert sink.unsuppress_person(cio_id=cio) == 1
+        assert sink.suppress_person("p") == 0  # suppressed already
+        with pytest.raises(cio_sync.UnknownPerson):
+            sink.person("p")  # the profile is deleted
+        # The identifier is blocked: identify and alias calls for it are accepted and ignored, as Customer.io does.
+        assert sink.write({"type": "identify", "userId": "p", "traits": {"plan": "pro"}}) == 0
+        assert sink.write({"type": "alias", "userId": "p", "previousId": "anon-p"}) == 0
+        assert sink.stats.calls_blocked == 2
+        with pytest.raises(cio_sync.UnknownPerson):
+            sink.person("p")
+        assert sink.unsuppress_person("p") == 1
+        with pytest.raises(cio_sync.UnknownPerson, match="no suppressed person"):
+            sink.unsuppress_person("p")
+        # Unsuppressing frees the identifier, and does not bring the profile back: a new person takes it.
+        assert sink.write({"type": "identify", "userId": "p", "traits": {"email": "p2@x.com"}}) == 2
+        second = sink.person("p")["cio_id"]
+        assert second != first
+        assert sink.person("p")["attributes"] == {"email": "p2@x.com"}
         assert sink.delete_person("p") == 1
         with pytest.raises(cio_sync.UnknownPerson):
             sink.delete_person("p")
@@ -290,11 +321,32 @@ def test_delete_suppress_and_unsuppress_emit_people_rows(memory_storage: Storage
             sink.suppress_person("nobody")
         # A deleted person's id can come back as a new person.
         assert sink.write({"type": "identify", "userId": "p", "traits": {"email": "p@x.com"}}) == 2
-        assert sink.person("p")["cio_id"] != cio
-    rows = [(r["internal_customer_id"] == cio, r["deleted"], r["suppressed"])
+        third = sink.person("p")["cio_id"]
+        assert len({first, second, third}) == 3
+    rows = [(r["customer_id"], r["internal_customer_id"], r["deleted"], r["suppressed"], r["email_addr"])
             for r in tables(memory_storage, scratch)["people"]]
-    assert rows == [(True, False, False), (True, False, True), (True, False, False), (True, True, False),
-                    (False, False, False)]
+    assert rows == [
+        ("p", first, False, False, "p@x.com"),
+        ("p", first, True, True, None),  # suppressed: the profile deleted, no email on the row
+        ("p", first, True, False, None),  # unsuppressed: the id is free, the profile stays deleted
+        ("p", second, False, False, "p2@x.com"),
+        ("p", second, True, False, None),  # deleted
+        ("p", third, False, False, "p@x.com"),
+    ]
+
+
+def test_a_suppressed_identifier_stays_blocked_across_restarts(memory_storage: Storage, tmp_path: Path) -> None:
+    state = tmp_path / "ws.sqlite"
+    with sink_for(memory_storage, state=state) as sink:
+        sink.write({"type": "identify", "userId": "p", "traits": {"email": "p@x.com"}})
+        cio = sink.person("p")["cio_id"]
+        sink.suppress_person(cio_id=cio)
+    with sink_for(memory_storage, state=state) as again:
+        assert again.write({"type": "identify", "userId": "p", "traits": {"email": "p@x.com"}}) == 0
+        assert again.stats.calls_blocked == 1
+        assert again.unsuppress_person(cio_id=cio) == 1
+        assert again.write({"type": "identify", "userId": "p"}) == 1
+        assert again.person("p")["cio_id"] != cio
 
 
 def test_people_rows_order_by_updated_at(memory_storage: Storage, scratch: Path) -> None:
@@ -326,7 +378,12 @@ def test_people_rows_order_by_updated_at(memory_storage: Storage, scratch: Path)
          "ISO-8601"),
         ("outputs", {"output_id": "o", "subject_name": "s", "output_type": "email", "draft": "no"}, "draft",
          "true or false"),
-        ("metrics", {"event_id": "e", "delivery_id": "d", "metric": "licked"}, "metric", "one of"),
+        ("metrics", {"event_id": "e", "delivery_id": "d", "metric": "Opened"}, "metric", "lowercase word"),
+        ("metrics", {"event_id": "e", "delivery_id": "d", "metric": "was opened"}, "metric", "lowercase word"),
+        ("campaigns", {"campaign_id": 1, "topic_names": "news"}, "topic_names", "list of strings"),
+        ("campaigns", {"campaign_id": 1, "topic_names": ["news", 3]}, "topic_names", "an item must be a string"),
+        ("subjects", {"subject_name": "s", "campaign_id": 1, "customer_id": "nobody"}, "customer_id",
+         "names no person"),
         ("metrics", {"event_id": "e", "delivery_id": "d"}, "metric", "required"),
         ("subjects", {"subject_name": "s"}, "campaign_id", "required"),
         ("delivery_contents", {"delivery_id": "d", "headers": "{not json"}, "headers", "JSON"),
@@ -351,7 +408,7 @@ def test_record_many_keeps_the_good_rows_and_lists_the_bad(memory_storage: Stora
         with pytest.raises(cio_sync.InvalidRecords) as caught:
             sink.record_many("metrics", [
                 {"event_id": "1", "delivery_id": "d", "metric": "sent"},
-                {"event_id": "2", "delivery_id": "d", "metric": "nope"},
+                {"event_id": "2", "delivery_id": "d", "metric": "No pe"},
                 {"event_id": "3", "delivery_id": "d", "metric": "opened"},
             ])
         assert [e.index for e in caught.value.errors] == [1]
@@ -365,12 +422,13 @@ def test_seq_num_and_times_default_and_person_ids_are_filled(memory_storage: Sto
         sink.write({"type": "identify", "userId": "42"})
         cio = sink.person("42")["cio_id"]
         sink.record("subjects", {"subject_name": "s1", "internal_customer_id": cio, "campaign_id": 1})
-        sink.record("subjects", {"subject_name": "s2", "external_customer_id": "42", "campaign_id": 1,
+        sink.record("subjects", {"subject_name": "s2", "customer_id": "42", "campaign_id": 1,
                                  "seq_num": 99, "created_at": "2026-01-01T00:00:00+01:00"})
         sink.record("metrics", {"event_id": "e", "delivery_id": "d", "metric": "clicked"})
     got = tables(memory_storage, scratch)
     s1, s2 = got["subjects"]
-    assert (s1["external_customer_id"], s2["internal_customer_id"]) == ("42", cio)
+    assert (s1["internal_customer_id"], s2["internal_customer_id"]) == (cio, cio)
+    assert "customer_id" not in s1
     assert s2["seq_num"] == 99
     assert s2["created_at"].isoformat() == "2025-12-31T23:00:00+00:00"
     assert s1["seq_num"] < got["metrics"][0]["seq_num"]
@@ -504,7 +562,7 @@ def test_a_step_failing_midway_leaves_neither_state_nor_rows(memory_storage: Sto
             again.person("2")
     found = tables(memory_storage, scratch)
     assert [(r["attribute_name"], r["attribute_value"]) for r in found["attributes"]] == [("a", "1"), ("c", "3")]
-    assert [r["external_customer_id"] for r in found["people"]] == ["1"]
+    assert [r["customer_id"] for r in found["people"]] == ["1"]
 
 
 
@@ -559,9 +617,15 @@ def test_a_state_of_an_earlier_format_is_upgraded_and_its_rows_published(memory_
         assert sink.write({"type": "identify", "userId": "u1", "traits": {"plan": "max", "n": 1,
                                                                           "tags": ["a", "b"]}}) == 2
         assert sink.write({"type": "identify", "userId": "u2", "traits": {"plan": "free"}}) == 0
-    found = tables(memory_storage, scratch)["attributes"]
+    found = tables(memory_storage, scratch, earlier=True)["attributes"]
     assert [(r["attribute_name"], r["attribute_value"]) for r in found] == [("plan", "pro"), ("plan", "max"),
                                                                             ("n", "1")]
+    # The row the earlier release left in the outbox is published as it was written, in a version-1 file whose
+    # sequence is below the version-4 file's.
+    assert [("external_customer_id" in r, "version") for r in found] == [(True, "version"), (False, "version"),
+                                                                       (False, "version")]
+    names = sorted(memory_storage.data_files(), key=lambda n: int(NAME.match(n)["sequence"]))  # type: ignore[index]
+    assert [NAME.match(n)["version"] for n in names] == ["1", "4"]  # type: ignore[index]
     with sink_for(memory_storage, state=state) as again:  # the upgraded state opens as it is
         assert again.person("u1")["attributes"] == {"plan": "max", "email": "a@x.com", "tags": '["a","b"]',
                                                     "n": "1"}
@@ -596,8 +660,10 @@ def test_people_falling_out_of_the_cache_give_the_same_files(memory_storage: Sto
                 sink.write(call)
             views = [sink.person(f"user-{i}")["attributes"] for i in (0, 3, 49)]
         found = tables(storage, scratch / label)
-        return ([(r["external_customer_id"], r["attribute_name"], r["attribute_value"]) for r in found["attributes"]],
-                [(r["external_customer_id"], r["email_addr"], r["deleted"]) for r in found["people"]], views)
+        ids = customer_ids(found)
+        return ([(ids[r["internal_customer_id"]], r["attribute_name"], r["attribute_value"])
+                 for r in found["attributes"]],
+                [(r["customer_id"], r["email_addr"], r["deleted"]) for r in found["people"]], views)
 
     expected = written(1, None)
     assert written(1000, cache_size) == expected
@@ -630,7 +696,7 @@ def test_a_step_failing_after_its_rows_filled_a_batch_leaves_neither_state_nor_r
         with pytest.raises(cio_sync.UnknownPerson):
             sink.person("2")
     found = tables(memory_storage, scratch)
-    assert all(r["external_customer_id"] == "1" for rows in found.values() for r in rows)
+    assert customer_ids(found) == {r["internal_customer_id"]: "1" for rows in found.values() for r in rows}
     assert sorted((r["attribute_name"], r["attribute_value"]) for r in found["attributes"]) == [("a", "1"),
                                                                                                 ("b", "1")]
 
@@ -642,7 +708,7 @@ def test_a_step_failing_after_its_rows_reached_the_state_leaves_no_rows(memory_s
         # The step's rows reach SQLite (under the step's savepoint), then the step fails.
         _identify_2_fails_after(sink, sink.state._apply_staged)
     found = tables(memory_storage, scratch)
-    assert all(r["external_customer_id"] == "1" for rows in found.values() for r in rows)
+    assert customer_ids(found) == {r["internal_customer_id"]: "1" for rows in found.values() for r in rows}
     assert [(r["attribute_name"], r["attribute_value"]) for r in found["attributes"]] == [("a", "1"), ("b", "1")]
 
 
@@ -670,6 +736,7 @@ def test_rows_committed_before_a_crash_are_published_after_the_restart(memory_st
             again.write(call)
     found = tables(memory_storage, scratch)
     want_attributes, want_people = expected_changes(calls)
-    got = [(r["external_customer_id"], r["attribute_name"], r["attribute_value"]) for r in found["attributes"]]
+    ids = customer_ids(found)
+    got = [(ids[r["internal_customer_id"]], r["attribute_name"], r["attribute_value"]) for r in found["attributes"]]
     assert sorted(got, key=repr) == sorted(want_attributes, key=repr)
     assert len(found["people"]) == len(want_people)

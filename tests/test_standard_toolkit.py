@@ -18,7 +18,7 @@ def _sequences(root: Path) -> dict[str, int]:
         parsed = parse_standard(path.name)
         assert parsed is not None, path.name
         found[path.name] = parsed.sequence
-    for path in (root / "_manifests").glob("manifest_v1_7_*.json"):
+    for path in (root / "_manifests").glob("manifest_v4_7_*.json"):
         found[f"_manifests/{path.name}"] = int(path.stem.rsplit("_", 1)[1])
     return found
 

@@ -94,6 +94,9 @@ class SinkStats:
     rows_dead_lettered: int = 0
     #: Bytes of rows held in memory, buffered or waiting to be published (what ``max_buffer_bytes`` bounds).
     bytes_in_memory: int = 0
+    #: Of the calls accepted, those that changed nothing because they name a blocked identifier (a suppressed
+    #: person's, in Standard mode: Customer.io ignores them too).
+    calls_blocked: int = 0
 
 
 @dataclass(eq=False)
@@ -164,7 +167,7 @@ class Publisher:
         label: str,
         writer: Writer,
         format: Format,
-        name_for: Callable[[str], str],
+        name_for: Callable[[Batch], str],
         flush_interval: float | None,
         max_rows: int | None,
         max_bytes: int | None,
@@ -689,7 +692,7 @@ class Publisher:
             batch.sha256 = hashlib.sha256(batch.encoded).hexdigest()
         for _ in range(_MAX_RENAMES):
             if batch.name is None:
-                batch.name = self._name_for(batch.table)
+                batch.name = self._name_for(batch)
                 batch.state = BatchState.NAMED
             if batch.state is BatchState.NAMED:
                 # If recording fails the batch keeps its name and records it on the next try, before any upload.

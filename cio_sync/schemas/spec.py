@@ -69,6 +69,11 @@ class TableSpec:
     - ``definition``: rows are definitions (campaigns, actions, broadcasts): ``record()`` emits a row only when the
       definition with that key changed, and the sink counts its ``version``.
     - ``allowed``: for a column that takes only some values, those values.
+    - ``words``: columns whose values are lowercase words (a letter, then letters, digits or ``_``), an open
+      vocabulary (``metrics.metric``: Customer.io's grows).
+    - ``resolved``: columns a recorded row may give in place of a column of the table, which the sink resolves from
+      the workspace and does not write: ``{"customer_id": "internal_customer_id"}`` names the person by the id
+      they were sent with.
     - ``file_names``: other names its files may have in place of ``name`` (Customer.io's own exports).
     - ``renamed``: for a table of a later version, how the columns of its version-1 files map to it: version-1
       name -> this version's name (version 1's ``external_customer_id`` is version 4's ``customer_id``).
@@ -86,6 +91,8 @@ class TableSpec:
     recordable: bool = False
     definition: bool = False
     allowed: Mapping[str, frozenset[str]] = field(default_factory=dict, hash=False)
+    words: tuple[str, ...] = ()
+    resolved: Mapping[str, str] = field(default_factory=dict, hash=False)
     file_names: tuple[str, ...] = ()
     renamed: Mapping[str, str] = field(default_factory=dict, hash=False)
     dropped: tuple[str, ...] = ()
@@ -98,7 +105,8 @@ class TableSpec:
             raise ValueError(f"table {self.name}: a column appears twice in its schema")
         if self.version < 1:
             raise ValueError(f"table {self.name}: version must be 1 or more, got {self.version}")
-        for what, columns in (("required", self.required), ("key", self.key), ("allowed", tuple(self.allowed))):
+        for what, columns in (("required", self.required), ("key", self.key), ("allowed", tuple(self.allowed)),
+                              ("words", self.words), ("resolved", tuple(self.resolved.values()))):
             unknown = [c for c in columns if c not in names]
             if unknown:
                 raise ValueError(f"table {self.name}: {what} names {', '.join(unknown)}, not columns of it")
@@ -107,9 +115,9 @@ class TableSpec:
         unknown = [c for c in self.renamed.values() if c not in names]
         if unknown:
             raise ValueError(f"table {self.name}: renamed names {', '.join(unknown)}, not columns of it")
-        clash = [c for c in (*self.renamed, *self.dropped) if c in names]
+        clash = [c for c in (*self.renamed, *self.dropped, *self.resolved) if c in names]
         if clash:
-            raise ValueError(f"table {self.name}: {', '.join(clash)} renamed or dropped, yet columns of it")
+            raise ValueError(f"table {self.name}: {', '.join(clash)} renamed, dropped or resolved, yet columns of it")
         if self.view is not None and not self.key:
             raise ValueError(f"table {self.name}: a current-state view needs a key to partition by")
         if self.definition and len(self.key) != 1:

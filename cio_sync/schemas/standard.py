@@ -1,12 +1,13 @@
-"""Standard mode's tables: what the workspace made of the data, version 1 (shared/SCHEMAS.md, docs/tables/).
+"""Standard mode's tables: what the workspace made of the data (shared/SCHEMAS.md, docs/tables/).
 
-Each table is one :class:`~cio_sync.schemas.spec.TableSpec` in :data:`STANDARD_TABLES`; the Standard sink, the
-workspace state, ``record()`` and the loader read nothing else, so a new table or version is one entry here
-(docs/standard.md, "Adding a table or a version"). Every version-1 table has ``workspace_id int64`` first.
+Each table the sink writes is one :class:`~cio_sync.schemas.spec.TableSpec` in :data:`STANDARD_TABLES`; the
+Standard sink, the workspace state, ``record()`` and the loader read nothing else, so a new table or version is one
+entry here (docs/standard.md, "Adding a table or a version").
 
-:data:`STANDARD_V4_TABLES` holds version 4, the tables as Customer.io's own exports have them (shared/SCHEMAS.md,
-"Version 4"), each saying how its version-1 files map to it; the loader shapes its warehouse tables by them
-(:func:`latest_spec`), while the sink still writes version 1.
+The sink writes version 4, the tables as Customer.io's own exports have them (shared/SCHEMAS.md, "Version 4"), and
+cio_sync's own ``actions`` table, version 1. :data:`STANDARD_V1_TABLES` holds version 1 of every table, as earlier
+releases wrote them: each version-4 spec says how its version-1 files map to it (``renamed``, ``dropped``), and the
+loader reads both into one warehouse table shaped by the version the sink writes (:func:`latest_spec`).
 """
 
 from __future__ import annotations
@@ -21,23 +22,28 @@ from cio_sync.schemas.spec import BOOL, INT, STRING, TIMESTAMP, CurrentView, Tab
 #: Arrow type of ``topic_names`` (version 4 campaigns and broadcasts): a list of strings.
 TOPICS: Final = pa.list_(pa.string())
 
-#: Schema version of the Standard tables this release writes; a new column means a new version.
-STANDARD_VERSION: Final = 1
+#: Schema version of the Standard tables this release writes (``actions``, cio_sync's own table, is version 1);
+#: a new column means a new version.
+STANDARD_VERSION: Final = 4
 
 #: Columns the sink owns: a caller may not set them.
 SINK_COLUMNS: Final = frozenset({"workspace_id", "version"})
 
-#: Values the ``metrics.metric`` column takes (shared/SCHEMAS.md).
+#: The common values of ``metrics.metric`` (shared/SCHEMAS.md). Customer.io's vocabulary is wider: the column
+#: takes any non-empty lowercase word (``TableSpec.words``).
 METRICS: Final = frozenset({
     "sent", "delivered", "opened", "clicked", "converted", "bounced", "spammed", "dropped", "failed",
-    "unsubscribed", "undeliverable", "attempted", "drafted",
+    "unsubscribed", "undeliverable", "attempted", "drafted", "deferred",
 })
+
+#: Version 1's ``metrics.metric`` values: the only ones that release accepted.
+_V1_METRICS: Final = METRICS - {"deferred"}
 
 
 def _table(name: str, columns: tuple[tuple[str, pa.DataType] | pa.Field, ...], **options: Any) -> TableSpec:
+    # Every version-1 table has workspace_id first.
     fields = [c if isinstance(c, pa.Field) else pa.field(c[0], c[1]) for c in columns]
-    return TableSpec(name, "standard", STANDARD_VERSION, pa.schema([pa.field("workspace_id", INT), *fields]),
-                     **options)
+    return TableSpec(name, "standard", 1, pa.schema([pa.field("workspace_id", INT), *fields]), **options)
 
 
 _SPECS: Final = (
@@ -91,7 +97,7 @@ _SPECS: Final = (
         ("event_id", STRING), ("delivery_id", STRING), ("metric", STRING), ("reason", STRING), ("link_id", INT),
         ("link_url", STRING), ("created_at", TIMESTAMP), ("seq_num", INT),
     ), required=("event_id", "delivery_id", "metric"), key=("event_id",), recordable=True,
-        allowed={"metric": METRICS}, view=CurrentView("metrics_unique", "created_at, seq_num")),
+        allowed={"metric": _V1_METRICS}, view=CurrentView("metrics_unique", "created_at, seq_num")),
 )
 
 def _v4(name: str, columns: tuple[tuple[str, pa.DataType] | pa.Field, ...], **options: Any) -> TableSpec:
@@ -127,7 +133,8 @@ _V4_SPECS: Final = (
         ("campaign_id", INT), ("event_id", STRING), ("trigger_id", INT), ("started_campaign_at", TIMESTAMP),
         ("created_at", TIMESTAMP), ("seq_num", INT),
     ), required=("subject_name", "campaign_id"), key=("subject_name",), recordable=True,
-        view=CurrentView("subjects_current", "created_at DESC, seq_num DESC"), dropped=("external_customer_id",)),
+        view=CurrentView("subjects_current", "created_at DESC, seq_num DESC"), dropped=("external_customer_id",),
+        resolved={"customer_id": "internal_customer_id"}),
     _v4("outputs", (
         _W, ("output_id", STRING), ("subject_name", STRING), ("output_type", STRING), ("action_id", INT),
         ("explanation", STRING), ("delivery_id", STRING), ("draft", BOOL), ("link_tracked", BOOL),
@@ -141,7 +148,8 @@ _V4_SPECS: Final = (
         ("seq_num", INT),
     ), required=("delivery_id", "delivery_type"), key=("delivery_id",), recordable=True,
         view=CurrentView("deliveries_current", "created_at DESC, seq_num DESC"),
-        renamed={"subject_name": "subject_id"}, dropped=("external_customer_id",)),
+        renamed={"subject_name": "subject_id"}, dropped=("external_customer_id",),
+        resolved={"customer_id": "internal_customer_id"}),
     _v4("delivery_contents", (
         _W, ("delivery_id", STRING), ("campaign_id", INT), ("action_id", INT), ("newsletter_id", INT),
         ("content_id", INT), ("from", STRING), ("reply_to", STRING), ("bcc", STRING), ("recipient", STRING),
@@ -155,29 +163,34 @@ _V4_SPECS: Final = (
         # Bot and privacy-proxy detection: in newer exports only; null in older ones and in version-1 files.
         ("proxied", BOOL), ("prefetched", BOOL), ("machine", BOOL), ("user_agent", STRING),
         ("email_client", STRING), ("inbox_domain", STRING), ("inbox_provider", STRING), ("mx_host", STRING),
-    ), required=("event_id", "delivery_id", "metric"), key=("event_id",), recordable=True,
+    ), required=("event_id", "delivery_id", "metric"), key=("event_id",), recordable=True, words=("metric",),
         view=CurrentView("metrics_unique", "created_at, seq_num")),
 )
 
-#: Every Standard table by name, in the order the contract lists them. The one place a table is declared: the
-#: lookups below and the layers above read it when they run, not a copy taken at import (only the Standard sink
-#: keeps the people and attributes schemas, whose rows it builds from calls itself).
-STANDARD_TABLES: Final[Mapping[str, TableSpec]] = {spec.name: spec for spec in _SPECS}
+#: Version 1 of every Standard table by name, as earlier releases wrote them (``<table>_v1_...``); the loader
+#: reads their files into the tables of :data:`STANDARD_TABLES`.
+STANDARD_V1_TABLES: Final[Mapping[str, TableSpec]] = {spec.name: spec for spec in _SPECS}
 
 #: The Standard tables of version 4 by name, as Customer.io's own exports have them (shared/SCHEMAS.md, "Version
-#: 4"); ``actions`` is cio_sync's own table and has version 1 only. The sink does not write them yet; the loader
-#: shapes its warehouse tables by them.
+#: 4"); ``actions`` is cio_sync's own table and has version 1 only.
 STANDARD_V4_TABLES: Final[Mapping[str, TableSpec]] = {spec.name: spec for spec in _V4_SPECS}
 
+#: Every Standard table the sink writes, by name, in the order the contract lists them: version 4, and ``actions``
+#: in version 1. The one place a table is declared: the lookups below and the layers above read it when they run,
+#: not a copy taken at import (only the Standard sink keeps the people and attributes schemas, whose rows it builds
+#: from calls itself).
+STANDARD_TABLES: Final[Mapping[str, TableSpec]] = {
+    name: STANDARD_V4_TABLES.get(name, spec) for name, spec in STANDARD_V1_TABLES.items()}
+
 #: Every version of the Standard tables: version -> table name -> spec.
-STANDARD_VERSIONS: Final[Mapping[int, Mapping[str, TableSpec]]] = {1: STANDARD_TABLES, 4: STANDARD_V4_TABLES}
+STANDARD_VERSIONS: Final[Mapping[int, Mapping[str, TableSpec]]] = {1: STANDARD_V1_TABLES, 4: STANDARD_V4_TABLES}
 
 
 def _check_mappings() -> None:
     # Every version-1 column must land somewhere in version 4 (same name, renamed or dropped), with the same type
     # where it lands, or a version-1 file would lose a column or change a type when it loads.
     for name, later in STANDARD_V4_TABLES.items():
-        for f in STANDARD_TABLES[name].schema:
+        for f in STANDARD_V1_TABLES[name].schema:
             if f.name in later.dropped:
                 continue
             target = later.renamed.get(f.name, f.name)
@@ -192,16 +205,16 @@ _check_mappings()
 
 def standard_spec(name: str, version: int) -> TableSpec | None:
     """The spec of Standard table ``name`` in ``version``, or ``None`` if that version has no such table."""
+    spec = STANDARD_TABLES.get(name)
+    if spec is not None and spec.version == version:
+        return spec
     return STANDARD_VERSIONS.get(version, {}).get(name)
 
 
 def latest_spec(name: str) -> TableSpec:
-    """The newest version of Standard table ``name`` (version 4, or 1 for ``actions``): the loader's shape of it."""
-    for version in sorted(STANDARD_VERSIONS, reverse=True):
-        spec = STANDARD_VERSIONS[version].get(name)
-        if spec is not None:
-            return spec
-    raise KeyError(name)
+    """The version of Standard table ``name`` that the sink writes (version 4, or 1 for ``actions``): the loader's
+    shape of it. Raises ``KeyError`` for a name that is no Standard table."""
+    return STANDARD_TABLES[name]
 
 
 def record_tables() -> tuple[str, ...]:

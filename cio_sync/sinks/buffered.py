@@ -13,7 +13,7 @@ from fsspec import AbstractFileSystem
 
 from cio_sync._errors import ConfigError, InvalidCall
 from cio_sync._time import to_micros
-from cio_sync._types import Row
+from cio_sync._types import Batch, Row
 from cio_sync.buffer.rows import RowStore
 from cio_sync.buffer.spool import AvroSpool, RowCodec
 from cio_sync.formats.base import Format
@@ -149,7 +149,9 @@ class PublishingSink(BaseSink):
         """The name of ``table``'s file at ``position``."""
         raise NotImplementedError
 
-    def _name_for(self, table: str) -> str:
+    def _name_for(self, batch: Batch) -> str:
+        """A new name for ``batch``'s file: the next position of its table's counter."""
+        table = batch.table
         return self._file_name(table, self._counters.claim(self._counter_key(table), at_least=self._position_floor()))
 
     def _manifest_header(self) -> dict[str, Any]:

@@ -3,11 +3,13 @@
 Calls are applied to the workspace state and only real changes are emitted: a ``people`` row when a person is
 created or their email, deleted or suppressed state changes, one ``attributes`` row per attribute whose value
 changed or that was removed. Campaign, journey and message data comes in through :meth:`StandardSink.record`.
-What each call type does to the workspace, and why, is in docs/standard.md.
+Files are version 4 of shared/SCHEMAS.md (``actions``, cio_sync's own table, version 1). What each call type does
+to the workspace, and why, is in docs/standard.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -21,6 +23,7 @@ import pyarrow as pa
 from fsspec import AbstractFileSystem
 
 from cio_sync._errors import CioSyncError, InvalidCall, InvalidRecord, InvalidRecords, UnknownPerson
+from cio_sync._types import Batch
 from cio_sync.formats.parquet import ParquetFormat
 from cio_sync.intake.calls import (
     JSON_OPTIONS,
@@ -34,7 +37,8 @@ from cio_sync.intake.calls import (
 from cio_sync.intake.records import check_record
 from cio_sync.intake.values import shown
 from cio_sync.publish.layout import standard_counter, standard_manifest_counter, standard_manifest_name, standard_name
-from cio_sync.schemas.tables import STANDARD_TABLES, STANDARD_VERSION
+from cio_sync.publish.publisher import SinkStats
+from cio_sync.schemas.tables import STANDARD_TABLES, STANDARD_VERSION, STANDARD_VERSIONS
 from cio_sync.sinks.base import check_int
 from cio_sync.sinks.buffered import PublishingSink
 from cio_sync.storage.writer import RetryPolicy, Writer, WrittenFile
@@ -50,6 +54,8 @@ DEFAULT_MAX_ROWS: Final = 500_000
 DEFAULT_MAX_BYTES: Final = 64 * 1024 * 1024
 _PEOPLE: Final = STANDARD_TABLES["people"].schema
 _ATTRIBUTES: Final = STANDARD_TABLES["attributes"].schema
+#: Where a people row holds the person's internal id.
+_PEOPLE_CIO_ID: Final = _PEOPLE.get_field_index("internal_customer_id")
 #: What an attributes row costs in memory besides its text cells (see row_size): the tuple, workspace_id, the time.
 _ATTRIBUTE_ROW: Final = row_overhead(len(_ATTRIBUTES)) + 2 * NUMBER_SIZE
 _ATTR_OPTIONS: Final = JSON_OPTIONS | orjson.OPT_SORT_KEYS
@@ -134,6 +140,9 @@ class StandardSink(PublishingSink):
         self.workspace_id = check_int("workspace_id", workspace_id)
         self.commit_every = check_int("commit_every", commit_every, minimum=1)
         self._uncommitted = 0
+        #: Calls accepted and ignored because their identifier is blocked (see stats()); those of the open step.
+        self._blocked = self._blocking = 0
+        self._floors: dict[str, int] = {}
         self._state_file, self._new_workspace = state, new_workspace
         self._open(
             target, format=ParquetFormat(compression=compression), storage_options=storage_options,
@@ -178,6 +187,29 @@ class StandardSink(PublishingSink):
     def _file_name(self, table: str, position: int) -> str:
         return standard_name(table, STANDARD_TABLES[table].version, self.workspace_id, position)
 
+    def _name_for(self, batch: Batch) -> str:
+        # A batch of rows an earlier release left in the outbox keeps their version (WorkspaceState.row_version);
+        # a new version's sequences start above every sequence of the versions before it, so that a table's files
+        # sort by sequence across an upgrade.
+        table = batch.table
+        version = self._outbox.version_of(batch)
+        key = standard_counter(table, version, self.workspace_id)
+        floor = max(self._position_floor(), self._after_earlier(table, version, key))
+        return standard_name(table, version, self.workspace_id, self._counters.claim(key, at_least=floor))
+
+    def _after_earlier(self, table: str, version: int, key: str) -> int:
+        """The least sequence of counter ``key`` (``table`` in ``version``) above every sequence its earlier versions'
+        counters gave: read once per sink (the earlier versions' files are no longer written, but by the batches an
+        upgrade found, which are named first)."""
+        floor = self._floors.get(key)
+        if floor is None:
+            earlier = [standard_counter(table, v, self.workspace_id) if table != "_manifest" else
+                       standard_manifest_counter(v, self.workspace_id)
+                       for v in STANDARD_VERSIONS if v < version and (table == "_manifest" or table in
+                                                                        STANDARD_VERSIONS[v])]
+            floor = self._floors[key] = max((self._counters.current(k) + 1 for k in earlier), default=1)
+        return floor
+
     def _manifest_header(self) -> dict[str, Any]:
         return {"mode": "standard", "workspace_id": self.workspace_id, "schema_version": STANDARD_VERSION}
 
@@ -186,6 +218,17 @@ class StandardSink(PublishingSink):
 
     def _manifest_file(self, sequence: int) -> str:
         return standard_manifest_name(STANDARD_VERSION, self.workspace_id, sequence)
+
+    def _manifest_name(self) -> str:
+        key = self._manifest_counter()
+        floor = max(self._position_floor(), self._after_earlier("_manifest", STANDARD_VERSION, key))
+        return self._manifest_file(self._counters.claim(key, at_least=floor))
+
+    @property
+    def stats(self) -> SinkStats:
+        """What the sink has done (see :class:`~cio_sync.SinkStats`); ``calls_blocked`` counts the calls accepted
+        and ignored because they name a suppressed person's identifier."""
+        return dataclasses.replace(self._publisher.stats(), calls_blocked=self._blocked)
 
     def close(self) -> list[WrittenFile]:
         """Commit the state, publish what is buffered and stop the timer. Idempotent; after it, writes raise
@@ -217,6 +260,7 @@ class StandardSink(PublishingSink):
             publisher.check_open()
             state.savepoint()
             rows = None
+            self._blocking = 0
             try:
                 rows = produce()
                 full = publisher.append_rows(rows)
@@ -232,6 +276,7 @@ class StandardSink(PublishingSink):
                     raise error from exc
                 raise
             self._uncommitted = 0 if commit else self._uncommitted + 1
+            self._blocked += self._blocking
             publisher.accept()
             try:
                 cut = publisher.cut_tables(full)
@@ -339,13 +384,9 @@ class StandardSink(PublishingSink):
     # -- rows ----------------------------------------------------------------------------------------------------
 
     def _people_row(self, person: Person) -> Row:
-        row = (self.workspace_id, person.cio_id, person.id, person.email, person.deleted, person.suppressed,
-               person.created_at, person.updated_at)
+        row = (self.workspace_id, person.id, person.cio_id, person.deleted, person.suppressed, person.created_at,
+               person.updated_at, person.email)
         return "people", _PEOPLE, row, row_size(row), person.updated_at
-
-    def _attribute_row(self, person: Person, name: str, value: str | None, at: int) -> Row:
-        row = (self.workspace_id, person.cio_id, person.id, name, value, at)
-        return "attributes", _ATTRIBUTES, row, row_size(row), at
 
     def _touch(self, person: Person) -> int:
         """A change time for ``person``: now, and always after its previous change."""
@@ -367,20 +408,28 @@ class StandardSink(PublishingSink):
         if not changes:
             return []
         self.state.change_attrs(person, changes)
-        workspace_id, cio_id, external_id = self.workspace_id, person.cio_id, person.id
+        workspace_id, cio_id = self.workspace_id, person.cio_id
         # What row_size() would say, with the cells every row of this person shares counted once.
-        base = _ATTRIBUTE_ROW + text_size(cio_id) + (text_size(external_id) if external_id is not None else 0)
-        return [("attributes", _ATTRIBUTES, (workspace_id, cio_id, external_id, name, text, at),
+        base = _ATTRIBUTE_ROW + text_size(cio_id)
+        return [("attributes", _ATTRIBUTES, (workspace_id, cio_id, name, text, at),
                  base + text_size(name) + (text_size(text) if text is not None else 0), at)
                 for name, text in changes]
 
-    def _person_for(self, user_id: str, *, create: bool) -> tuple[Person | None, list[Row]]:
+    def _person_for(self, user_id: str) -> tuple[Person | None, list[Row]]:
+        """The live person known as ``user_id``, made if there is none (with their people row); ``None`` if the
+        identifier is blocked (its person was suppressed): the call is then ignored and counted in the stats."""
         person = self.state.person(user_id)
-        if person is not None or not create:
-            return person, []
-        at = self.state.clock()
-        person = self.state.create_person(user_id, at)
-        return person, [self._people_row(person)]
+        if person is None:
+            if self.state.blocked(user_id) is not None:
+                self._blocking += 1
+                return None, []
+            at = self.state.clock()
+            person = self.state.create_person(user_id, at)
+            return person, [self._people_row(person)]
+        if person.suppressed:  # suppressed by an earlier release, which kept the profile
+            self._blocking += 1
+            return None, []
+        return person, []
 
     def _merge_anonymous(self, person: Person, anonymous_id: str, at: int, exclude: Iterable[str] = ()) -> list[Row]:
         """Give ``person`` the traits kept for ``anonymous_id`` that it does not have, and link the id to it."""
@@ -405,11 +454,11 @@ class StandardSink(PublishingSink):
                 self.state.save_anonymous(anonymous_id, None, {k: v for k, v in merged.items() if v is not None})
                 return []
             if person.suppressed:
+                self._blocking += 1
                 return []
             return self._sync_email(person, self._set_traits(person, traits, self.state.clock()))
-        person, rows = self._person_for(user_id, create=True)
-        assert person is not None
-        if person.suppressed:
+        person, rows = self._person_for(user_id)
+        if person is None:
             return []
         at = self.state.clock()
         if anonymous_id:
@@ -426,7 +475,7 @@ class StandardSink(PublishingSink):
         person.email = email
         self._touch(person)
         self.state.save_person(person)
-        created = [i for i, r in enumerate(rows) if r[0] == "people" and r[2][1] == person.cio_id]
+        created = [i for i, r in enumerate(rows) if r[0] == "people" and r[2][_PEOPLE_CIO_ID] == person.cio_id]
         if created:
             rows[created[0]] = self._people_row(person)
         else:
@@ -436,6 +485,9 @@ class StandardSink(PublishingSink):
     def _alias(self, call: Call) -> list[Row]:
         user_id, previous_id = call.data["userId"], call.data["previousId"]
         target = self.state.person(user_id)
+        if (target is None and self.state.blocked(user_id) is not None) or (target is not None and target.suppressed):
+            self._blocking += 1  # nothing joins a blocked identifier
+            return []
         source = self.state.person(previous_id) if previous_id != user_id else None
         if source is not None and target is None:
             # The person known as previousId is now known as userId: same person, new external id.
@@ -446,10 +498,8 @@ class StandardSink(PublishingSink):
             return [self._people_row(source)]
         if source is not None and target is not None:
             return self._merge_people(target, source)
-        target, rows = self._person_for(user_id, create=True)
-        assert target is not None
-        if target.suppressed:
-            return rows
+        target, rows = self._person_for(user_id)
+        assert target is not None  # not blocked: checked above
         rows += self._merge_anonymous(target, previous_id, self.state.clock())
         return self._sync_email(target, rows)
 
@@ -459,15 +509,24 @@ class StandardSink(PublishingSink):
         at = self.state.clock()
         rows = self._set_traits(primary, dict(self.state.attrs(secondary)), at, only_new=True)
         rows = self._sync_email(primary, rows)
-        secondary.deleted = True
-        self._touch(secondary)
-        self.state.save_person(secondary)
+        self._end_profile(secondary)
         rows.append(self._people_row(secondary))
         return rows
 
+    def _end_profile(self, person: Person, *, suppressed: bool | None = None) -> None:
+        """Delete ``person``'s profile (merged away, deleted or suppressed): their rows keep their ids, not their
+        email address (shared/SCHEMAS.md, person lifecycle)."""
+        person.deleted = True
+        person.email = None
+        if suppressed is not None:
+            person.suppressed = suppressed
+        self._touch(person)
+        self.state.save_person(person)
+
     # -- the person lifecycle ------------------------------------------------------------------------------------
 
-    def _find(self, external_id: str | None, cio_id: str | None) -> Person:
+    def _find(self, external_id: str | None, cio_id: str | None, *, blocked: bool = False) -> Person:
+        """The live person with this id or internal id; with ``blocked``, the suppressed person who blocks it."""
         if (external_id is None) == (cio_id is None):
             raise ValueError("name the person by exactly one of id (their external id) or cio_id")
         name = external_id if external_id is not None else cio_id
@@ -476,37 +535,62 @@ class StandardSink(PublishingSink):
             # The state cannot even look it up; no person can have it (calls with such ids are refused).
             raise UnknownPerson(f"no person with {which} {shown(name)} in workspace {self.workspace_id}: it is not "
                                 "valid Unicode text")
+        if blocked:
+            person = (self.state.blocked(external_id) if external_id is not None else
+                      self.state.person_by_cio_id(str(cio_id)))
+            if person is None or not person.suppressed:
+                raise UnknownPerson(f"no suppressed person with {which} {shown(name)} in workspace "
+                                    f"{self.workspace_id}")
+            return person
         person = self.state.person(external_id) if external_id is not None else self.state.person_by_cio_id(
             str(cio_id))
         if person is None or person.deleted:
             raise UnknownPerson(f"no person with {which} {shown(name)} in workspace {self.workspace_id}")
         return person
 
-    def _set_flag(self, external_id: str | None, cio_id: str | None, flag: str, value: bool) -> int:
+    def _lifecycle(self, external_id: str | None, cio_id: str | None, *, suppressed: bool | None) -> int:
         def change() -> list[Row]:
-            person = self._find(external_id, cio_id)
-            if getattr(person, flag) == value:
-                return []
-            setattr(person, flag, value)
-            self._touch(person)
-            self.state.save_person(person)
+            if suppressed is False:
+                person = self._find(external_id, cio_id, blocked=True)
+            else:
+                try:
+                    person = self._find(external_id, cio_id)
+                except UnknownPerson:
+                    if suppressed and self._is_blocked(external_id, cio_id):
+                        return []  # suppressed already
+                    raise
+                if suppressed:
+                    self.state.block(person)
+            self._end_profile(person, suppressed=suppressed)
             return [self._people_row(person)]
 
         return self._apply(change)
 
+    def _is_blocked(self, external_id: str | None, cio_id: str | None) -> bool:
+        try:
+            self._find(external_id, cio_id, blocked=True)
+        except UnknownPerson:
+            return False
+        return True
+
     def delete_person(self, id: str | None = None, *, cio_id: str | None = None) -> int:
-        """Delete a person (by external ``id`` or ``cio_id``): emits their ``people`` row with ``deleted`` true. A
-        later identify with the same id creates a new person. Raises :class:`~cio_sync.UnknownPerson`."""
-        return self._set_flag(id, cio_id, "deleted", True)
+        """Delete a person (by external ``id`` or ``cio_id``): emits their ``people`` row with ``deleted`` true and
+        ``email_addr`` null. A later identify with the same id creates a new person, with a new internal id. Raises
+        :class:`~cio_sync.UnknownPerson` if there is no such person."""
+        return self._lifecycle(id, cio_id, suppressed=None)
 
     def suppress_person(self, id: str | None = None, *, cio_id: str | None = None) -> int:
-        """Suppress a person: emits their ``people`` row with ``suppressed`` true; identify calls for them change
-        nothing until they are unsuppressed."""
-        return self._set_flag(id, cio_id, "suppressed", True)
+        """Suppress a person, as Customer.io does: their profile is deleted and their identifier blocked. Emits their
+        ``people`` row with ``deleted`` and ``suppressed`` true and ``email_addr`` null. Calls that name a blocked
+        identifier (identify, alias) are accepted and ignored, as Customer.io ignores them, and counted in
+        ``stats().calls_blocked``, until :meth:`unsuppress_person`. Raises :class:`~cio_sync.UnknownPerson`."""
+        return self._lifecycle(id, cio_id, suppressed=True)
 
     def unsuppress_person(self, id: str | None = None, *, cio_id: str | None = None) -> int:
-        """Unsuppress a person: emits their ``people`` row with ``suppressed`` false."""
-        return self._set_flag(id, cio_id, "suppressed", False)
+        """Free a suppressed person's identifier: emits their ``people`` row with ``suppressed`` false (still
+        ``deleted``: the profile does not come back). The next identify with the id creates a new person, with a
+        new internal id. Raises :class:`~cio_sync.UnknownPerson` if no suppressed person has that id."""
+        return self._lifecycle(id, cio_id, suppressed=False)
 
     def person(self, id: str | None = None, *, cio_id: str | None = None) -> dict[str, Any]:
         """A person as the workspace knows them now: ids, email, flags and attributes (values as stored)."""
@@ -524,20 +608,23 @@ class StandardSink(PublishingSink):
     def record(self, table: str, row: Mapping[str, Any]) -> int:
         """Record one row of a campaign, journey or message table; return how many rows it emitted (0 or 1).
 
-        Tables: campaigns, actions, broadcasts, subjects, outputs, deliveries, delivery_contents, metrics. The row
-        is checked against the table's fixed schema: an unknown table, an unknown or missing column, or a value of
-        the wrong type raises :class:`~cio_sync.InvalidRecord` naming the table and column. A person reference
-        takes either id; the other is filled from the workspace. ``created_at``/``updated_at`` default to now and
-        ``seq_num`` to the sink's next number. Campaigns, actions and broadcasts emit a row only when the definition
-        changed, with ``version`` going up by one.
+        Tables: campaigns, actions, broadcasts, subjects, outputs, deliveries, delivery_contents, metrics, with
+        the column names of version 4 (docs/tables/; version 1's names are taken, with a DeprecationWarning, in this
+        release only). The row is checked against the table's fixed schema: an unknown table, an unknown or missing
+        column, or a value of the wrong type raises :class:`~cio_sync.InvalidRecord` naming the table and column.
+        Subjects and deliveries name their person by ``internal_customer_id`` or by ``customer_id`` (the id the
+        person was sent with), which the sink resolves to the internal id and does not write: an unknown one is an
+        :class:`~cio_sync.InvalidRecord`. ``created_at``/``updated_at`` default to now, ``seq_num`` to the sink's
+        next number and ``topic_names`` to an empty list. Campaigns, actions and broadcasts emit a row only when the
+        definition changed, with ``version`` going up by one.
         """
         try:
             values = check_record(table, row)
+            schema = STANDARD_TABLES[table].schema
+            return self._apply(lambda: self._record_rows(table, schema, values))
         except InvalidRecord as exc:
             self._publisher.reject({"table": table, "row": row}, exc)
             raise
-        schema = STANDARD_TABLES[table].schema
-        return self._apply(lambda: self._record_rows(table, schema, values))
 
     def record_many(self, table: str, rows: Iterable[Mapping[str, Any]]) -> int:
         """Record many rows of one table; every valid row is kept, and if some were not,
@@ -557,8 +644,8 @@ class StandardSink(PublishingSink):
     def _record_rows(self, table: str, schema: pa.Schema, values: dict[str, Any]) -> list[Row]:
         state = self.state
         now = state.clock()
-        if "internal_customer_id" in values:
-            self._fill_person(values)
+        if "customer_id" in values:
+            self._resolve_person(table, values)
         for column in ("created_at", "updated_at"):
             if column in values and values[column] is None:
                 values[column] = now
@@ -582,12 +669,18 @@ class StandardSink(PublishingSink):
         row = tuple(self.workspace_id if name == "workspace_id" else values[name] for name in schema.names)
         return [(table, schema, row, row_size(row), now)]
 
-    def _fill_person(self, values: dict[str, Any]) -> None:
-        internal, external = values.get("internal_customer_id"), values.get("external_customer_id")
-        if internal is None and external is not None:
-            person = self.state.person(external)
-            values["internal_customer_id"] = person.cio_id if person is not None else None
-        elif external is None and internal is not None:
-            person = self.state.person_by_cio_id(internal)
-            values["external_customer_id"] = person.id if person is not None else None
-
+    def _resolve_person(self, table: str, values: dict[str, Any]) -> None:
+        """Fill ``internal_customer_id`` from ``customer_id`` (the person's id as sent), which is not written."""
+        external = values.pop("customer_id")
+        if external is None:
+            return
+        person = self.state.person(external) if _is_text(external) else None
+        if person is None:
+            raise InvalidRecord(f"names no person of workspace {self.workspace_id} ({shown(external)}); give "
+                                "internal_customer_id, or identify the person first", table=table,
+                                column="customer_id")
+        internal = values.get("internal_customer_id")
+        if internal is not None and internal != person.cio_id:
+            raise InvalidRecord(f"is {shown(external)}, whose internal id is {person.cio_id}, not the row's "
+                                f"internal_customer_id {shown(internal)}", table=table, column="customer_id")
+        values["internal_customer_id"] = person.cio_id

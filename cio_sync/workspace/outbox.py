@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from cio_sync._errors import CioSyncError, StorageError
 from cio_sync._types import Batch, BatchState, Buffered, Filled
-from cio_sync.schemas.tables import STANDARD_SCHEMAS
+from cio_sync.schemas.tables import STANDARD_SCHEMAS, STANDARD_TABLES, standard_spec
 from cio_sync.workspace.state import WorkspaceState
 
 log = logging.getLogger("cio_sync.state")
@@ -57,15 +57,29 @@ class SqliteOutbox:
         self._live[batch_id] = batch
         return batch
 
+    def version_of(self, batch: Batch) -> int:
+        """The version of the Standard tables that ``batch``'s rows are in (an earlier release's for the rows a
+        state upgrade found: they are published in it)."""
+        if batch.key is None:
+            return STANDARD_TABLES[batch.table].version
+        version = self._state.row_version(batch.key)
+        spec = standard_spec(batch.table, version)
+        return STANDARD_TABLES[batch.table].version if spec is None else spec.version
+
+    def _schema(self, table: str, batch_id: int) -> pa.Schema:
+        spec = standard_spec(table, self._state.row_version(batch_id))
+        return STANDARD_SCHEMAS[table] if spec is None else spec.schema
+
     def pending(self) -> list[Batch]:
         batches = []
         for batch_id, table, rows, name, data, nbytes, first, last in self._state.outbox_batches():
             if name is not None and data is not None:
-                batch = Batch(table, rows, None, STANDARD_SCHEMAS[table], name=name, encoded=data, key=batch_id,
-                              state=BatchState.RECORDED, nbytes=nbytes, first_time=first, last_time=last)
+                batch = Batch(table, rows, None, self._schema(table, batch_id), name=name, encoded=data,
+                              key=batch_id, state=BatchState.RECORDED, nbytes=nbytes, first_time=first,
+                              last_time=last)
             else:
                 decoded = self._state.outbox_batch_rows(batch_id)
-                batch = Batch(table, len(decoded), decoded, STANDARD_SCHEMAS[table], key=batch_id,
+                batch = Batch(table, len(decoded), decoded, self._schema(table, batch_id), key=batch_id,
                               nbytes=nbytes, first_time=first, last_time=last)
             self._live[batch_id] = batch
             batches.append(batch)

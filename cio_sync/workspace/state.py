@@ -76,6 +76,7 @@ CREATE TABLE IF NOT EXISTS people (
     updated_at INTEGER NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS people_by_id ON people (id) WHERE deleted = 0;
+CREATE INDEX IF NOT EXISTS people_suppressed ON people (id) WHERE suppressed = 1;
 CREATE TABLE IF NOT EXISTS person_attributes (cio_id TEXT PRIMARY KEY, attrs BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS anonymous (
     anonymous_id TEXT PRIMARY KEY, cio_id TEXT, traits TEXT
@@ -339,6 +340,11 @@ class WorkspaceState:
             self._open_rows = {
                 table: None for (table,) in self._db.execute("SELECT DISTINCT tbl FROM outbox WHERE batch IS NULL")}
             self._seq_num = int(self._meta("seq_num") or 0)
+            self._earlier_batches = int(self._meta("earlier_batches") or 0)
+            self._earlier_version = int(self._meta("earlier_version") or 1)
+            #: Every id that may be blocked (a suppressed person's): a call naming one of them asks the database.
+            self._maybe_blocked: set[str] = {
+                i for (i,) in self._db.execute("SELECT id FROM people WHERE suppressed = 1 AND id IS NOT NULL")}
         except sqlite3.Error as exc:
             self.close()
             raise self._error(exc, "open it") from exc
@@ -403,6 +409,43 @@ class WorkspaceState:
         stored = int(self._meta("workspace_id") or -1)
         if stored != self.workspace_id:
             raise StateError(f"workspace state {self.path} belongs to workspace {stored}, not {self.workspace_id}")
+        tables = int(self._meta("schema_version") or 1)
+        if tables > STANDARD_VERSION:
+            raise StateError(f"workspace state {self.path} holds rows of Standard tables version {tables}; this "
+                             f"cio_sync writes version {STANDARD_VERSION}: open it with the release that made it")
+        if tables < STANDARD_VERSION:
+            self._upgrade_tables(tables)
+
+    def _upgrade_tables(self, version: int) -> None:
+        """Bring a state whose outbox holds rows of Standard tables ``version`` (an earlier release's) to this
+        release's, in one transaction: the open rows are cut into batches of their own, which are published in
+        that version (:meth:`row_version`), under that version's names; everything after them is this version's."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for (table,) in db.execute("SELECT DISTINCT tbl FROM outbox WHERE batch IS NULL").fetchall():
+                batch_id = db.execute("INSERT INTO batches (tbl, rows) VALUES (?, 0)", (table,)).lastrowid
+                db.execute("UPDATE outbox SET batch = ? WHERE batch IS NULL AND tbl = ?", (batch_id, table))
+                db.execute(
+                    "UPDATE batches SET (rows, nbytes, first_at, last_at) = (SELECT sum(coalesce(rows, 1)), "
+                    "sum(size), min(at), max(coalesce(last_at, at)) FROM outbox WHERE batch = ?) WHERE id = ?",
+                    (batch_id, batch_id))
+            last, held = db.execute("SELECT coalesce(max(id), 0), count(*) FROM batches").fetchone()
+            earlier = int(self._meta("earlier_batches") or 0)
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('earlier_batches', ?)", (str(max(last, earlier)),))
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('earlier_version', ?)", (str(version),))
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(STANDARD_VERSION),))
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        log.info("workspace state %s: upgraded from Standard tables version %d to %d; the %d batch(es) it held "
+                 "are published in version %d", self.path, version, STANDARD_VERSION, held, version)
+
+    def row_version(self, batch_id: int) -> int:
+        """The version of the Standard tables that the rows of outbox batch ``batch_id`` are in: an earlier
+        release's for the batches a state upgrade found (:meth:`_upgrade_tables`), else this release's."""
+        return self._earlier_version if batch_id <= self._earlier_batches else STANDARD_VERSION
 
     def _upgrade(self, fmt: int) -> None:
         """Bring a state of an earlier format to this one, in one transaction (a crash leaves it as it was)."""
@@ -880,6 +923,22 @@ class WorkspaceState:
                 self._cache.pop(person.id, None)
         elif self._cache.get(person.id) is not person:
             self._remember(person)  # known under a new id (a rename)
+
+    def blocked(self, external_id: str) -> Person | None:
+        """The suppressed person whose id ``external_id`` is (blocked: no person may take it), or ``None``."""
+        if external_id not in self._maybe_blocked:
+            return None
+        self._apply_staged(_PEOPLE)
+        row = self._db.execute(
+            "SELECT cio_id, id, email, deleted, suppressed, created_at, updated_at FROM people WHERE id = ? AND "
+            "suppressed = 1 ORDER BY updated_at DESC LIMIT 1", (external_id,)).fetchone()
+        return None if row is None else self._person(row)
+
+    def block(self, person: Person) -> None:
+        """Note that ``person`` is being suppressed, so that :meth:`blocked` looks their id up (the suppression
+        itself is the person's saved flag: a step that fails leaves the id free)."""
+        if person.id is not None:
+            self._maybe_blocked.add(person.id)
 
     def forget_id(self, external_id: str) -> None:
         self._cache.pop(external_id, None)
