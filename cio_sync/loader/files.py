@@ -94,21 +94,23 @@ def classify(name: str) -> SourceFile | None:
     return None
 
 
-def warehouse_schema(table: str) -> pa.Schema:
-    """The columns Standard table ``table`` has in the warehouse: those of its newest version (version 4, as
-    Customer.io's exports have them; ``actions`` has version 1 only), in that order, then the version-1 columns
-    with no counterpart in it (``dropped``, in their version-1 types), which version-4 files leave null."""
+def warehouse_schema(table: str, version: int | None = None) -> pa.Schema:
+    """The columns Standard table ``table`` has in the warehouse: those of the version the sink writes (version 4,
+    as Customer.io's exports have them; ``actions`` has version 1 only), in that order. With ``version=1``, for a
+    version-1 file: then the version-1 columns with no counterpart in it (``dropped``, in their version-1 types),
+    which the table gains when the first version-1 file loads, and which version-4 rows leave null."""
     spec = latest_spec(table)
     first = standard_spec(table, 1)
-    if first is None or first is spec:
+    if version != 1 or first is None or first is spec:
         return spec.schema
     return pa.schema([*spec.schema, *(first.schema.field(name) for name in spec.dropped)])
 
 
 def known_schema(source: SourceFile) -> pa.Schema:
-    """The schema the table of ``source`` has in the warehouse, before any extra column of other versions."""
+    """The schema the table of ``source`` has in the warehouse once ``source`` is loaded, before any extra column
+    of its own: a version-1 file brings its version's columns that version 4 has not."""
     if source.mode == "standard":
-        return warehouse_schema(source.table)
+        return warehouse_schema(source.table, source.version)
     return ADVANCED_TABLES[source.table.removeprefix("raw_")].schema
 
 
