@@ -147,7 +147,8 @@ def test_each_recorded_table_reads_by_position_as_a_redshift_copy_does(written: 
     # out of order fails or lands in the wrong column.
     root, cio_id = written
     con = _connect()
-    con.execute(f"CREATE TABLE target ({', '.join(f'c{i} {duck_type(k)}' for i, (_, k) in enumerate(CONTRACT[table]))})")
+    columns = ", ".join(f"c{i} {duck_type(k)}" for i, (_, k) in enumerate(CONTRACT[table]))
+    con.execute(f"CREATE TABLE target ({columns})")
     con.execute(f"INSERT INTO target SELECT * FROM read_parquet('{_files(root, table)}')")
     assert con.execute("SELECT * FROM target").fetchall() == [expected(table, cio_id)]
 
@@ -232,7 +233,7 @@ def test_version_1_columns_that_version_4_has_not_are_dropped_with_a_warning(mem
 def test_a_row_with_both_names_of_a_column_is_refused(memory_storage: Storage) -> None:
     with sink_for(memory_storage) as sink, warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        with pytest.raises(cio_sync.InvalidRecord, match="both subject_name .* and subject_id") as caught:
+        with pytest.raises(cio_sync.InvalidRecord, match=r"both subject_name .* and subject_id") as caught:
             sink.record("deliveries", {"delivery_id": "d", "delivery_type": "email", "subject_name": "a",
                                        "subject_id": "b"})
         assert (caught.value.table, caught.value.column) == ("deliveries", "subject_name")
