@@ -157,6 +157,8 @@ def _doc_table(name: str) -> tuple[list[tuple[str, str]], str]:
 
 
 def _doc_type(field: pa.Field) -> str:
+    if pa.types.is_list(field.type):
+        return f"list<{field.type.value_type}>"
     if pa.types.is_timestamp(field.type):
         return "timestamp (UTC, µs)"
     if is_json_text(field):
