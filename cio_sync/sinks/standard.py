@@ -140,7 +140,7 @@ class StandardSink(PublishingSink):
         self.workspace_id = check_int("workspace_id", workspace_id)
         self.commit_every = check_int("commit_every", commit_every, minimum=1)
         self._uncommitted = 0
-        #: Calls accepted and ignored because their identifier is blocked (see stats()); those of the open step.
+        #: Calls accepted and ignored because their identifier is blocked (see ``stats``); those of the open step.
         self._blocked = self._blocking = 0
         self._floors: dict[str, int] = {}
         self._state_file, self._new_workspace = state, new_workspace
@@ -583,7 +583,7 @@ class StandardSink(PublishingSink):
         """Suppress a person, as Customer.io does: their profile is deleted and their identifier blocked. Emits their
         ``people`` row with ``deleted`` and ``suppressed`` true and ``email_addr`` null. Calls that name a blocked
         identifier (identify, alias) are accepted and ignored, as Customer.io ignores them, and counted in
-        ``stats().calls_blocked``, until :meth:`unsuppress_person`. Raises :class:`~cio_sync.UnknownPerson`."""
+        ``stats.calls_blocked``, until :meth:`unsuppress_person`. Raises :class:`~cio_sync.UnknownPerson`."""
         return self._lifecycle(id, cio_id, suppressed=True)
 
     def unsuppress_person(self, id: str | None = None, *, cio_id: str | None = None) -> int:
