@@ -32,8 +32,16 @@ def test_demo_writes_both_modes_and_loads_them_into_duckdb(tmp_path: Path,
                                                                     "alias"}
         for name in names:
             assert name in out
-    standard = {re.split(r"_v\d+_", p.name)[0] for p in (tmp_path / "demo" / "standard").iterdir() if p.is_file()}
+    files = [p.name for p in (tmp_path / "demo" / "standard").iterdir() if p.is_file()]
+    standard = {re.split(r"_v\d+_", name)[0] for name in files}
     assert {"people", "attributes", "campaigns", "deliveries", "metrics"} <= standard
+    # Version 4, as Customer.io's exports; actions is cio_sync's own table, version 1.
+    assert all(("_v1_" if name.startswith("actions_") else "_v4_") in name for name in files), files
+    # A person the workspace knows is in people_current by the id it was sent with.
+    con = duckdb.connect(str(tmp_path / "demo" / "warehouse.duckdb"), read_only=True)
+    [(known,)] = con.execute("SELECT count(*) FROM people_current WHERE customer_id IS NOT NULL").fetchall()
+    con.close()
+    assert known > 0
     con = duckdb.connect(str(tmp_path / "demo" / "warehouse.duckdb"), read_only=True)
     for table in ("people_current", "attributes_current", "deliveries_current", "metrics_unique", "raw_track"):
         row = con.execute(f"SELECT count(*) FROM {table}").fetchone()
