@@ -41,7 +41,8 @@ __all__ = ["MemoryWriter", "SinkContract", "abandon", "sample_calls"]
 
 def abandon(sink: Any) -> None:
     """Drop ``sink`` as if its process had been killed: nothing is flushed or published, what it buffered in memory
-    is lost, its spool files stay as they are and its spool lock is let go. Open a new sink on the same spool and
+    is lost, its spool files stay as they are and its spool lock is let go (a StandardSink's workspace state too:
+    what it had not committed is lost). Open a new sink on the same spool and
     target to see what a restart after a crash recovers."""
     publisher = getattr(sink, "_publisher", None)
     if publisher is None:
@@ -50,6 +51,9 @@ def abandon(sink: Any) -> None:
     spool = getattr(sink, "spool", None)
     if spool is not None:
         spool.close()  # what the kernel does for a killed process: its files closed, its flock released
+    state = getattr(sink, "state", None)
+    if state is not None and callable(getattr(state, "abandon", None)):
+        state.abandon()  # a StandardSink's workspace state: uncommitted changes lost, its lock released
 
 
 class MemoryWriter:

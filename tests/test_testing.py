@@ -156,3 +156,19 @@ def test_sinks_open_by_name() -> None:
     assert isinstance(cio_sync.open_sink("orders", MemoryWriter()), EXAMPLE.OrdersSink)
     with pytest.raises(cio_sync.ConfigError, match="no sink named"):
         cio_sync.open_sink("nope")
+
+
+def test_abandon_lets_a_standard_sinks_state_go_as_a_killed_process_does(tmp_path: Path) -> None:
+    from cio_sync.testing import abandon
+
+    state = tmp_path / "ws.sqlite"
+    sink = cio_sync.StandardSink(MemoryWriter(), workspace_id=1, state=state, flush_interval=None,
+                                 commit_every=1000)
+    sink.write({"type": "identify", "userId": "kept", "traits": {"a": 1}})
+    sink.commit()
+    sink.write({"type": "identify", "userId": "lost", "traits": {"a": 1}})  # not committed when it "dies"
+    abandon(sink)
+    with cio_sync.StandardSink(MemoryWriter(), workspace_id=1, state=state, flush_interval=None) as again:
+        assert again.person("kept")["attributes"] == {"a": "1"}
+        with pytest.raises(cio_sync.UnknownPerson):
+            again.person("lost")

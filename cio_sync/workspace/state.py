@@ -474,6 +474,13 @@ class WorkspaceState:
         if db is not None:
             with contextlib.suppress(Exception):
                 self.commit()
+        self.abandon()
+
+    def abandon(self) -> None:
+        """Let the state go as a killed process does: what was not committed is lost (SQLite rolls it back), the
+        file and its lock are released. For tests of crashes (``cio_sync.testing.abandon``)."""
+        db: sqlite3.Connection | None = getattr(self, "_db", None)
+        if db is not None:
             with contextlib.suppress(Exception):
                 db.close()
         if self._lock_file is not None:
