@@ -88,7 +88,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package and this noxfile."""
-    session.install("-e", ".[postgres]", "mypy>=1.11", "nox", "pytest")  # pytest: cio_sync.testing uses it
+    session.install("-e", ".[postgres,serve]", "mypy>=1.11", "nox", "pytest")  # pytest: cio_sync.testing uses it
     session.run("mypy")
 
 

@@ -211,6 +211,48 @@ def inspect_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_keys(args: argparse.Namespace) -> list[str]:
+    """The write keys of ``--write-key`` and of ``CIO_SYNC_WRITE_KEYS`` (comma-separated, out of process lists)."""
+    import os
+
+    keys = [k.strip() for k in args.write_key if k.strip()]
+    keys += [k.strip() for k in os.environ.get("CIO_SYNC_WRITE_KEYS", "").split(",") if k.strip()]
+    return keys
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """Run the HTTP intake for the real client libraries (docs/serve.md)."""
+    from cio_sync.asgi import app
+    from cio_sync.serve import run
+
+    keys = _write_keys(args)
+    if not keys:
+        raise UsageError("give at least one write key: --write-key KEY, or CIO_SYNC_WRITE_KEYS=KEY1,KEY2")
+    if not args.advanced and not args.standard:
+        raise UsageError("give --advanced URL, --standard URL, or both")
+    if args.standard and (args.workspace_id is None or not args.state):
+        raise UsageError("--standard needs --workspace-id N and --state PATH (the workspace state file)")
+    spool = Path(args.spool_dir)
+    sinks: list[Any] = []
+    try:
+        advanced = standard = None
+        if args.advanced:
+            spool.mkdir(parents=True, exist_ok=True)
+            advanced = AdvancedSink(args.advanced, format=args.format, storage_options=args.options,
+                                    spool_dir=spool / "advanced", spool_sync=args.spool_sync)
+            sinks.append(advanced)
+        if args.standard:
+            standard = StandardSink(args.standard, workspace_id=args.workspace_id, state=args.state,
+                                    storage_options=args.options)
+            sinks.append(standard)
+    except BaseException:
+        for opened in sinks:
+            opened.close()
+        raise
+    target: Any = sinks[0] if len(sinks) == 1 else Pipeline(advanced=advanced, standard=standard)
+    return run(app(target, write_keys=keys), sinks, host=args.host, port=args.port)
+
+
 def replay_command(args: argparse.Namespace) -> int:
     """Replay a JSON-lines file of calls into a sink."""
     options = args.options
@@ -356,6 +398,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                    help=_STORAGE_OPTION_HELP)
     p.set_defaults(handler=replay_command)
+
+    p = commands.add_parser(
+        "serve", help="an HTTP intake the Segment and Customer.io client libraries send to (docs/serve.md)",
+        description="Listens on HOST:PORT for calls as Segment's and Customer.io's client libraries send them "
+                    "(POST /v1/batch, /v1/identify, ... and analytics.js's /v1/b, /v1/t, ...), authenticated by a "
+                    "write key, and writes them to the Advanced sink, the Standard sink, or both. A call is "
+                    "acknowledged (200) only once it is durable in the spool. SIGTERM or SIGINT: stop accepting, "
+                    "answer the requests in flight, publish, exit 0. Write keys can come from CIO_SYNC_WRITE_KEYS "
+                    "(comma-separated) to stay out of process listings.",
+    )
+    p.add_argument("--advanced", metavar="URL", help="where Advanced files go (s3://..., gs://..., az://..., a folder)")
+    p.add_argument("--format", choices=FORMATS, default="parquet", help="Advanced file format (default parquet)")
+    p.add_argument("--standard", metavar="URL", help="where Standard files go")
+    p.add_argument("--workspace-id", type=int, default=None, help="the Standard workspace id")
+    p.add_argument("--state", default=None, help="the Standard workspace state file (SQLite)")
+    p.add_argument("--spool-dir", required=True, metavar="DIR",
+                   help="where accepted calls are kept durable until they are published")
+    p.add_argument("--spool-sync", choices=("always", "interval", "os"), default="always",
+                   help="when the spool fsyncs (default always: a 200 means the call survives a power loss)")
+    p.add_argument("--write-key", action="append", default=[], metavar="KEY",
+                   help="a write key clients may send with (repeat for more)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0: any free port)")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help=_STORAGE_OPTION_HELP)
+    p.set_defaults(handler=serve_command)
     return parser
 
 
@@ -438,6 +506,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     pairs = getattr(args, "storage_option", [])
     # The values of the pairs as given too, before JSON reading, so that none of them is ever printed.
     secrets = secrets_in({key: value for key, _, value in (p.partition("=") for p in pairs)})
+    if getattr(args, "command", None) == "serve":
+        secrets += _write_keys(args)  # never printed, in errors or logs
     handler = logging.StreamHandler()
     handler.setFormatter(_OneLine(debug=args.debug, secrets=secrets))
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],

@@ -1,0 +1,89 @@
+"""Run the HTTP intake (:mod:`cio_sync.asgi`) under uvicorn, with graceful shutdown on SIGTERM and SIGINT.
+
+``cio-sync serve`` (cio_sync/cli.py) builds the sinks and calls :func:`run`. On SIGTERM or SIGINT: stop accepting
+(new requests get 503, the listening socket closes), answer the requests in flight, close the sinks (publishing
+what they hold), exit 0. uvicorn's own signal handling is not used: it re-raises the signal after its shutdown, so
+the process would end by the signal (exit -15) instead of 0 after publishing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from cio_sync._errors import ConfigError
+from cio_sync.asgi import IntakeApp
+
+log = logging.getLogger("cio_sync.serve")
+
+
+def _server(application: IntakeApp, host: str, port: int, body_timeout: float) -> Any:
+    try:
+        import uvicorn
+    except ImportError as exc:  # pragma: no cover - the serve extra installs it
+        raise ImportError("cio-sync serve needs uvicorn: pip install 'cio_sync[serve]'") from exc
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:  # ours are installed by run()
+            yield
+
+    config = uvicorn.Config(application, host=host, port=port, lifespan="on", log_level="warning",
+                            access_log=False, timeout_keep_alive=int(max(body_timeout, 1)),
+                            timeout_graceful_shutdown=30, server_header=False, date_header=False)
+    return Server(config)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    try:
+        return socket.create_server((host, port), backlog=2048)
+    except OSError as exc:
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ConfigError(f"cannot listen on {host}:{port}: {why}; choose another --port or --host") from None
+
+
+async def _serve(application: IntakeApp, host: str, port: int, on_listening: Callable[[str], None]) -> None:
+    listener = _listen(host, port)
+    server = _server(application, host, port, application.limits.body_timeout)
+    loop = asyncio.get_running_loop()
+
+    def stop(signum: int) -> None:
+        log.warning("cio-sync serve: %s: draining, then publishing", signal.Signals(signum).name)
+        server.should_exit = True
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop, signum)
+    task = asyncio.create_task(server.serve(sockets=[listener]))
+    while not server.started and not task.done():
+        await asyncio.sleep(0.01)
+    if server.started:
+        where = listener.getsockname()
+        on_listening(f"http://{where[0]}:{where[1]}")
+    try:
+        await task
+    except SystemExit as exc:  # uvicorn's way of saying that it could not start
+        raise ConfigError(f"the server on {host}:{port} could not start (uvicorn exit {exc.code})") from None
+    finally:
+        listener.close()
+
+
+def run(application: IntakeApp, sinks: list[Any], *, host: str, port: int) -> int:
+    """Serve ``application`` until SIGTERM/SIGINT, then close ``sinks`` (publishing what they hold); returns 0."""
+
+    def listening(url: str) -> None:
+        print(f"cio-sync serve: listening on {url}", flush=True)
+
+    try:
+        asyncio.run(_serve(application, host, port, listening))
+    finally:
+        for sink in sinks:
+            sink.close()
+    print("cio-sync serve: stopped; everything accepted is published", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,182 @@
+"""`cio-sync serve` with the real client libraries: Customer.io's and Segment's Python clients send every call type
+(batched, gzip on and off) to a running server; every call lands once, as sent. Plus SIGTERM (drain, publish, exit
+0), kill -9 (every call that got a 200 is published after the restart), and the command line's errors.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow.parquet as pq
+import pytest
+
+KEY = "wk_serve_test_5b7c"
+
+
+class Served:
+    """A `cio-sync serve` process on a free loopback port."""
+
+    def __init__(self, root: Path, *extra: str) -> None:
+        self.root = root
+        env = {**os.environ, "CIO_SYNC_WRITE_KEYS": KEY}
+        root.mkdir(parents=True, exist_ok=True)
+        self.log = root / f"serve-{time.monotonic_ns()}.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "cio_sync.cli", "serve", "--advanced", str(root / "advanced"),
+                 "--spool-dir", str(root / "spool"), "--port", "0", *extra],
+                stdout=subprocess.PIPE, stderr=log, env=env, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if "listening on" not in line:
+            self.stop(signal.SIGKILL)
+            raise AssertionError(f"serve did not start: {line!r} {self.log.read_text()}")
+        self.url = line.rsplit(" ", 1)[1].strip()
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=60)
+        finally:
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+
+
+def published(folder: Path) -> list[dict[str, Any]]:
+    return [r for path in sorted(folder.glob("*.parquet")) for r in pq.read_table(path).to_pylist()]
+
+
+def send_all(client: Any) -> list[str]:
+    """Every call type through ``client``; the messageIds it sent."""
+    sent = [
+        client.identify("u1", {"email": "ana@example.com", "plan": "pro"}),
+        client.track("u1", "Order Completed", {"revenue": 42.5, "currency": "EUR"}),
+        client.page("u1", "Docs", "Install", {"path": "/docs/install"}),
+        client.screen("u1", "App", "Home", {"build": 7}),
+        client.group("u1", "acme", {"name": "Acme", "employees": 12}),
+        client.alias("anon-1", "u1"),
+    ]
+    for _ in range(40):  # enough to make the client send several batches
+        sent.append(client.track("u2", "Clicked", {"n": 1}))
+    client.flush()
+    client.shutdown()
+    return [msg["messageId"] for _, msg in sent]
+
+
+@pytest.mark.parametrize("gzip", [False, True])
+@pytest.mark.parametrize("library", ["customerio", "segment"])
+def test_the_real_python_clients_land_every_call_once(tmp_path: Path, library: str, gzip: bool) -> None:
+    served = Served(tmp_path)
+    errors: list[Any] = []
+    try:
+        if library == "customerio":
+            from customerio.analytics import Client as CioClient
+
+            client: Any = CioClient(KEY, host=served.url, gzip=gzip, upload_size=10, max_retries=1,
+                                    on_error=lambda e, batch: errors.append(e))
+        else:
+            from segment.analytics import Client as SegmentClient
+
+            client = SegmentClient(KEY, host=served.url, gzip=gzip, upload_size=10, max_retries=1,
+                                   on_error=lambda e, batch: errors.append(e))
+        ids = send_all(client)
+    finally:
+        assert served.stop() == 0
+    assert errors == []
+    rows = published(tmp_path / "advanced")
+    assert Counter(r["messageId"] for r in rows) == Counter(ids)
+    by_type = Counter(r["type"] for r in rows)
+    assert by_type == {"identify": 1, "track": 41, "page": 1, "screen": 1, "group": 1, "alias": 1}
+    [identify] = [r for r in rows if r["type"] == "identify"]
+    assert orjson.loads(identify["traits"]) == {"email": "ana@example.com", "plan": "pro"}
+    assert KEY not in orjson.dumps(rows, default=str).decode()
+
+
+def _post(url: str, payload: Any, key: str = KEY) -> int:
+    auth = base64.b64encode(f"{key}:".encode()).decode()
+    request = urllib.request.Request(f"{url}/v1/batch", data=orjson.dumps(payload), method="POST",
+                                     headers={"Authorization": f"Basic {auth}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def test_every_call_that_got_a_200_survives_a_kill_9(tmp_path: Path) -> None:
+    served = Served(tmp_path)
+    acked: list[str] = []
+    try:
+        for batch in range(30):
+            calls = [{"type": "track", "userId": "u", "event": "E", "messageId": f"m-{batch}-{i}"} for i in range(20)]
+            if _post(served.url, {"batch": calls}) == 200:
+                acked += [c["messageId"] for c in calls]
+    finally:
+        assert served.stop(signal.SIGKILL) == -signal.SIGKILL  # nothing published, nothing flushed
+    assert len(acked) == 600
+    again = Served(tmp_path)
+    assert again.stop() == 0
+    assert Counter(r["messageId"] for r in published(tmp_path / "advanced")) == Counter(acked)
+
+
+def test_wrong_key_and_operations_over_http(tmp_path: Path) -> None:
+    served = Served(tmp_path)
+    try:
+        assert _post(served.url, {"batch": [{"type": "track", "userId": "u", "event": "E"}]}, key="nope") == 401
+        with urllib.request.urlopen(f"{served.url}/ready", timeout=10) as response:
+            assert response.status == 200
+        with urllib.request.urlopen(f"{served.url}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        assert 'cio_sync_http_requests_total{status="401"} 1.0' in text
+    finally:
+        assert served.stop(signal.SIGINT) == 0
+    logged = served.log.read_text()
+    assert "listening" not in logged or KEY not in logged
+    assert KEY not in logged
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--spool-dir", "x"], "write key"),
+    (["--spool-dir", "x", "--write-key", KEY], "--advanced URL, --standard URL"),
+    (["--spool-dir", "x", "--write-key", KEY, "--standard", "y"], "--workspace-id"),
+])
+def test_serve_explains_a_bad_command_line_in_one_line(tmp_path: Path, args: list[str], words: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "CIO_SYNC_WRITE_KEYS"}
+    args = [str(tmp_path / a) if a in ("x", "y") else a for a in args]
+    done = subprocess.run([sys.executable, "-m", "cio_sync.cli", "serve", *args], capture_output=True, text=True,
+                          check=False,
+                          env=env, timeout=60)
+    assert done.returncode == 2
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("cio-sync: error:")
+    assert words in line
+
+
+def test_a_port_in_use_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    served = Served(tmp_path / "one")
+    (tmp_path / "two").mkdir()
+    try:
+        port = served.url.rsplit(":", 1)[1]
+        env = {**os.environ, "CIO_SYNC_WRITE_KEYS": KEY}
+        start = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "cio_sync.cli", "serve", "--advanced", str(tmp_path / "two"),
+                               "--spool-dir", str(tmp_path / "two-spool"), "--port", port],
+                              capture_output=True, text=True, env=env, timeout=60, check=False)
+        assert time.monotonic() - start < 60
+        assert done.returncode == 1
+        [line] = done.stderr.strip().splitlines()
+        assert line == (f"cio-sync: error: cannot listen on 127.0.0.1:{port}: Address already in use; choose another "
+                        "--port or --host")
+    finally:
+        assert served.stop() == 0
