@@ -222,7 +222,7 @@ def _write_keys(args: argparse.Namespace) -> list[str]:
 
 def serve_command(args: argparse.Namespace) -> int:
     """Run the HTTP intake for the real client libraries (docs/serve.md)."""
-    from cio_sync.asgi import app
+    from cio_sync.asgi import Limits, app
     from cio_sync.serve import run
 
     keys = _write_keys(args)
@@ -250,7 +250,10 @@ def serve_command(args: argparse.Namespace) -> int:
             opened.close()
         raise
     target: Any = sinks[0] if len(sinks) == 1 else Pipeline(advanced=advanced, standard=standard)
-    return run(app(target, write_keys=keys), sinks, host=args.host, port=args.port)
+    if args.body_timeout <= 0:
+        raise UsageError(f"--body-timeout must be above 0 seconds, got {args.body_timeout:g}")
+    limits = Limits(body_timeout=args.body_timeout)
+    return run(app(target, write_keys=keys, limits=limits), sinks, host=args.host, port=args.port)
 
 
 def replay_command(args: argparse.Namespace) -> int:
@@ -421,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a write key clients may send with (repeat for more)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0: any free port)")
+    p.add_argument("--body-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="how long a request's body may take to arrive before a 408 frees the connection (default 10)")
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                    help=_STORAGE_OPTION_HELP)
     p.set_defaults(handler=serve_command)

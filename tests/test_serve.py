@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -178,5 +179,22 @@ def test_a_port_in_use_is_one_line_not_a_traceback(tmp_path: Path) -> None:
         [line] = done.stderr.strip().splitlines()
         assert line == (f"cio-sync: error: cannot listen on 127.0.0.1:{port}: Address already in use; choose another "
                         "--port or --host")
+    finally:
+        assert served.stop() == 0
+
+
+def test_a_client_that_never_finishes_its_body_gets_408_and_others_are_answered(tmp_path: Path) -> None:
+    served = Served(tmp_path, "--body-timeout", "1")
+    try:
+        host, port = served.url.removeprefix("http://").rsplit(":", 1)
+        auth = base64.b64encode(f"{KEY}:".encode())
+        with socket.create_connection((host, int(port)), timeout=30) as slow:
+            slow.sendall(b"POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Authorization: Basic " + auth + b"\r\nContent-Length: 1000\r\n\r\n{\"batch\": [")
+            # Meanwhile another client is answered.
+            assert _post(served.url, {"batch": [{"type": "track", "userId": "u", "event": "E"}]}) == 200
+            answer = slow.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408")
+        assert b'"code":"request_timeout"' in answer
     finally:
         assert served.stop() == 0
