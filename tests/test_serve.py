@@ -198,3 +198,22 @@ def test_a_client_that_never_finishes_its_body_gets_408_and_others_are_answered(
         assert b'"code":"request_timeout"' in answer
     finally:
         assert served.stop() == 0
+
+
+def test_both_modes_behind_one_intake(tmp_path: Path) -> None:
+    served = Served(tmp_path, "--standard", str(tmp_path / "standard"), "--workspace-id", "111528", "--state",
+                    str(tmp_path / "ws.sqlite"))
+    try:
+        calls = [{"type": "identify", "userId": "ana", "traits": {"email": "ana@example.com", "plan": "pro"}},
+                 {"type": "identify", "userId": "ana", "traits": {"plan": "pro"}},  # changes nothing
+                 {"type": "track", "userId": "ana", "event": "Signed Up"}]
+        assert _post(served.url, {"batch": calls}) == 200
+    finally:
+        assert served.stop() == 0
+    assert Counter(r["type"] for r in published(tmp_path / "advanced")) == {"identify": 2, "track": 1}
+    standard = tmp_path / "standard"
+    [people] = [r for p in standard.glob("people_v4_111528_*.parquet") for r in pq.read_table(p).to_pylist()]
+    assert (people["customer_id"], people["email_addr"]) == ("ana", "ana@example.com")
+    attributes = sorted((r["attribute_name"], r["attribute_value"]) for p in standard.glob("attributes_v4_*.parquet")
+                        for r in pq.read_table(p).to_pylist())
+    assert attributes == [("email", "ana@example.com"), ("plan", "pro")]
