@@ -217,3 +217,30 @@ def test_both_modes_behind_one_intake(tmp_path: Path) -> None:
     attributes = sorted((r["attribute_name"], r["attribute_value"]) for p in standard.glob("attributes_v4_*.parquet")
                         for r in pq.read_table(p).to_pylist())
     assert attributes == [("email", "ana@example.com"), ("plan", "pro")]
+
+
+def test_ten_thousand_idle_connections_do_not_stop_the_server_answering_others(tmp_path: Path) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 10_500:
+        pytest.skip(f"the open-files limit is {hard}: 10,000 connections need more (ulimit -n)")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 20_000)) if hard != resource.RLIM_INFINITY
+                                                else max(soft, 20_000), hard))
+    served = Served(tmp_path)  # inherits the limit
+    held: list[socket.socket] = []
+    try:
+        host, port = served.url.removeprefix("http://").rsplit(":", 1)
+        for _ in range(10_000):
+            conn = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            conn.settimeout(30)
+            conn.connect((host, int(port)))
+            held.append(conn)
+        assert _post(served.url, {"batch": [{"type": "track", "userId": "u", "event": "E"}]}) == 200
+        with urllib.request.urlopen(f"{served.url}/health", timeout=30) as response:
+            assert response.status == 200
+    finally:
+        for conn in held:
+            conn.close()
+        assert served.stop() == 0
+    assert len(published(tmp_path / "advanced")) == 1
