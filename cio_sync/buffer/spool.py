@@ -25,7 +25,7 @@ sync marker. The spool remembers each segment's length:
   appended behind the torn block, the table's next row starts a new segment, and the segment's length is recorded
   in ``.end`` (best effort) so that a refused row whose bytes are whole is never read back; a failed fsync with
   ``spool_sync="interval"`` retires the segment too (the rows since the last fsync may not be on disk: they are
-  published from memory);
+  published from memory), and so does a failed fsync of :meth:`AvroSpool.sync` (see below);
 - a failure creating a segment (its folder, its header, the fsyncs of the file and its folder) refuses the call
   and removes the file.
 
@@ -47,8 +47,21 @@ Recovery. A sink opened on the spool reads what an earlier process left, and nev
 
 Sync policies (``spool_sync``): ``"always"`` fsyncs after every row (a call that ``write`` accepted survives power
 loss); ``"interval"`` fsyncs at most every ``spool_sync_interval`` seconds (a power loss may lose that window);
-``"os"`` leaves it to the operating system. In every policy a row is handed to the OS before ``write`` returns, so
-a crash of the process alone never loses an accepted call.
+``"os"`` leaves it to the operating system; ``"group"`` does not fsync in ``append`` at all: rows become durable
+when :meth:`AvroSpool.sync` returns (and when their segment is closed, as with ``"interval"``). In every policy a
+row is handed to the OS before ``write`` returns, so a crash of the process alone never loses an accepted call.
+
+The durability barrier (group commit). :meth:`AvroSpool.sync` returns once every row appended before it was called
+is fsynced (its segment's data, and the folder entry of a new segment), whatever the policy. Rows are numbered as
+they are appended (under the spool's condition); each segment knows the first row that is not yet fsynced. One
+caller at a time leads: it takes the segments that hold rows not yet fsynced, fsyncs them outside the lock (a cut
+that closes one of them meanwhile waits for the round), and settles; the callers that came meanwhile wait on the
+condition, and each returns without an fsync of its own if the round covered its rows (it started after they were
+appended). :attr:`AvroSpool.fsyncs` counts the segment fsyncs, so that sharing
+shows. If an fsync fails, the segment is retired as with ``"interval"`` (its rows go on to be published from
+memory, nothing is appended to it again, the table's next row starts a new segment), and every ``sync()`` whose
+rows include one of that segment's not-yet-fsynced rows raises :class:`~cio_sync.StorageError`, until the rows are
+durable another way: their batch's name and file recorded beside the segment (fsynced) or published.
 
 One spool directory serves one sink: the sink holds an exclusive ``flock`` on ``<spool_dir>/.lock`` from its start
 to its ``close()``, and a second sink (in this process or another) raises :class:`~cio_sync.StateError`.
@@ -87,7 +100,7 @@ from cio_sync.schemas.tables import is_document_schema
 
 log = logging.getLogger("cio_sync.spool")
 
-SYNC_POLICIES: Final = ("always", "interval", "os")
+SYNC_POLICIES: Final = ("always", "interval", "os", "group")
 _AVRO_SCHEMA: Final = fastavro.parse_schema({
     "type": "record", "name": "SpooledRow", "namespace": "cio_sync",
     "fields": [
@@ -519,10 +532,24 @@ class _Segment:
     #: Bytes of the last blocks appended, the latest last (what :meth:`AvroSpool.retract` takes back, one by one:
     #: a call's rows are taken back together when one of them is refused).
     last: deque[int] = field(default_factory=lambda: deque(maxlen=_UNDO_BLOCKS))
+    # The fields below are guarded by the spool's ``_cond`` (a sync() reads them without the publisher's lock).
+    #: The number of the first row appended and not yet fsynced; ``None`` if every row is.
+    unsynced: int | None = None
+    #: While a sync() round fsyncs this segment: the first row appended since the round took it.
+    after: int | None = None
+    #: Whether a sync() round is fsyncing this segment now.
+    syncing: bool = False
+    #: An fsync failed: nothing is appended to it again, its rows are published from memory.
+    broken: bool = False
+    #: Folders whose entries (this segment's, a new table folder's) are not fsynced yet (``spool_sync="os"``).
+    folders: tuple[Path, ...] = ()
 
 
 class AvroSpool:
     """A :class:`~cio_sync.buffer.rows.RowStore` that keeps every row on local disk until its file is published.
+
+    ``sync`` is the policy: "always", "interval", "os" or "group" (see the module docstring); :meth:`sync` is the
+    durability barrier in every policy, and :attr:`fsyncs` counts the fsyncs of segment files.
 
     Raises :class:`~cio_sync.ConfigError` for a bad policy or a directory that cannot be made,
     :class:`~cio_sync.StateError` if another sink uses the directory, :class:`~cio_sync.StorageError` if the
@@ -554,6 +581,17 @@ class AvroSpool:
         self._next_generation: dict[str, int] = {}
         #: Recovered segments shared by several pending batches (dead letters, then rows): deleted with the last.
         self._shares: dict[Path, int] = {}
+        #: The durability barrier (see the module docstring): the number of the last row appended, the segments
+        #: holding rows not yet fsynced, the segments whose fsync failed (the first row not durable, the error),
+        #: whether a sync() round is under way, and how many segment fsyncs the spool made.
+        self._cond = threading.Condition(threading.Lock())
+        self._appended = 0
+        self._dirty: dict[Path, _Segment] = {}
+        self._failed: dict[Path, tuple[int, str, OSError]] = {}
+        self._leading = False
+        #: Segment fsyncs by appends and closes (under ``_cond``), and by sync() rounds (only the leader counts).
+        self._fsyncs = 0
+        self._round_fsyncs = 0
         self._lock_fd: int | None = self._take_lock()
         self._lock_pid = os.getpid()
         try:
@@ -621,11 +659,14 @@ class AvroSpool:
         writer = AvroWriter(buffer, _AVRO_SCHEMA)
         writer.flush()
         header = buffer.getvalue()
+        unsynced: tuple[Path, ...] = (folder,) if self._sync == "os" else ()
         try:
             if not folder.is_dir():
                 folder.mkdir(exist_ok=True)
                 if self._sync != "os":
                     _fsync_dir(self.directory)
+                else:
+                    unsynced += (self.directory,)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
         except OSError as exc:
             raise self._error("could not start a segment", exc, path) from exc
@@ -642,12 +683,15 @@ class AvroSpool:
             raise self._error("could not start a segment", exc, path) from exc
         segment = self._open[table] = _Segment(generation, path, fd, len(header),
                                                bytes(writer.sync_marker),  # type: ignore[attr-defined]
-                                               TableRows(self._schema_of(table)))
+                                               TableRows(self._schema_of(table)), folders=unsynced)
         return segment
 
     def append(self, table: str, schema: pa.Schema, row: tuple[Any, ...], size: int,
                at: int | None = None) -> Filled:
         segment = self._open.get(table)
+        if segment is not None and segment.broken:
+            self._retire(table, segment)  # its fsync failed in sync(): its rows go on from memory
+            segment = None
         if segment is None:
             segment = self._start(table)
         codec = None if self._codec_of is None else self._codec(table)
@@ -665,10 +709,24 @@ class AvroSpool:
                 os.fsync(fd)
                 self._last_sync = time.monotonic()
         except OSError as exc:
-            self._undo(table, segment, synced)
+            self._undo(table, segment, synced, exc)
             raise self._error(f"could not append a {table} row, the call is refused", exc, segment.path) from exc
         segment.size += len(block)
         segment.last.append(len(block))
+        with self._cond:
+            self._appended += 1
+            if synced:  # every row of the segment so far is on disk
+                self._fsyncs += 1
+                segment.unsynced = None
+                if segment.syncing and segment.after is None:
+                    segment.after = -1  # the round's end finds nothing left to fsync
+                self._dirty.pop(segment.path, None)
+            elif not segment.broken:
+                if segment.unsynced is None:
+                    segment.unsynced = self._appended
+                    self._dirty[segment.path] = segment
+                if segment.syncing and (segment.after is None or segment.after < 0):
+                    segment.after = self._appended
         return segment.buffer.add(row, size, at)
 
     def retract(self, table: str, size: int) -> None:
@@ -689,7 +747,7 @@ class AvroSpool:
         except OSError as exc:
             self._abandon(table, segment, exc)
 
-    def _undo(self, table: str, segment: _Segment, synced: bool) -> None:
+    def _undo(self, table: str, segment: _Segment, synced: bool, error: OSError) -> None:
         """Put a segment back as it was before a failed append, or retire it if that cannot be done for sure."""
         try:
             os.ftruncate(segment.fd, segment.size)
@@ -698,7 +756,7 @@ class AvroSpool:
             return
         if synced and self._sync == "interval":
             # The rows since the last fsync may never reach the disk: publish them now, from memory.
-            self._retire(table, segment)
+            self._retire(table, segment, error)
 
     def _abandon(self, table: str, segment: _Segment, exc: OSError) -> None:
         """A segment whose bytes past ``segment.size`` could not be taken off: record where its whole blocks end
@@ -711,17 +769,29 @@ class AvroSpool:
             _fsync_dir(segment.path.parent)
         except OSError as error:
             log.error("spool %s: could not record where %s ends either (%s)", self.directory, segment.path, error)
-        self._retire(table, segment)
+        if self._sync == "group" and not segment.broken:
+            # The rows before the refused one have not been fsynced yet: make them durable now if the disk lets us.
+            try:
+                os.fsync(segment.fd)
+            except OSError:
+                pass
+            else:
+                with self._cond:
+                    self._fsyncs += 1
+                    segment.unsynced = None
+                    segment.folders = ()
+                    self._dirty.pop(segment.path, None)
+        self._retire(table, segment, exc)
 
-    def _retire(self, table: str, segment: _Segment) -> None:
+    def _retire(self, table: str, segment: _Segment, error: OSError | None = None) -> None:
         del self._open[table]
-        with contextlib.suppress(OSError):
-            os.close(segment.fd)
+        self._let_go(segment, error)
         if segment.buffer.count:
             batch = segment.buffer.take(table, key=segment.path)
             with self._retired_lock:
                 self._retired.setdefault(table, []).append(batch)
         else:
+            self._durable(segment.path)  # no row of it was accepted: nothing waits for it
             for suffix in _SUFFIXES:  # no row was accepted into it; whatever stays, recovery drops
                 with contextlib.suppress(OSError):
                     segment.path.with_suffix(suffix).unlink()
@@ -747,16 +817,163 @@ class AvroSpool:
         return segment.buffer.take(table, key=segment.path)
 
     def _seal(self, segment: _Segment) -> None:
-        """Close a segment for good. Its rows are in memory and go on to be published, so a failure is logged."""
+        """Close a segment for good. Its rows are in memory and go on to be published, so a failure is logged (and
+        a :meth:`sync` covering its rows raises)."""
+        error = None
         try:
-            if self._sync == "interval":
+            if self._sync in ("interval", "group") and not segment.broken:
                 os.fsync(segment.fd)
+                with self._cond:
+                    self._fsyncs += 1
+                    segment.unsynced = None  # (a round fsyncing it meanwhile finds it gone from _dirty)
+                    self._dirty.pop(segment.path, None)
         except OSError as exc:
+            error = exc
             log.warning("spool %s: could not fsync %s (%s); its rows are published from memory", self.directory,
                         segment.path, exc)
         finally:
-            with contextlib.suppress(OSError):
-                os.close(segment.fd)
+            self._let_go(segment, error)
+
+    def _let_go(self, segment: _Segment, error: OSError | None) -> None:
+        """Close a segment's descriptor. Rows of it not yet fsynced either wait for a :meth:`sync` that fsyncs the
+        file by its path (a segment whose fsync was left to the OS), or, after ``error`` (an fsync or a write that
+        failed), are not durable: a :meth:`sync` covering them raises until their batch is recorded or published."""
+        with self._cond:
+            while segment.syncing:  # a sync() round is fsyncing this descriptor: never close it under the round
+                self._cond.wait()
+            # Without an error it stays in ``_dirty``: a round opens it by its path.
+            if segment.unsynced is not None and not segment.broken and error is not None:
+                self._fail(segment, segment.unsynced, "could not fsync or write it", error)
+            fd, segment.fd = segment.fd, -1
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+    def _fail(self, segment: _Segment, first: int, what: str, error: OSError) -> None:
+        """Under ``_cond``: the rows of ``segment`` from number ``first`` on are not durable (see :meth:`sync`)."""
+        segment.broken = True
+        self._dirty.pop(segment.path, None)
+        known = self._failed.get(segment.path)
+        self._failed[segment.path] = (min(first, known[0]) if known else first, what, error)
+
+    def _durable(self, path: Path) -> None:
+        """The rows of the segment at ``path`` are durable another way (recorded beside it, or published)."""
+        with self._cond:
+            self._failed.pop(path, None)
+            segment = self._dirty.get(path)
+            if segment is not None and segment.fd < 0 and not segment.syncing:
+                del self._dirty[path]
+
+    # -- the durability barrier ----------------------------------------------------------------------------------
+
+    @property
+    def fsyncs(self) -> int:
+        """How many times this spool fsynced a segment file: after a row (``"always"``, ``"interval"``), when a
+        segment was closed, and once per segment in each :meth:`sync` round (the count that shows sharing)."""
+        with self._cond:
+            return self._fsyncs + self._round_fsyncs
+
+    def sync(self) -> None:
+        """Return once every row appended before this call is fsynced in the spool: its segment's data, and the
+        folder entry of a segment whose creation was not fsynced (``spool_sync="os"``). Callers from many threads
+        share fsyncs: one fsyncs the segments that need it while the others wait, and a caller whose rows that
+        fsync covered returns without one of its own.
+
+        Raises :class:`~cio_sync.StorageError` (naming the segment) if a row appended before the call cannot be
+        made durable: an fsync of its segment failed (here, or when the segment was closed or a write to it
+        failed). Such rows are not lost: as with a failed fsync under ``spool_sync="interval"``, their segment is
+        retired, never appended to again, and its rows are published from memory with the table's next batch
+        (what reached the disk is recovered after a crash, at most once, so they may then be missing). Every
+        ``sync()`` covering them raises until they are durable another way: their batch recorded beside its
+        segment before its upload, or published (a ``flush()`` does both).
+        """
+        with self._cond:
+            target = self._appended
+            while True:
+                self._check_failed(target)
+                if all(s.unsynced is None or s.unsynced > target for s in self._dirty.values()):
+                    return
+                if self._leading:
+                    self._cond.wait()
+                    continue
+                round_ = self._take_round()
+                if not round_:  # pragma: no cover - every segment holding unsynced rows is in _dirty
+                    return
+                results: list[OSError | None] | None = None
+                self._cond.release()
+                try:
+                    results = [self._fsync_one(segment, fd) for segment, fd, _ in round_]
+                finally:
+                    self._cond.acquire()
+                    self._settle(round_, results)
+
+    def _take_round(self) -> list[tuple[_Segment, int | None, int]]:
+        """Under ``_cond``: lead a round over the segments with rows not yet fsynced; ``(segment, its descriptor or
+        ``None`` for a closed one, its first row not fsynced)``. A segment being fsynced is not closed until the
+        round is done (:meth:`_let_go` waits), so its descriptor stays its own."""
+        round_: list[tuple[_Segment, int | None, int]] = []
+        for segment in self._dirty.values():
+            assert segment.unsynced is not None
+            fd = segment.fd if segment.fd >= 0 else None
+            segment.syncing = True
+            segment.after = None
+            round_.append((segment, fd, segment.unsynced))
+        self._leading = bool(round_)
+        return round_
+
+    def _fsync_one(self, segment: _Segment, fd: int | None) -> OSError | None:
+        """Outside ``_cond``: fsync a segment (and its folders not yet fsynced); the error if that failed. A closed
+        segment (its fsync left to the OS) is opened by its path."""
+        opened = None
+        try:
+            if fd is None:
+                try:
+                    fd = opened = os.open(segment.path, os.O_RDONLY)
+                except FileNotFoundError:
+                    return None  # published: its batch's segment is deleted once the upload landed
+            os.fsync(fd)
+            self._round_fsyncs += 1  # only the leader writes it
+            for folder in segment.folders:
+                _fsync_dir(folder)
+        except OSError as exc:
+            return exc
+        finally:
+            if opened is not None:
+                with contextlib.suppress(OSError):
+                    os.close(opened)
+        return None
+
+    def _settle(self, round_: list[tuple[_Segment, int | None, int]], results: list[OSError | None] | None) -> None:
+        """Under ``_cond``: the end of a round (``results`` ``None``: interrupted, nothing settled). A segment
+        fsynced holds no unsynced row but those appended since the round took it; one whose fsync failed is
+        retired (at its table's next append or cut)."""
+        try:
+            for i, (segment, _, first) in enumerate(round_):
+                segment.syncing = False
+                after, segment.after = segment.after, None
+                if segment.broken or results is None:
+                    continue
+                error = results[i]
+                if error is not None:
+                    log.error("spool %s: could not fsync %s in sync() (%s); its rows are not durable, the segment is "
+                              "retired and its rows are published from memory", self.directory, segment.path, error)
+                    self._fail(segment, first, "could not fsync it", error)
+                    continue
+                segment.folders = ()
+                if self._dirty.get(segment.path) is not segment:
+                    continue
+                segment.unsynced = after if after is not None and after > 0 else None
+                if segment.unsynced is None:
+                    del self._dirty[segment.path]
+        finally:
+            self._leading = False
+            self._cond.notify_all()
+
+    def _check_failed(self, target: int) -> None:
+        """Under ``_cond``: raise for a segment whose rows up to number ``target`` include one that is not durable."""
+        for path, (first, what, error) in self._failed.items():
+            if first <= target:
+                raise self._error(f"sync(): {what}, so rows appended before sync() are not durable (they are "
+                                  "published from memory)", error, path) from error
 
     # -- the life of a batch -------------------------------------------------------------------------------------
 
@@ -775,6 +992,7 @@ class AvroSpool:
             _fsync_dir(segment.parent)
         except OSError as exc:
             raise self._error(f"could not record the name {batch.name} before its upload", exc, segment) from exc
+        self._durable(segment)
 
     def published(self, batch: Batch) -> None:
         segment: Path = batch.key
@@ -782,6 +1000,7 @@ class AvroSpool:
         if shares > 1:
             self._shares[segment] = shares - 1
             return
+        self._durable(segment)
         try:
             for suffix in _SUFFIXES:  # the segment first: a batch that keeps it is not done
                 with contextlib.suppress(FileNotFoundError):

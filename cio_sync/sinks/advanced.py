@@ -48,7 +48,9 @@ class AdvancedSink(BufferedSink):
     :class:`~cio_sync.WrittenFile` as it lands (from whichever thread published it).
 
     Reliability (docs/reliability.md): with ``spool_dir``, every accepted call is appended to a local Avro spool
-    before ``write`` returns and survives a crash (``spool_sync``: "always", "interval" or "os"); if the spool cannot
+    before ``write`` returns and survives a crash (``spool_sync``: "always", "interval", "os" or "group": with
+    "group", ``write`` never waits for the disk and :meth:`sync` makes every call accepted before it durable,
+    sharing fsyncs between threads); if the spool cannot
     take a call (a full disk), ``write`` raises :class:`~cio_sync.StorageError` and the call is not accepted. One
     spool directory serves one sink: another sink on it raises :class:`~cio_sync.StateError`. All rows held in
     memory are bounded by ``max_buffer_bytes``: past it the sink publishes early, and if storage does not take the

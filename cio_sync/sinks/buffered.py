@@ -179,6 +179,24 @@ class PublishingSink(BaseSink):
             self._publisher.reject(call, exc)
             raise
 
+    def sync(self) -> None:
+        """The durability barrier: return once every call that :meth:`write` or :meth:`write_many` accepted before
+        this call is fsynced in the spool (see :meth:`cio_sync.buffer.spool.AvroSpool.sync`). Calls from many
+        threads share fsyncs (group commit): use ``spool_sync="group"`` so that ``write`` itself never waits for
+        the disk, and call ``sync()`` before telling a client its calls are safe.
+
+        Raises :class:`~cio_sync.StorageError` if a call accepted before it cannot be made durable (an fsync of the
+        spool failed): those calls are not durable, and are not lost either: their rows are published from memory
+        with the next batch of their table, as after a failed fsync with ``spool_sync="interval"`` (a crash before
+        that may lose them). Every ``sync()`` covering them raises until they are recorded or published, which a
+        :meth:`flush` does. Without a spool (``spool_dir=None``) it returns at once: rows in memory only, no
+        durability to wait for.
+        """
+        spool = getattr(self, "spool", None)
+        if spool is None or self._publisher.inherited:
+            return
+        spool.sync()
+
     def close(self) -> list[WrittenFile]:
         if self._publisher.inherited:
             return []  # a child after fork: the buffers, the row store and its lock are the parent's
@@ -218,8 +236,8 @@ class BufferedSink(PublishingSink):
     :meth:`close`, every ``flush_interval`` seconds and early at ``max_rows`` or ``max_bytes`` per table; the memory
     budget ``max_buffer_bytes`` with ``when_full`` and ``block_timeout``; the spool (``spool_dir``,
     ``spool_sync``, ``spool_sync_interval``), with which every accepted call's rows survive a crash and are
-    published exactly once; ``manifests`` (one per sync under ``_manifests/``, named after the class); ``on_publish``;
-    ``keep_rejected``.
+    published exactly once, and :meth:`sync`, the durability barrier; ``manifests`` (one per sync under
+    ``_manifests/``, named after the class); ``on_publish``; ``keep_rejected``.
     """
 
     #: Table name -> Arrow schema (or an object with a ``schema`` attribute).

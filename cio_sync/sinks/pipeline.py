@@ -78,6 +78,23 @@ class Pipeline(BaseSink):
             self.standard.publish_ready()
         return parsed.message_id
 
+    def sync(self) -> None:
+        """The durability barrier: return once every call :meth:`write` accepted before this call is durable in
+        both sinks: fsynced in the Advanced sink's spool (:meth:`BufferedSink.sync <cio_sync.BufferedSink.sync>`;
+        an Advanced sink without a spool has nothing to wait for) and committed in the Standard sink's state
+        (:meth:`StandardSink.commit <cio_sync.StandardSink.commit>`). Raises :class:`~cio_sync.StorageError` as
+        those do; the Standard sink is committed even if the Advanced sink's spool failed."""
+        error: BaseException | None = None
+        if self.advanced is not None:
+            try:
+                self.advanced.sync()
+            except BaseException as exc:
+                error = exc
+        if self.standard is not None:
+            self.standard.commit()
+        if error is not None:
+            raise error
+
     def flush(self) -> list[WrittenFile]:
         """Flush both sinks; the files of both."""
         return [f for sink in self.sinks for f in sink.flush()]
