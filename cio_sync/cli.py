@@ -418,8 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", default=None, help="the Standard workspace state file (SQLite)")
     p.add_argument("--spool-dir", required=True, metavar="DIR",
                    help="where accepted calls are kept durable until they are published")
-    p.add_argument("--spool-sync", choices=("always", "interval", "os"), default="always",
-                   help="when the spool fsyncs (default always: a 200 means the call survives a power loss)")
+    p.add_argument("--spool-sync", choices=("group", "always", "interval", "os"), default="group",
+                   help="when the spool fsyncs (default group: before each answer, one fsync shared by the requests "
+                        "in flight, so a 200 means the call survives a power loss; interval and os answer before "
+                        "the fsync)")
     p.add_argument("--write-key", action="append", default=[], metavar="KEY",
                    help="a write key clients may send with (repeat for more)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
