@@ -196,7 +196,9 @@ class IntakeApp:
         label = self._authorize(headers.get(b"authorization"), payload)
         calls = self._calls(payload, route)
         loop = asyncio.get_running_loop()
-        accepted, errors = await loop.run_in_executor(self._pool, self._accept, calls)
+        # No call of a body within the per-call limit can be over it: only a larger body is measured call by call.
+        measure = len(raw) > self.limits.call_bytes or headers.get(b"content-encoding", b"").strip() != b""
+        accepted, errors = await loop.run_in_executor(self._pool, self._accept, calls, measure)
         if self.metrics is not None:
             self.metrics.calls(label, accepted, errors)
         if errors and not accepted:
@@ -296,14 +298,15 @@ class IntakeApp:
                 call.pop("writeKey", None)
         return list(expand_batch(payload))
 
-    def _accept(self, calls: list[Any]) -> tuple[int, list[dict[str, Any]]]:
-        """Write the calls (in a worker thread) and make them durable; how many were accepted, and the refusals."""
+    def _accept(self, calls: list[Any], measure: bool = True) -> tuple[int, list[dict[str, Any]]]:
+        """Write the calls (in a worker thread) and make them durable; how many were accepted, and the refusals.
+        ``measure``: check each call against the per-call limit (not needed when the whole body is within it)."""
         sink, limit = self.sink, self.limits.call_bytes
         errors: list[dict[str, Any]] = []
         accepted = 0
         try:
             for index, call in enumerate(calls):
-                size = len(orjson.dumps(call)) if isinstance(call, dict) else 0
+                size = len(orjson.dumps(call)) if measure and isinstance(call, dict) else 0
                 if size > limit:
                     error = InvalidCall(f"the call is {size:,} bytes; the limit is {limit:,}", field="call")
                     _refuse(sink, call, error)

@@ -191,22 +191,20 @@ class StandardSink(PublishingSink):
         # A batch of rows an earlier release left in the outbox keeps their version (WorkspaceState.row_version);
         # a new version's sequences start above every sequence of the versions before it, so that a table's files
         # sort by sequence across an upgrade.
-        table = batch.table
+        table, ws = batch.table, self.workspace_id
         version = self._outbox.version_of(batch)
-        key = standard_counter(table, version, self.workspace_id)
-        floor = max(self._position_floor(), self._after_earlier(table, version, key))
-        return standard_name(table, version, self.workspace_id, self._counters.claim(key, at_least=floor))
+        key = standard_counter(table, version, ws)
+        earlier = [standard_counter(table, v, ws) for v in STANDARD_VERSIONS if v < version and table in
+                   STANDARD_VERSIONS[v]]
+        floor = max(self._position_floor(), self._after_earlier(key, earlier))
+        return standard_name(table, version, ws, self._counters.claim(key, at_least=floor))
 
-    def _after_earlier(self, table: str, version: int, key: str) -> int:
-        """The least sequence of counter ``key`` (``table`` in ``version``) above every sequence its earlier versions'
-        counters gave: read once per sink (the earlier versions' files are no longer written, but by the batches an
-        upgrade found, which are named first)."""
+    def _after_earlier(self, key: str, earlier: list[str]) -> int:
+        """The least value of counter ``key`` above every value the ``earlier`` counters (the same table's, or the
+        manifests', in earlier versions) gave: read once per sink (the earlier versions' files are no longer written,
+        but by the batches an upgrade found, which are named first)."""
         floor = self._floors.get(key)
         if floor is None:
-            earlier = [standard_counter(table, v, self.workspace_id) if table != "_manifest" else
-                       standard_manifest_counter(v, self.workspace_id)
-                       for v in STANDARD_VERSIONS if v < version and (table == "_manifest" or table in
-                                                                        STANDARD_VERSIONS[v])]
             floor = self._floors[key] = max((self._counters.current(k) + 1 for k in earlier), default=1)
         return floor
 
@@ -221,7 +219,8 @@ class StandardSink(PublishingSink):
 
     def _manifest_name(self) -> str:
         key = self._manifest_counter()
-        floor = max(self._position_floor(), self._after_earlier("_manifest", STANDARD_VERSION, key))
+        earlier = [standard_manifest_counter(v, self.workspace_id) for v in STANDARD_VERSIONS if v < STANDARD_VERSION]
+        floor = max(self._position_floor(), self._after_earlier(key, earlier))
         return self._manifest_file(self._counters.claim(key, at_least=floor))
 
     @property
