@@ -432,7 +432,7 @@ class _SinkCollector:
         self._sink, self._prom = sink, prom
 
     def collect(self) -> Iterable[Any]:
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         stats = getattr(self._sink, "stats", None)
         parts = [("", stats)] if stats is not None and hasattr(stats, "rows_buffered") else [
@@ -441,6 +441,8 @@ class _SinkCollector:
                                 labels=["sink"])
         held = GaugeMetricFamily("cio_sync_bytes_in_memory", "Bytes of rows held in memory", labels=["sink"])
         buffered = GaugeMetricFamily("cio_sync_rows_buffered", "Rows waiting to be published", labels=["sink"])
+        duplicates = CounterMetricFamily("cio_sync_calls_duplicate", "Calls dropped as retries of calls taken "
+                                         "within the dedupe window", labels=["sink"])
         for name, part in parts:
             if part is None:
                 continue
@@ -448,7 +450,8 @@ class _SinkCollector:
             lag.add_metric(label, part.oldest_buffered_age or 0.0)
             held.add_metric(label, part.bytes_in_memory)
             buffered.add_metric(label, part.rows_buffered)
-        return [lag, held, buffered]
+            duplicates.add_metric(label, getattr(part, "calls_duplicate", 0))
+        return [lag, held, buffered, duplicates]
 
 
 def app(sink: Any, *, write_keys: Mapping[str, str] | Iterable[str], limits: Limits | None = None,

@@ -232,6 +232,8 @@ def serve_command(args: argparse.Namespace) -> int:
         raise UsageError("give --advanced URL, --standard URL, or both")
     if args.standard and (args.workspace_id is None or not args.state):
         raise UsageError("--standard needs --workspace-id N and --state PATH (the workspace state file)")
+    if not args.dedupe_hours >= 0:
+        raise UsageError(f"--dedupe-hours must be 0 (off) or more, got {args.dedupe_hours:g}")
     spool = Path(args.spool_dir)
     sinks: list[Any] = []
     try:
@@ -239,7 +241,8 @@ def serve_command(args: argparse.Namespace) -> int:
         if args.advanced:
             spool.mkdir(parents=True, exist_ok=True)
             advanced = AdvancedSink(args.advanced, format=args.format, storage_options=args.options,
-                                    spool_dir=spool / "advanced", spool_sync=args.spool_sync)
+                                    spool_dir=spool / "advanced", spool_sync=args.spool_sync,
+                                    dedupe_window=args.dedupe_hours * 3600 or None)
             sinks.append(advanced)
         if args.standard:
             standard = StandardSink(args.standard, workspace_id=args.workspace_id, state=args.state,
@@ -422,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when the spool fsyncs (default group: before each answer, one fsync shared by the requests "
                         "in flight, so a 200 means the call survives a power loss; interval and os answer before "
                         "the fsync)")
+    p.add_argument("--dedupe-hours", type=float, default=24.0, metavar="HOURS",
+                   help="a call whose messageId was taken within this many hours is a client's retry and lands "
+                        "once (default 24, kept in the spool directory across restarts; 0: off)")
     p.add_argument("--write-key", action="append", default=[], metavar="KEY",
                    help="a write key clients may send with (repeat for more)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

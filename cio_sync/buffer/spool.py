@@ -96,6 +96,7 @@ from fastavro.write import Writer as AvroWriter
 from cio_sync._errors import CioSyncError, ConfigError, StateError, StorageError, library_error, make_error
 from cio_sync._types import Batch, BatchState, Buffered, Filled
 from cio_sync.buffer.rows import TableRows
+from cio_sync.buffer.seen import FILE_NAME as SEEN_FILE
 from cio_sync.schemas.tables import is_document_schema
 
 log = logging.getLogger("cio_sync.spool")
@@ -1135,8 +1136,8 @@ class AvroSpool:
         except OSError as exc:
             raise self._error("could not list the spool directory", exc) from exc
         for folder in folders:
-            if folder.name == _LOCK_FILE:
-                continue
+            if folder.name == _LOCK_FILE or folder.name.startswith(SEEN_FILE):
+                continue  # the spool's lock, the dedupe window's file (and SQLite's files beside it)
             if not folder.is_dir():
                 log.warning("spool %s: %s is not the spool's; left alone", self.directory, folder)
                 continue

@@ -24,7 +24,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,6 +35,7 @@ import pyarrow as pa
 from cio_sync._errors import BufferFull, CioSyncError, ConfigError, PublishConflict, SinkClosed
 from cio_sync._types import Batch, BatchState, Filled, Row, held_size
 from cio_sync.buffer.rows import MemoryRowStore, RowStore, rows_to_table
+from cio_sync.buffer.seen import MessageIdWindow
 from cio_sync.formats.base import Format
 from cio_sync.publish.dead_letters import batch_letter, dead_letter_name, kept_size, rejected_letter, rejected_line
 from cio_sync.publish.manifests import ManifestSpec, manifest_document
@@ -97,6 +98,9 @@ class SinkStats:
     #: Of the calls accepted, those that changed nothing because they name a blocked identifier (a suppressed
     #: person's, in Standard mode: Customer.io ignores them too).
     calls_blocked: int = 0
+    #: Calls dropped because a call with their ``messageId`` was taken within the dedupe window (a client's retry);
+    #: not counted as accepted.
+    calls_duplicate: int = 0
 
 
 @dataclass(eq=False)
@@ -109,6 +113,7 @@ class _Counts:
     last_publish_at: datetime | None = None
     last_error: str | None = None
     dead_letters: int = 0
+    duplicates: int = 0
 
 
 _OPEN: weakref.WeakSet[Publisher] = weakref.WeakSet()
@@ -178,6 +183,8 @@ class Publisher:
         block_timeout: float | None = None,
         manifest: ManifestSpec | None = None,
         keep_rejected: bool = False,
+        dedupe: MessageIdWindow | None = None,
+        message_ids_of: Callable[[Batch], Iterable[str]] | None = None,
     ) -> None:
         if flush_interval is not None and (
             isinstance(flush_interval, bool) or not isinstance(flush_interval, int | float)
@@ -216,6 +223,17 @@ class Publisher:
         self._pending: deque[Batch] = deque(self.store.pending())
         for batch in self._pending:
             batch.held = held_size(batch)
+        #: The dedupe window (``None``: none): ids of calls taken are held while their rows wait, and kept in the
+        #: window's file before a publishing round names or uploads anything (see :mod:`cio_sync.buffer.seen`).
+        self.dedupe = dedupe
+        if dedupe is not None:
+            if message_ids_of is None:
+                raise ConfigError("a dedupe window needs message_ids_of, to read back the ids of recovered rows")
+            for batch in self._pending:
+                # Rows recovered from the spool: their calls were taken before the crash. A batch recovered as its
+                # encoded file was named, so its ids were kept before that.
+                if batch.data is not None:
+                    dedupe.hold(message_ids_of(batch))
         #: What memory holds, as the budget counts it: rows buffered, batches waiting (their rows or their encoded
         #: file), rejected calls kept. Raised by each row's size as it comes (an upper bound), and counted again
         #: exactly (:meth:`_recount`) when that reaches the budget and at each cut.
@@ -438,29 +456,50 @@ class Publisher:
                 self._cut(table)
         return True
 
-    def add(self, table: str, schema: pa.Schema, row: tuple[Any, ...], size: int, at: int | None = None) -> None:
-        """Buffer one row of one accepted call, publishing early if its table is full."""
+    def add(self, table: str, schema: pa.Schema, row: tuple[Any, ...], size: int, at: int | None = None, *,
+            message_id: str | None = None) -> bool:
+        """Buffer one row of one accepted call, publishing early if its table is full. With a dedupe window and
+        ``message_id``: if the window has the id, nothing is buffered and ``False`` is returned (a duplicate)."""
         if self.max_buffer_bytes is not None and self._memory >= self.max_buffer_bytes:
             self.make_room()
         with self.lock:
             if self._closed or self._closing:
                 self.check_open()
+            if self._duplicate(message_id):
+                return False
             full = self._accepted(table, self.store.append(table, schema, row, size, at), size)
+            self._hold_id(message_id)
         if full:
             self.publish_ready()
+        return True
+
+    def _duplicate(self, message_id: str | None) -> bool:
+        """Under ``lock``: whether the dedupe window has ``message_id`` (then the call is counted as a duplicate)."""
+        if self.dedupe is None or message_id is None or not self.dedupe.seen(message_id):
+            return False
+        self._counts.duplicates += 1
+        return True
+
+    def _hold_id(self, message_id: str | None) -> None:
+        if self.dedupe is not None and message_id is not None:
+            self.dedupe.hold((message_id,))
 
     @contextlib.contextmanager
     def holding(self, table: str, schema: pa.Schema, row: tuple[Any, ...], size: int,
-                at: int | None = None) -> Iterator[None]:
+                at: int | None = None, *, message_id: str | None = None) -> Iterator[None]:
         """Buffer one row of a call whose acceptance depends on what the ``with`` block does (the other sink of a
         :class:`~cio_sync.Pipeline`): the row is appended before the block runs (a failure to append raises before
         it), taken back if the block raises, and counted — its table cut when full — only once the block is done.
-        No cut can happen in between: the lock is held throughout."""
+        No cut can happen in between: the lock is held throughout. A duplicate (see :meth:`add`) appends nothing
+        and still runs the block."""
         if self.max_buffer_bytes is not None and self._memory >= self.max_buffer_bytes:
             self.make_room()
         with self.lock:
             if self._closed or self._closing:
                 self.check_open()
+            if self._duplicate(message_id):
+                yield
+                return
             now = self.store.append(table, schema, row, size, at)
             try:
                 yield
@@ -468,27 +507,35 @@ class Publisher:
                 self.store.retract(table, size)
                 raise
             full = self._accepted(table, now, size)
+            self._hold_id(message_id)
         if full:
             self.publish_ready()
 
-    def add_call(self, rows: list[tuple[str, pa.Schema, Row, int]], at: int | None = None) -> None:
+    def add_call(self, rows: list[tuple[str, pa.Schema, Row, int]], at: int | None = None, *,
+                 message_id: str | None = None) -> bool:
         """Buffer every row one accepted call gave (table, schema, row, size; ``at``: the call's time in µs), or
-        none of them: if the store refuses one, those appended before it are taken back and the error raised."""
+        none of them: if the store refuses one, those appended before it are taken back and the error raised.
+        ``False`` for a duplicate (see :meth:`add`)."""
         if not rows:
             self.check_open()
             self.accept()
-            return
+            return True
         if self.max_buffer_bytes is not None and self._memory >= self.max_buffer_bytes:
             self.make_room()
         with self.lock:
             if self._closed or self._closing:
                 self.check_open()
+            if self._duplicate(message_id):
+                return False
             full = self._accepted_rows(self._append_all(rows, at))
+            self._hold_id(message_id)
         if full:
             self.publish_ready()
+        return True
 
     @contextlib.contextmanager
-    def holding_call(self, rows: list[tuple[str, pa.Schema, Row, int]], at: int | None = None) -> Iterator[None]:
+    def holding_call(self, rows: list[tuple[str, pa.Schema, Row, int]], at: int | None = None, *,
+                     message_id: str | None = None) -> Iterator[None]:
         """:meth:`holding` for every row of one call: all appended before the block, all taken back if it
         raises."""
         if self.max_buffer_bytes is not None and self._memory >= self.max_buffer_bytes:
@@ -496,6 +543,9 @@ class Publisher:
         with self.lock:
             if self._closed or self._closing:
                 self.check_open()
+            if self._duplicate(message_id):
+                yield
+                return
             done = self._append_all(rows, at)
             try:
                 yield
@@ -505,6 +555,7 @@ class Publisher:
             full = self._accepted_rows(done) if done else False
             if not done:
                 self._counts.accepted += 1
+            self._hold_id(message_id)
         if full:
             self.publish_ready()
 
@@ -611,6 +662,9 @@ class Publisher:
         with self._publish_lock:
             with self.lock:
                 queue = list(self._pending)
+                held = self.dedupe.snapshot() if self.dedupe is not None and queue else frozenset()
+            if held:
+                self._keep_ids(held)
             for batch in queue:
                 if batch.table in failed:
                     continue
@@ -646,6 +700,28 @@ class Publisher:
         self._failed(first_error is not None)
         if first_error is not None:
             raise first_error
+
+    def _keep_ids(self, held: frozenset[bytes]) -> None:
+        """Before a round names or uploads a batch: keep the ids held (every call of every batch queued is among
+        them, or was kept before) in the dedupe window's file, once their calls are durable in the row store, so
+        that no id is on disk before its call and none leaves the spool before it is on disk."""
+        assert self.dedupe is not None
+        sync = getattr(self.store, "sync", None)
+        if callable(sync):
+            try:
+                sync()
+            except CioSyncError as exc:
+                # Rows whose fsync failed are published from memory (this round, or the next): keep their ids all
+                # the same, or a retry of a call about to be published would land twice.
+                log.warning("%s: the spool could not be synced before keeping the dedupe window's ids: %s",
+                            self.label, exc)
+        try:
+            self.dedupe.keep(held)
+        except CioSyncError as exc:
+            with self.lock:
+                self._counts.last_error = str(exc)
+            self._failed(True)
+            raise
 
     def _failed(self, failing: bool) -> None:
         """Note whether the last publish failed, and when an early publish should try again."""
@@ -789,4 +865,5 @@ class Publisher:
                 last_error=counts.last_error,
                 rows_dead_lettered=counts.dead_letters,
                 bytes_in_memory=self._memory,
+                calls_duplicate=counts.duplicates,
             )

@@ -6,14 +6,17 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
+from datetime import timedelta
 from types import MappingProxyType
 from typing import Any, Final
 
+import orjson
 import pyarrow as pa
 from fsspec import AbstractFileSystem
 
 from cio_sync._errors import ConfigError, InvalidCall
 from cio_sync._time import to_micros
+from cio_sync._types import Batch
 from cio_sync.formats.base import Format
 from cio_sync.formats.registry import get_format
 from cio_sync.intake.calls import DOCUMENT_ROW_OVERHEAD, Call, call_document, call_row, call_to_row
@@ -55,7 +58,11 @@ class AdvancedSink(BufferedSink):
     spool directory serves one sink: another sink on it raises :class:`~cio_sync.StateError`. All rows held in
     memory are bounded by ``max_buffer_bytes``: past it the sink publishes early, and if storage does not take the
     files it spills them to the spool (``when_full="spill"``, the default with a spool) or waits
-    (``"block"``, up to ``block_timeout`` seconds, then raises ``BufferFull``). ``manifests`` writes a manifest
+    (``"block"``, up to ``block_timeout`` seconds, then raises ``BufferFull``). ``dedupe_window`` (seconds or a
+    ``timedelta``; ``None``, the default: off) drops a call whose ``messageId`` the sink took within the window, a
+    client's retry, whether its first copy is still in the spool or was published (``stats().calls_duplicate``
+    counts them); with a spool the window's ids survive restarts and kill -9 (:mod:`cio_sync.buffer.seen`).
+    ``manifests`` writes a manifest
     per sync under ``_manifests/``. ``keep_rejected`` also keeps calls that validation refused, with the reason,
     under ``_cio_sync/dead_letters/rejected/`` (written at each sync). ``csv_neutralize_formulas`` prefixes CSV
     cells that a spreadsheet would run as a formula.
@@ -89,6 +96,7 @@ class AdvancedSink(BufferedSink):
         manifests: bool = True,
         csv_neutralize_formulas: bool = False,
         keep_rejected: bool = False,
+        dedupe_window: float | timedelta | None = None,
     ) -> None:
         self.destination_id = check_int("destination_id", destination_id)
         ids = dict(DEFAULT_ACTION_IDS)
@@ -114,6 +122,7 @@ class AdvancedSink(BufferedSink):
             max_buffer_bytes=max_buffer_bytes, when_full=when_full, block_timeout=block_timeout,
             spool_dir=spool_dir, spool_sync=spool_sync, spool_sync_interval=spool_sync_interval,
             manifests=manifests, retry=retry, on_publish=on_publish, keep_rejected=keep_rejected,
+            dedupe_window=dedupe_window,
         )
 
     @property
@@ -131,6 +140,15 @@ class AdvancedSink(BufferedSink):
 
     def _spool_schema(self, table: str) -> pa.Schema:
         return DOCUMENT_SCHEMA if self._documents else CALL_SCHEMAS[table]
+
+    def _reads_message_ids(self, table: str) -> bool:
+        return True  # a column of its rows, or a field of its documents
+
+    def _message_ids_of(self, batch: Batch) -> list[str]:
+        if not self._documents:
+            return super()._message_ids_of(batch)
+        assert batch.data is not None
+        return [str(orjson.loads(row[0])["messageId"]) for row in batch.data]
 
     def _spool_codec(self, table: str) -> None:
         return None  # rows of calls (JSON text as UTF-8 bytes, or whole documents) are the spool's own kind
@@ -169,13 +187,13 @@ class AdvancedSink(BufferedSink):
         except InvalidCall as exc:
             self._publisher.reject(call, exc)
             raise
-        self._publisher.add(call_type, CALL_SCHEMAS[call_type], row, size, received)
+        self._publisher.add(call_type, CALL_SCHEMAS[call_type], row, size, received, message_id=row[0])
         return row[0]  # type: ignore[no-any-return]
 
     def write_call(self, parsed: Call) -> str:
         """Buffer a call already validated by ``parse_call`` (used by :class:`~cio_sync.Pipeline`)."""
         schema, row, size = self._row_of(parsed)
-        self._publisher.add(parsed.type, schema, row, size, to_micros(parsed.received_at))
+        self._publisher.add(parsed.type, schema, row, size, to_micros(parsed.received_at), message_id=parsed.message_id)
         return parsed.message_id
 
     def _row_of(self, parsed: Call) -> tuple[pa.Schema, tuple[Any, ...], int]:
@@ -196,4 +214,5 @@ class AdvancedSink(BufferedSink):
 
     def holding(self, parsed: Call) -> AbstractContextManager[None]:
         schema, row, size = self._row_of(parsed)
-        return self._publisher.holding(parsed.type, schema, row, size, to_micros(parsed.received_at))
+        return self._publisher.holding(parsed.type, schema, row, size, to_micros(parsed.received_at),
+                                       message_id=parsed.message_id)

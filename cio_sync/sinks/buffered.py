@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
+from datetime import timedelta
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, Final
 
@@ -15,6 +17,8 @@ from cio_sync._errors import ConfigError, InvalidCall
 from cio_sync._time import to_micros
 from cio_sync._types import Batch, Row
 from cio_sync.buffer.rows import RowStore
+from cio_sync.buffer.seen import FILE_NAME as SEEN_FILE
+from cio_sync.buffer.seen import MessageIdWindow, window_seconds
 from cio_sync.buffer.spool import AvroSpool, RowCodec
 from cio_sync.formats.base import Format
 from cio_sync.formats.registry import get_format
@@ -59,6 +63,10 @@ def _layout(owner: str, template: Any, tables: Iterable[str], extra: tuple[str, 
     return layout
 
 
+#: The columns a table's ``messageId`` may be in, for the dedupe window to read back recovered rows.
+_ID_COLUMNS: Final = frozenset({"message_id", "messageId"})
+
+
 class PublishingSink(BaseSink):
     """What every sink built on the toolkit shares, whatever its rows come from: a writer, durable counters, a row
     store and a :class:`Publisher` (rotation, the timer, the memory budget, manifests, dead letters, stats).
@@ -100,6 +108,7 @@ class PublishingSink(BaseSink):
             manifest = ManifestSpec(self._manifest_name, self._manifest_header(), self._manifest_time)
         store = self._open_store()
         try:
+            dedupe = self._open_dedupe()
             self._publisher = Publisher(
                 label=f"{type(self).__name__}({writer.url!r})",
                 writer=writer,
@@ -115,6 +124,8 @@ class PublishingSink(BaseSink):
                 block_timeout=block_timeout,
                 manifest=manifest,
                 keep_rejected=keep_rejected,
+                dedupe=dedupe,
+                message_ids_of=self._message_ids_of,
             )
         except BaseException:
             self._close_store()  # lets go of the store's lock (a spool directory's, a state file's)
@@ -134,6 +145,14 @@ class PublishingSink(BaseSink):
 
     def _close_store(self) -> None:
         """Let go of the row store (after :meth:`close`, or when opening the sink failed)."""
+
+    def _open_dedupe(self) -> MessageIdWindow | None:
+        """The dedupe window of ``messageId``\\ s (``None``: none). Called once the row store is open."""
+        return None
+
+    def _message_ids_of(self, batch: Batch) -> list[str]:
+        """The ``messageId``\\ s of a batch's rows (those recovered from the spool, for the dedupe window)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot read the messageIds of its rows")
 
     # -- naming ----------------------------------------------------------------------------------------------------
 
@@ -273,6 +292,7 @@ class BufferedSink(PublishingSink):
         retry: RetryPolicy | None = None,
         on_publish: Callable[[WrittenFile], None] | None = None,
         keep_rejected: bool = False,
+        dedupe_window: float | timedelta | None = None,
     ) -> None:
         self._start(
             target, format=get_format(format), storage_options=storage_options, filesystem=filesystem,
@@ -280,6 +300,7 @@ class BufferedSink(PublishingSink):
             max_buffer_bytes=max_buffer_bytes, when_full=when_full, block_timeout=block_timeout,
             spool_dir=spool_dir, spool_sync=spool_sync, spool_sync_interval=spool_sync_interval,
             manifests=manifests, retry=retry, on_publish=on_publish, keep_rejected=keep_rejected,
+            dedupe_window=dedupe_window,
         )
 
     def _start(
@@ -290,6 +311,7 @@ class BufferedSink(PublishingSink):
         spool_sync: str,
         spool_sync_interval: float,
         when_full: str | None,
+        dedupe_window: float | timedelta | None = None,
         **options: Any,
     ) -> None:
         """Check the tables and the layout, then open the sink's writer, counters, spool and publisher (what every
@@ -300,6 +322,13 @@ class BufferedSink(PublishingSink):
         self._fitters: dict[str, RowFitter] = {}
         self.spool: AvroSpool | None = None
         self._spool_options = (spool_dir, spool_sync, spool_sync_interval)
+        self._dedupe_window = window_seconds(dedupe_window)
+        self.dedupe: MessageIdWindow | None = None
+        if self._dedupe_window is not None:
+            lacking = [t for t in self._schemas if not self._reads_message_ids(t)]
+            if lacking:
+                raise ConfigError(f"{owner}: dedupe_window needs a message_id (or messageId) column in every table; "
+                                  f"{', '.join(sorted(lacking))} {'has' if len(lacking) == 1 else 'have'} none")
         self._open(target, when_full=when_full or ("spill" if spool_dir is not None else "block"), **options)
 
     def _open_store(self) -> AvroSpool | None:
@@ -316,6 +345,26 @@ class BufferedSink(PublishingSink):
     def _close_store(self) -> None:
         if self.spool is not None:
             self.spool.close()
+        if self.dedupe is not None:
+            self.dedupe.close()
+
+    def _open_dedupe(self) -> MessageIdWindow | None:
+        if self._dedupe_window is None:
+            return None
+        spool_dir = self._spool_options[0]
+        path = Path(spool_dir) / SEEN_FILE if spool_dir is not None else None
+        self.dedupe = MessageIdWindow(path, self._dedupe_window)
+        return self.dedupe
+
+    def _reads_message_ids(self, table: str) -> bool:
+        """Whether :meth:`_message_ids_of` can read the ids of ``table``'s rows."""
+        return any(name in _ID_COLUMNS for name in self._spool_schema(table).names)
+
+    def _message_ids_of(self, batch: Batch) -> list[str]:
+        assert batch.schema is not None
+        assert batch.data is not None
+        at = next(i for i, name in enumerate(batch.schema.names) if name in _ID_COLUMNS)
+        return [str(row[at]) for row in batch.data if row[at] is not None]
 
     # -- what a subclass declares ----------------------------------------------------------------------------------
 
@@ -373,7 +422,7 @@ class BufferedSink(PublishingSink):
 
     def write_call(self, parsed: Call) -> str:
         """Route and buffer a call already validated by ``parse_call``; return its ``messageId``."""
-        self._publisher.add_call(self._rows_of(parsed), to_micros(parsed.received_at))
+        self._publisher.add_call(self._rows_of(parsed), to_micros(parsed.received_at), message_id=parsed.message_id)
         return parsed.message_id
 
     def _fitter(self, table: str) -> RowFitter:
@@ -409,4 +458,5 @@ class BufferedSink(PublishingSink):
             self._fitter(table).fit(row)
 
     def holding(self, parsed: Call) -> AbstractContextManager[None]:
-        return self._publisher.holding_call(self._rows_of(parsed), to_micros(parsed.received_at))
+        return self._publisher.holding_call(self._rows_of(parsed), to_micros(parsed.received_at),
+                                            message_id=parsed.message_id)
