@@ -246,7 +246,7 @@ def serve_command(args: argparse.Namespace) -> int:
             sinks.append(advanced)
         if args.standard:
             standard = StandardSink(args.standard, workspace_id=args.workspace_id, state=args.state,
-                                    storage_options=args.options)
+                                    storage_options=args.options, dedupe_window=args.dedupe_hours * 3600 or None)
             sinks.append(standard)
     except BaseException:
         for opened in sinks:

@@ -149,6 +149,45 @@ def test_a_custom_sink_needs_a_message_id_column_for_a_window(tmp_path: Path) ->
         Orders(str(tmp_path / "out"), dedupe_window=DAY)
 
 
+def _standard(tmp_path: Path, **options: Any) -> cio_sync.StandardSink:
+    options.setdefault("dedupe_window", DAY)
+    return cio_sync.StandardSink(str(tmp_path / "standard"), workspace_id=3, state=str(tmp_path / "state.sqlite"),
+                                 flush_interval=None, **options)
+
+
+def _plans(tmp_path: Path) -> list[str]:
+    """The values of the trait ``plan`` in the published attribute changes, in order."""
+    import pyarrow.parquet as pq
+
+    return [row["attribute_value"] for path in sorted((tmp_path / "standard").glob("attributes_*.parquet"))
+            for row in pq.read_table(path).to_pylist() if row["attribute_name"] == "plan"]
+
+
+def test_a_standard_retry_after_a_later_change_does_not_undo_it(tmp_path: Path) -> None:
+    """A client retries an identify it sent before a newer one: applied again, it would put the old value back."""
+    first = {"type": "identify", "userId": "u1", "messageId": "a", "traits": {"plan": "pro"}}
+    second = {"type": "identify", "userId": "u1", "messageId": "b", "traits": {"plan": "free"}}
+    with _standard(tmp_path) as sink:
+        assert sink.write(first) > 0  # the person and their attribute
+        assert sink.write(second) == 1
+        assert sink.write(first) == 0
+        assert sink.stats.calls_duplicate == 1
+        assert sink.stats.calls_accepted == 2
+    with _standard(tmp_path) as again:  # the window is in the state file: it outlives the process
+        assert again.write(first) == 0
+        assert again.stats.calls_duplicate == 1
+    assert _plans(tmp_path) == ["pro", "free"]
+
+
+def test_without_a_window_the_standard_sink_applies_a_retry_again(tmp_path: Path) -> None:
+    first = {"type": "identify", "userId": "u1", "messageId": "a", "traits": {"plan": "pro"}}
+    second = {"type": "identify", "userId": "u1", "messageId": "b", "traits": {"plan": "free"}}
+    with _standard(tmp_path, dedupe_window=None) as sink:
+        for call_ in (first, second, first):
+            sink.write(call_)
+    assert _plans(tmp_path) == ["pro", "free", "pro"]
+
+
 # -- under faults ---------------------------------------------------------------------------------------------------
 
 
@@ -184,7 +223,8 @@ def test_kill_9_at_any_write_point_then_retrying_every_call_lands_each_once(faul
     assert done.result is not None, done.stderr
     assert done.result["errors"] == []
     probe = tmp_path / "probe"
-    counted = faults.run_child("tests.test_dedupe:count_ops", _paths(probe), options, prefix=probe)
+    counted = faults.run_child("tests.test_dedupe:count_ops", _paths(probe), options, "advanced", _STEPS[:-1],
+                               prefix=probe)
     total = counted.result["all"]
     assert total > 50, counted.result  # spool, window file and target writes of one run
     killed = 0
@@ -201,15 +241,50 @@ def test_kill_9_at_any_write_point_then_retrying_every_call_lands_each_once(faul
     assert killed >= len(_sweep_points(total)) - 1  # each point is a kill (the last may be past the run's end)
 
 
-def count_ops(paths: dict[str, str], options: dict[str, Any]) -> dict[str, int]:
-    """In a faultfs child: the write points of one clean run of :data:`_STEPS` (without its exit)."""
+def count_ops(paths: dict[str, str], options: dict[str, Any], mode: str = "advanced",
+              steps: list[list[Any]] | None = None) -> dict[str, int]:
+    """In a faultfs child: the write points of one clean run of ``steps`` (:data:`_STEPS` without its exit)."""
     from tests.fault_scenarios import drive
 
     injector = faults.faults()
     injector.reset_totals()
-    drive("advanced", paths, _STEPS[:-1], options)
+    drive(mode, paths, steps or _STEPS[:-1], options)
     totals = injector.totals()
     return {**totals, "all": sum(totals.values())}
+
+
+def test_standard_kill_9_at_any_write_point_then_retrying_every_call_changes_each_once(faultfs: Path,
+                                                                                      tmp_path: Path) -> None:
+    """Each identify sets the trait ``n`` to its own id (tests/fault_scenarios.py), so each applied once makes one
+    attributes row: killed at any write of the state, then every call sent again, each id is published once."""
+    from tests.test_state_faults import changes
+
+    options = {"dedupe_window": DAY, "max_rows": 4}
+    steps: list[list[Any]] = [["open"], ["write", 8], ["flush"], ["write", 6], ["exit"]]
+    sent = 14
+
+    def paths(folder: Path) -> dict[str, str]:
+        folder.mkdir(parents=True, exist_ok=True)
+        return {"target": str(folder / "target"), "state": str(folder / "state.sqlite"), "log": str(folder / "log")}
+
+    probe = tmp_path / "probe"
+    counted = faults.run_child("tests.test_dedupe:count_ops", paths(probe), options, "standard", steps[:-1],
+                               prefix=probe)
+    total = counted.result["all"]
+    killed = 0
+    for point in _sweep_points(total):
+        folder = tmp_path / f"kill-{point}"
+        trial = faults.run_child("drive", "standard", paths(folder), steps, options, prefix=folder, ops="all",
+                                 nth=point, kill="before")
+        killed += trial.killed
+        with cio_sync.StandardSink(str(folder / "target"), workspace_id=7, state=str(folder / "state.sqlite"),
+                                   flush_interval=None, dedupe_window=DAY) as sink:
+            for i in range(sent):
+                sink.write(_call("standard", f"c{i}", i))
+        found = changes(folder / "target")
+        assert {i: n for i, n in found.items() if n != 1} == {}, (point, trial.returncode, trial.stderr)
+        assert set(found) == {f"c{i}" for i in range(sent)}, point
+    assert killed >= len(_sweep_points(total)) - 1
 
 
 @pytest.mark.parametrize("errno", [ENOSPC, EIO])

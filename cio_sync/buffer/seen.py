@@ -38,7 +38,7 @@ FILE_NAME: Final = "message-ids.sqlite"
 #: The least window: what Segment documents for its own dedupe, and what the intake promises.
 DEFAULT_WINDOW: Final = timedelta(hours=24)
 #: Expired ids are deleted at most this often (seconds).
-_EXPIRE_EVERY: Final = 60.0
+EXPIRE_EVERY: Final = 60.0
 
 
 def digest(message_id: str) -> bytes:
@@ -130,7 +130,7 @@ class MessageIdWindow:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     self._db.executemany("INSERT OR REPLACE INTO ids VALUES (?, ?)", ((k, now) for k in keys))
-                    if now - self._expired_at >= _EXPIRE_EVERY:
+                    if now - self._expired_at >= EXPIRE_EVERY:
                         self._db.execute("DELETE FROM ids WHERE at < ?", (now - self.window,))
                     self._db.execute("COMMIT")
                 except BaseException:
@@ -139,7 +139,7 @@ class MessageIdWindow:
                     raise
             except sqlite3.Error as exc:
                 raise self._error("cannot keep ids", exc) from exc
-            if now - self._expired_at >= _EXPIRE_EVERY:
+            if now - self._expired_at >= EXPIRE_EVERY:
                 self._expired_at = now
             self._held.difference_update(keys)
 

@@ -16,6 +16,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping
+from datetime import timedelta
 from typing import Any, Final
 
 import orjson
@@ -24,6 +25,7 @@ from fsspec import AbstractFileSystem
 
 from cio_sync._errors import CioSyncError, InvalidCall, InvalidRecord, InvalidRecords, UnknownPerson
 from cio_sync._types import Batch
+from cio_sync.buffer.seen import EXPIRE_EVERY, digest, window_seconds
 from cio_sync.formats.parquet import ParquetFormat
 from cio_sync.intake.calls import (
     JSON_OPTIONS,
@@ -99,6 +101,10 @@ class StandardSink(PublishingSink):
     ``commit_every`` is how many calls or records are applied between commits of the state (1: each one is durable
     before ``write`` returns; more is faster, and a crash may then lose up to that many, with their rows).
 
+    ``dedupe_window`` (seconds or a ``timedelta``; ``None``, the default: off) drops a call whose ``messageId`` was
+    applied within the window (a client's retry: ``stats.calls_duplicate`` counts them); the ids are kept in the
+    state, in the same step as the call's changes, so a crash keeps both or neither.
+
     If the state cannot be written (a full disk, an I/O error), the call or record being applied is refused with
     :class:`~cio_sync.StorageError` naming the state file, and nothing of it is kept; the calls accepted before it
     are kept, and the sink goes on as soon as the disk takes writes again. A failed ``flush``, ``commit`` or
@@ -136,8 +142,13 @@ class StandardSink(PublishingSink):
         manifests: bool = True,
         keep_rejected: bool = False,
         new_workspace: bool = False,
+        dedupe_window: float | timedelta | None = None,
     ) -> None:
         self.workspace_id = check_int("workspace_id", workspace_id)
+        self._dedupe_window = window_seconds(dedupe_window)
+        #: Calls dropped as retries (see ``stats``), those of the open step, and when old ids were last forgotten.
+        self._duplicates = self._duplicating = 0
+        self._expired_at = 0.0
         self.commit_every = check_int("commit_every", commit_every, minimum=1)
         self._uncommitted = 0
         #: Calls accepted and ignored because their identifier is blocked (see ``stats``); those of the open step.
@@ -227,7 +238,8 @@ class StandardSink(PublishingSink):
     def stats(self) -> SinkStats:
         """What the sink has done (see :class:`~cio_sync.SinkStats`); ``calls_blocked`` counts the calls accepted
         and ignored because they name a suppressed person's identifier."""
-        return dataclasses.replace(self._publisher.stats(), calls_blocked=self._blocked)
+        return dataclasses.replace(self._publisher.stats(), calls_blocked=self._blocked,
+                                   calls_duplicate=self._duplicates)
 
     def close(self) -> list[WrittenFile]:
         """Commit the state, publish what is buffered and stop the timer. Idempotent; after it, writes raise
@@ -259,7 +271,7 @@ class StandardSink(PublishingSink):
             publisher.check_open()
             state.savepoint()
             rows = None
-            self._blocking = 0
+            self._blocking = self._duplicating = 0
             try:
                 rows = produce()
                 full = publisher.append_rows(rows)
@@ -276,7 +288,9 @@ class StandardSink(PublishingSink):
                 raise
             self._uncommitted = 0 if commit else self._uncommitted + 1
             self._blocked += self._blocking
-            publisher.accept()
+            self._duplicates += self._duplicating
+            if not self._duplicating:
+                publisher.accept()
             try:
                 cut = publisher.cut_tables(full)
             except CioSyncError as exc:
@@ -329,7 +343,7 @@ class StandardSink(PublishingSink):
         except InvalidCall as exc:
             self._publisher.reject(call, exc)
             raise
-        return self._apply(lambda: self._rules(parsed, traits))
+        return self._apply(self._once(parsed, lambda: self._rules(parsed, traits)))
 
     def write_call(self, parsed: Call) -> int:
         """Apply a call already validated by :func:`parse_call` (used by :class:`~cio_sync.Pipeline`). A ``Call``
@@ -353,7 +367,28 @@ class StandardSink(PublishingSink):
             except InvalidCall as exc:
                 self._publisher.reject(parsed.data, exc)
                 raise
-        return self._step(lambda: self._rules(parsed, self._trait_texts(parsed)))
+        return self._step(self._once(parsed, lambda: self._rules(parsed, self._trait_texts(parsed))))
+
+    def _once(self, parsed: Call, produce: Callable[[], list[Row]]) -> Callable[[], list[Row]]:
+        """``produce`` within the dedupe window: nothing for a call whose ``messageId`` was applied within it; else
+        the call's rows, its id kept in the same step (so a crash keeps both or neither)."""
+        window = self._dedupe_window
+        if window is None:
+            return produce
+
+        def step() -> list[Row]:
+            key, now = digest(parsed.message_id), time.time()
+            if self.state.message_id_seen(key, now - window):
+                self._duplicating = 1
+                return []
+            rows = produce()
+            self.state.note_message_id(key, now)
+            if now - self._expired_at >= EXPIRE_EVERY:
+                self.state.expire_message_ids(now - window)
+                self._expired_at = now
+            return rows
+
+        return step
 
     @staticmethod
     def _trait_texts(call: Call) -> dict[str, str | None]:

@@ -94,15 +94,21 @@ CREATE TABLE IF NOT EXISTS batches (
     id INTEGER PRIMARY KEY AUTOINCREMENT, tbl TEXT NOT NULL, rows INTEGER NOT NULL, name TEXT, data BLOB,
     nbytes INTEGER NOT NULL DEFAULT 0, first_at INTEGER, last_at INTEGER
 );
+CREATE TABLE IF NOT EXISTS message_ids (id BLOB PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS message_ids_at ON message_ids (at);
 """
 
 
 #: Indices of the per-table staging lists; statements on different tables never constrain each other. (Attributes
 #: are not staged as statements: see _commit_tail.)
-_PEOPLE, _ANONYMOUS, _DEFINITIONS, _OUTBOX = range(4)
+_PEOPLE, _ANONYMOUS, _DEFINITIONS, _OUTBOX, _MESSAGE_IDS, _EXPIRED_IDS = range(6)
 
 
-_TABLES: Final = 4
+_TABLES: Final = 6
+
+#: The dedupe window's ids (digests, see cio_sync.buffer.seen), kept in the step of the call that brought them.
+_SAVE_MESSAGE_ID: Final = "INSERT OR REPLACE INTO message_ids VALUES (?, ?)"
+_EXPIRE_MESSAGE_IDS: Final = "DELETE FROM message_ids WHERE at < ?"
 
 
 _INSERT_PERSON: Final = ("INSERT INTO people (cio_id, id, email, deleted, suppressed, created_at, updated_at) "
@@ -992,6 +998,22 @@ class WorkspaceState:
         self._stage(_ANONYMOUS, _SAVE_ANONYMOUS,
                     (anonymous_id, cio_id, orjson.dumps(traits).decode() if traits else None))
         self._staged_anonymous[anonymous_id] = (cio_id, dict(traits))
+
+    # -- the dedupe window ---------------------------------------------------------------------------------------
+
+    def message_id_seen(self, key: bytes, since: float) -> bool:
+        """Whether a call whose ``messageId`` has the digest ``key`` was applied at ``since`` or later."""
+        self._apply_staged(_MESSAGE_IDS)
+        return self._db.execute("SELECT 1 FROM message_ids WHERE id = ? AND at >= ?", (key, since)).fetchone() \
+            is not None
+
+    def note_message_id(self, key: bytes, at: float) -> None:
+        """Keep the digest of the current step's call's ``messageId`` (with the step: undone if the step is)."""
+        self._stage(_MESSAGE_IDS, _SAVE_MESSAGE_ID, (key, at))
+
+    def expire_message_ids(self, before: float) -> None:
+        """Forget the ids kept before ``before`` (with the current step)."""
+        self._stage(_EXPIRED_IDS, _EXPIRE_MESSAGE_IDS, (before,))
 
     # -- definitions ---------------------------------------------------------------------------------------------
 
