@@ -65,12 +65,14 @@ _OK: Final = orjson.dumps({"success": True})
 class Limits:
     """What one request may carry, as Segment documents it: ``call_bytes`` per call (its JSON), ``request_bytes``
     per request body (after decompression), ``batch_calls`` calls per batch; ``body_timeout`` seconds for the whole
-    body to arrive."""
+    body to arrive; ``header_timeout`` seconds for a request's head (its line and headers: enforced by
+    ``cio-sync serve``'s server, cio_sync.serve; an ASGI application never sees a head that did not arrive)."""
 
     call_bytes: int = 32 * 1024
     request_bytes: int = 500 * 1024
     batch_calls: int = 2500
     body_timeout: float = 10.0
+    header_timeout: float = 10.0
 
 
 class HttpError(Exception):

@@ -232,6 +232,9 @@ def serve_command(args: argparse.Namespace) -> int:
         raise UsageError("give --advanced URL, --standard URL, or both")
     if args.standard and (args.workspace_id is None or not args.state):
         raise UsageError("--standard needs --workspace-id N and --state PATH (the workspace state file)")
+    for option, value in (("--body-timeout", args.body_timeout), ("--header-timeout", args.header_timeout)):
+        if not value > 0:
+            raise UsageError(f"{option} must be above 0 seconds, got {value:g}")
     if not args.dedupe_hours >= 0:
         raise UsageError(f"--dedupe-hours must be 0 (off) or more, got {args.dedupe_hours:g}")
     spool = Path(args.spool_dir)
@@ -253,9 +256,7 @@ def serve_command(args: argparse.Namespace) -> int:
             opened.close()
         raise
     target: Any = sinks[0] if len(sinks) == 1 else Pipeline(advanced=advanced, standard=standard)
-    if args.body_timeout <= 0:
-        raise UsageError(f"--body-timeout must be above 0 seconds, got {args.body_timeout:g}")
-    limits = Limits(body_timeout=args.body_timeout)
+    limits = Limits(body_timeout=args.body_timeout, header_timeout=args.header_timeout)
     return run(app(target, write_keys=keys, limits=limits), sinks, host=args.host, port=args.port)
 
 
@@ -434,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0: any free port)")
     p.add_argument("--body-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="how long a request's body may take to arrive before a 408 frees the connection (default 10)")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="how long a request's line and headers may take to arrive (from the connection, or from the "
+                        "head's first byte on a kept-alive one) before the connection is closed (default 10)")
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                    help=_STORAGE_OPTION_HELP)
     p.set_defaults(handler=serve_command)

@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Final
 
 from cio_sync._errors import ConfigError
 from cio_sync.asgi import IntakeApp
@@ -30,7 +30,68 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _server(application: IntakeApp, host: str, port: int, body_timeout: float) -> Any:
+#: What a client whose request head did not arrive in time is sent before its connection is closed.
+_HEAD_TIMEOUT_BODY: Final = b'{"code":"request_timeout","message":"the request head did not arrive in time"}'
+_HEAD_TIMEOUT: Final = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                        b"content-length: " + str(len(_HEAD_TIMEOUT_BODY)).encode() + b"\r\n\r\n" +
+                        _HEAD_TIMEOUT_BODY)
+
+
+def _protocol(header_timeout: float) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol with a deadline for each request's head (its request line and headers).
+
+    uvicorn times out an idle keep-alive connection, but not one that connects and never sends a whole head (it
+    waits for ever: a slowloris holds connections and file descriptors). Here a connection must send its first
+    request's head within ``header_timeout`` seconds of connecting, and each later head within as long of its first
+    byte (before that, uvicorn's keep-alive timeout applies): a head begun is answered 408 (JSON, as every error
+    here) and the connection closed; a connection that sent nothing is closed.
+    The body has its own deadline in the application (``Limits.body_timeout``).
+    """
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class HeadDeadline(HttpToolsProtocol):
+        _head_timer: asyncio.TimerHandle | None = None
+        _head_begun = False
+
+        def _arm(self) -> None:
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(header_timeout, self._head_late)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_late(self) -> None:
+            self._head_timer = None
+            if self.transport.is_closing():
+                return
+            if self._head_begun:
+                self.transport.write(_HEAD_TIMEOUT)
+            self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._head_begun = True
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            self._head_begun = False
+            super().on_headers_complete()
+
+    return HeadDeadline
+
+
+def _server(application: IntakeApp, host: str, port: int, body_timeout: float, header_timeout: float) -> Any:
     try:
         import uvicorn
     except ImportError as exc:  # pragma: no cover - the serve extra installs it
@@ -42,8 +103,8 @@ def _server(application: IntakeApp, host: str, port: int, body_timeout: float) -
             yield
 
     # httptools, not h11: 2-4x the requests per CPU-second here (measured; uvicorn[standard] brings it).
-    config = uvicorn.Config(application, host=host, port=port, lifespan="on", log_level="warning",
-                            http="httptools" if _has("httptools") else "h11",
+    http: Any = _protocol(header_timeout) if _has("httptools") else "h11"
+    config = uvicorn.Config(application, host=host, port=port, lifespan="on", log_level="warning", http=http,
                             access_log=False, timeout_keep_alive=int(max(body_timeout, 1)),
                             timeout_graceful_shutdown=30, server_header=False, date_header=False)
     return Server(config)
@@ -59,7 +120,8 @@ def _listen(host: str, port: int) -> socket.socket:
 
 async def _serve(application: IntakeApp, host: str, port: int, on_listening: Callable[[str], None]) -> None:
     listener = _listen(host, port)
-    server = _server(application, host, port, application.limits.body_timeout)
+    limits = application.limits
+    server = _server(application, host, port, limits.body_timeout, limits.header_timeout)
     loop = asyncio.get_running_loop()
 
     def stop(signum: int) -> None:

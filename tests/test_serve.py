@@ -151,6 +151,8 @@ def test_wrong_key_and_operations_over_http(tmp_path: Path) -> None:
     (["--spool-dir", "x"], "write key"),
     (["--spool-dir", "x", "--write-key", KEY], "--advanced URL, --standard URL"),
     (["--spool-dir", "x", "--write-key", KEY, "--standard", "y"], "--workspace-id"),
+    (["--spool-dir", "x", "--write-key", KEY, "--advanced", "y", "--header-timeout", "0"], "--header-timeout"),
+    (["--spool-dir", "x", "--write-key", KEY, "--advanced", "y", "--dedupe-hours", "-1"], "--dedupe-hours"),
 ])
 def test_serve_explains_a_bad_command_line_in_one_line(tmp_path: Path, args: list[str], words: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "CIO_SYNC_WRITE_KEYS"}
@@ -199,6 +201,26 @@ def test_a_client_that_never_finishes_its_body_gets_408_and_others_are_answered(
                 if not piece:
                     break
                 answer += piece
+        assert answer.startswith(b"HTTP/1.1 408")
+        assert b'"code":"request_timeout"' in answer
+    finally:
+        assert served.stop() == 0
+
+
+def test_a_client_that_never_finishes_its_head_is_cut_off_and_others_are_answered(tmp_path: Path) -> None:
+    """A slowloris: one connection sends half a request head and stops, another sends nothing at all. Both are
+    closed after --header-timeout (the first with a 408 and a JSON body), and the server answers others meanwhile."""
+    served = Served(tmp_path, "--header-timeout", "1")
+    try:
+        host, port = served.url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=30) as half, \
+                socket.create_connection((host, int(port)), timeout=30) as silent:
+            half.sendall(b"POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Type: appl")
+            assert _post(served.url, {"batch": [{"type": "track", "userId": "u", "event": "E"}]}) == 200
+            answer = b""
+            while piece := half.recv(4096):  # until the server closes it
+                answer += piece
+            assert silent.recv(4096) == b""  # closed without a word: it never began a request
         assert answer.startswith(b"HTTP/1.1 408")
         assert b'"code":"request_timeout"' in answer
     finally:
