@@ -395,3 +395,54 @@ def test_a_batch_cut_short_by_kill_9_and_retried_by_its_client_lands_once(faultf
         assert twice == set()
     else:
         assert len(twice) >= 20  # the calls spooled before the kill, published at the restart and again
+
+
+def test_clients_sending_through_three_kill_9s_land_every_call_exactly_once(tmp_path: Path) -> None:
+    """Four clients send batches as the real ones do (the same batch again, under the same messageIds, until a 200)
+    while the server is killed with SIGKILL three times and restarted on the same port: every call lands once."""
+    import threading
+
+    port = _free_port()
+    batches = [[call(i, tag=f"t{t}-b{b}-") for i in range(25)] for t in range(4) for b in range(60)]
+    acked: list[str] = []
+    tries = Counter[int]()
+    done = threading.Event()
+
+    def client(mine: list[list[dict[str, Any]]]) -> None:
+        for batch in mine:
+            while not done.is_set():
+                tries[id(batch)] += 1
+                if _post_batch(port, batch) == 200:
+                    acked.extend(c["messageId"] for c in batch)
+                    break
+                time.sleep(0.05)
+
+    server = _serve(tmp_path, port)
+    threads = [threading.Thread(target=client, args=(batches[t::4],)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    total = sum(len(batch) for batch in batches)
+    try:
+        for share in (0.2, 0.45, 0.7):  # each kill lands while the clients send, at a point of their progress
+            while len(acked) < share * total and any(thread.is_alive() for thread in threads):
+                time.sleep(0.005)
+            server.kill()
+            assert server.wait(timeout=30) == -signal.SIGKILL
+            assert server.stdout is not None
+            server.stdout.close()
+            server = _serve(tmp_path, port)
+        for thread in threads:
+            thread.join(timeout=120)
+        assert not any(thread.is_alive() for thread in threads)
+    finally:
+        done.set()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+        if server.stdout is not None:
+            server.stdout.close()
+    sent = [c["messageId"] for batch in batches for c in batch]
+    assert sorted(acked) == sorted(sent)
+    ids = published_ids(tmp_path / "advanced")
+    assert {i: n for i, n in ids.items() if n != 1} == {}
+    assert set(ids) == set(sent)
+    assert sum(tries.values()) > len(batches)  # some batches were sent again: the kills hit the clients
