@@ -313,3 +313,66 @@ def _start_postgres(argv: list[str], port: int, data: Path) -> Server:
         time.sleep(0.1)
     server.stop()
     raise RuntimeError(f"postgres did not listen on {port}:\n{server.log_tail()}")
+
+
+# -- cio-sync serve, and the JavaScript clients that send to it ----------------------------------------------------
+
+#: The write key the ``cio-sync serve`` processes of the tests accept.
+SERVE_KEY = "wk_serve_test_5b7c"
+
+
+class Served:
+    """A ``cio-sync serve`` process on a free loopback port, Advanced mode into ``root/advanced``."""
+
+    def __init__(self, root: Path, *extra: str) -> None:
+        self.root = root
+        env = {**os.environ, "CIO_SYNC_WRITE_KEYS": SERVE_KEY}
+        root.mkdir(parents=True, exist_ok=True)
+        self.log = root / f"serve-{time.monotonic_ns()}.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "cio_sync.cli", "serve", "--advanced", str(root / "advanced"),
+                 "--spool-dir", str(root / "spool"), "--port", "0", *extra],
+                stdout=subprocess.PIPE, stderr=log, env=env, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if "listening on" not in line:
+            self.stop(signal.SIGKILL)
+            raise AssertionError(f"serve did not start: {line!r} {self.log.read_text()}")
+        self.url = line.rsplit(" ", 1)[1].strip()
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=60)
+        finally:
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+
+
+CLIENTS_DIR = Path(__file__).resolve().parent / "clients"
+#: Where the noxfile's tests session installs tests/clients/package.json (``npm ci``); git-ignored.
+CLIENTS_PREFIX = Path(__file__).resolve().parent.parent / ".ci" / "cache" / "clients"
+
+
+def js_clients() -> Path:
+    """The node_modules folder holding the npm client libraries at the versions tests/clients/package.json pins.
+
+    Raises RuntimeError, saying how to install them, when node or one of them is missing or at another version.
+    """
+    import json
+
+    hint = (f"mkdir -p {CLIENTS_PREFIX} && cp {CLIENTS_DIR}/package*.json {CLIENTS_PREFIX} && "
+            f"npm ci --prefix {CLIENTS_PREFIX} (the noxfile's tests session does)")
+    if shutil.which("node") is None:
+        raise RuntimeError("node is not installed: the JavaScript clients cannot run")
+    modules = CLIENTS_PREFIX / "node_modules"
+    pinned = json.loads((CLIENTS_DIR / "package.json").read_text())["dependencies"]
+    for name, version in pinned.items():
+        try:
+            installed = json.loads((modules / name / "package.json").read_text())["version"]
+        except OSError:
+            raise RuntimeError(f"{name} is not installed: {hint}") from None
+        if installed != version:
+            raise RuntimeError(f"{name} is at {installed}, the tests pin {version}: {hint}")
+    return modules
