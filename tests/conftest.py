@@ -198,6 +198,12 @@ def js_clients() -> Path:
 
 
 @pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's Chromium, for analytics.js in a headless browser."""
+    return _installed("Chromium", servers.chromium_binary)
+
+
+@pytest.fixture(scope="session")
 def postgres_server() -> Iterator[servers.PostgresServer]:
     try:
         with servers.postgres() as server:

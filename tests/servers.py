@@ -376,3 +376,62 @@ def js_clients() -> Path:
         if installed != version:
             raise RuntimeError(f"{name} is at {installed}, the tests pin {version}: {hint}")
     return modules
+
+
+def chromium_binary() -> str:
+    """Debian's ``chromium``; RuntimeError when it is not installed."""
+    for name in ("chromium", "chromium-browser"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise RuntimeError("Chromium is not installed: apt-get install chromium (the noxfile's tests session does, as "
+                       "root)")
+
+
+def _processes_naming(path: Path) -> list[int]:
+    """PIDs of the processes whose command line names ``path``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if str(path).encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+    return found
+
+
+@contextlib.contextmanager
+def headless_chromium(binary: str, url: str) -> Iterator[Server]:
+    """Chromium, headless, on ``url`` with a fresh profile and no network beyond 127.0.0.1: every host name fails
+    to resolve, so a page that reaches for a CDN fails loudly instead of depending on the internet.
+
+    On exit its process group is killed, and then its crash handlers, which leave the group (they are found by the
+    temporary home they were given, so only ours are touched).
+    """
+    workdir = Path(tempfile.mkdtemp(prefix="cio-sync-chromium-"))
+    argv = [
+        binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
+        f"--user-data-dir={workdir / 'profile'}", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-extensions",
+        "--disable-default-apps", "--mute-audio", "--disable-dev-shm-usage", "--enable-logging=stderr", "--v=0",
+        url,
+    ]
+    home = {"HOME": str(workdir), "XDG_CONFIG_HOME": str(workdir / ".config"),
+            "XDG_CACHE_HOME": str(workdir / ".cache")}
+    log_path = workdir / "chromium.log"
+    with open(log_path, "wb") as log, open(os.devnull, "rb") as devnull:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=devnull,
+                                   start_new_session=True, cwd=workdir, env={**os.environ, **home})
+    server = Server("chromium", process, log_path, workdir)
+    try:
+        yield server
+    finally:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # a browser has nothing to flush
+            process.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError):  # what the browser left behind in its group
+            os.killpg(process.pid, signal.SIGKILL)
+        for pid in _processes_naming(workdir):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        server.stop()
