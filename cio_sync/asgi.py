@@ -345,8 +345,9 @@ class IntakeApp:
         return origin if origin.decode(errors="replace") in self._origins else None
 
     def _preflight_headers(self) -> list[tuple[bytes, bytes]]:
+        # analytics-next adds X-Retry-Count to each retry: without it here, the browser blocks every retry.
         return [(b"access-control-allow-methods", b"POST, OPTIONS"),
-                (b"access-control-allow-headers", b"authorization, content-type, content-encoding"),
+                (b"access-control-allow-headers", b"authorization, content-type, content-encoding, x-retry-count"),
                 (b"access-control-max-age", b"86400")]
 
     def _operations(self, path: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:

@@ -181,6 +181,28 @@ def object_storage(request: pytest.FixtureRequest) -> Storage:
     return result
 
 
+def _installed(what: str, find: Callable[[], T]) -> T:
+    """What ``find`` finds; without it, skip locally but fail loudly in CI (the noxfile's tests session installs it)."""
+    try:
+        return find()
+    except RuntimeError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"{what} unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def js_clients() -> Path:
+    """The node_modules folder with the pinned npm client libraries (tests/clients/package.json)."""
+    return _installed("the npm client libraries", servers.js_clients)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's Chromium, for analytics.js in a headless browser."""
+    return _installed("Chromium", servers.chromium_binary)
+
+
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[servers.PostgresServer]:
     try:

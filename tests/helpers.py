@@ -71,3 +71,10 @@ def group_positions(names: list[str]) -> dict[tuple[int, int], list[int]]:
         parts = parse_advanced_name(name)
         positions[(parts["destination"], parts["action"])].append(parts["position"])
     return {k: sorted(v) for k, v in positions.items()}
+
+
+def published(folder: Path) -> list[dict[str, Any]]:
+    """Every row of every Parquet file an Advanced sink published directly in ``folder``, file by file."""
+    import pyarrow.parquet as pq
+
+    return [r for path in sorted(folder.glob("*.parquet")) for r in pq.read_table(path).to_pylist()]

@@ -313,3 +313,125 @@ def _start_postgres(argv: list[str], port: int, data: Path) -> Server:
         time.sleep(0.1)
     server.stop()
     raise RuntimeError(f"postgres did not listen on {port}:\n{server.log_tail()}")
+
+
+# -- cio-sync serve, and the JavaScript clients that send to it ----------------------------------------------------
+
+#: The write key the ``cio-sync serve`` processes of the tests accept.
+SERVE_KEY = "wk_serve_test_5b7c"
+
+
+class Served:
+    """A ``cio-sync serve`` process on a free loopback port, Advanced mode into ``root/advanced``."""
+
+    def __init__(self, root: Path, *extra: str) -> None:
+        self.root = root
+        env = {**os.environ, "CIO_SYNC_WRITE_KEYS": SERVE_KEY}
+        root.mkdir(parents=True, exist_ok=True)
+        self.log = root / f"serve-{time.monotonic_ns()}.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "cio_sync.cli", "serve", "--advanced", str(root / "advanced"),
+                 "--spool-dir", str(root / "spool"), "--port", "0", *extra],
+                stdout=subprocess.PIPE, stderr=log, env=env, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if "listening on" not in line:
+            self.stop(signal.SIGKILL)
+            raise AssertionError(f"serve did not start: {line!r} {self.log.read_text()}")
+        self.url = line.rsplit(" ", 1)[1].strip()
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=60)
+        finally:
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+
+
+CLIENTS_DIR = Path(__file__).resolve().parent / "clients"
+#: Where the noxfile's tests session installs tests/clients/package.json (``npm ci``); git-ignored.
+CLIENTS_PREFIX = Path(__file__).resolve().parent.parent / ".ci" / "cache" / "clients"
+
+
+def js_clients() -> Path:
+    """The node_modules folder holding the npm client libraries at the versions tests/clients/package.json pins.
+
+    Raises RuntimeError, saying how to install them, when node or one of them is missing or at another version.
+    """
+    import json
+
+    hint = (f"mkdir -p {CLIENTS_PREFIX} && cp {CLIENTS_DIR}/package*.json {CLIENTS_PREFIX} && "
+            f"npm ci --prefix {CLIENTS_PREFIX} (the noxfile's tests session does)")
+    if shutil.which("node") is None:
+        raise RuntimeError("node is not installed: the JavaScript clients cannot run")
+    modules = CLIENTS_PREFIX / "node_modules"
+    pinned = json.loads((CLIENTS_DIR / "package.json").read_text())["dependencies"]
+    for name, version in pinned.items():
+        try:
+            installed = json.loads((modules / name / "package.json").read_text())["version"]
+        except OSError:
+            raise RuntimeError(f"{name} is not installed: {hint}") from None
+        if installed != version:
+            raise RuntimeError(f"{name} is at {installed}, the tests pin {version}: {hint}")
+    return modules
+
+
+def chromium_binary() -> str:
+    """Debian's ``chromium``; RuntimeError when it is not installed."""
+    for name in ("chromium", "chromium-browser"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise RuntimeError("Chromium is not installed: apt-get install chromium (the noxfile's tests session does, as "
+                       "root)")
+
+
+def _processes_naming(path: Path) -> list[int]:
+    """PIDs of the processes whose command line names ``path``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if str(path).encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+    return found
+
+
+@contextlib.contextmanager
+def headless_chromium(binary: str, url: str) -> Iterator[Server]:
+    """Chromium, headless, on ``url`` with a fresh profile and no network beyond 127.0.0.1: every host name fails
+    to resolve, so a page that reaches for a CDN fails loudly instead of depending on the internet.
+
+    On exit its process group is killed, and then its crash handlers, which leave the group (they are found by the
+    temporary home they were given, so only ours are touched).
+    """
+    workdir = Path(tempfile.mkdtemp(prefix="cio-sync-chromium-"))
+    argv = [
+        binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
+        f"--user-data-dir={workdir / 'profile'}", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-extensions",
+        "--disable-default-apps", "--mute-audio", "--disable-dev-shm-usage", "--enable-logging=stderr", "--v=0",
+        url,
+    ]
+    home = {"HOME": str(workdir), "XDG_CONFIG_HOME": str(workdir / ".config"),
+            "XDG_CACHE_HOME": str(workdir / ".cache")}
+    log_path = workdir / "chromium.log"
+    with open(log_path, "wb") as log, open(os.devnull, "rb") as devnull:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=devnull,
+                                   start_new_session=True, cwd=workdir, env={**os.environ, **home})
+    server = Server("chromium", process, log_path, workdir)
+    try:
+        yield server
+    finally:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # a browser has nothing to flush
+            process.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError):  # what the browser left behind in its group
+            os.killpg(process.pid, signal.SIGKILL)
+        for pid in _processes_naming(workdir):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        server.stop()

@@ -22,40 +22,10 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 
-KEY = "wk_serve_test_5b7c"
+from tests.helpers import published
+from tests.servers import SERVE_KEY, Served
 
-
-class Served:
-    """A `cio-sync serve` process on a free loopback port."""
-
-    def __init__(self, root: Path, *extra: str) -> None:
-        self.root = root
-        env = {**os.environ, "CIO_SYNC_WRITE_KEYS": KEY}
-        root.mkdir(parents=True, exist_ok=True)
-        self.log = root / f"serve-{time.monotonic_ns()}.log"
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cio_sync.cli", "serve", "--advanced", str(root / "advanced"),
-                 "--spool-dir", str(root / "spool"), "--port", "0", *extra],
-                stdout=subprocess.PIPE, stderr=log, env=env, text=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if "listening on" not in line:
-            self.stop(signal.SIGKILL)
-            raise AssertionError(f"serve did not start: {line!r} {self.log.read_text()}")
-        self.url = line.rsplit(" ", 1)[1].strip()
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=60)
-        finally:
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
-
-
-def published(folder: Path) -> list[dict[str, Any]]:
-    return [r for path in sorted(folder.glob("*.parquet")) for r in pq.read_table(path).to_pylist()]
+KEY = SERVE_KEY
 
 
 def send_all(client: Any) -> list[str]:
