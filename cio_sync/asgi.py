@@ -322,7 +322,7 @@ class IntakeApp:
                     accepted += 1
             sync = getattr(sink, "sync", None)
             if accepted and callable(sync):
-                sync()  # durable before 200: one fsync shared by the requests waiting on it
+                self._sync(sync)
         except (BufferFull, SinkClosed) as exc:
             raise self._unavailable(str(exc)) from None
         except StorageError as exc:
@@ -330,6 +330,21 @@ class IntakeApp:
         except CioSyncError as exc:
             raise HttpError(500, "internal_error", f"{type(exc).__name__}: {exc}") from None
         return accepted, errors
+
+    def _sync(self, sync: Callable[[], None]) -> None:
+        """Durable before 200: one fsync shared by the requests waiting on it. If the spool's fsync failed, the
+        calls it covered are not durable there, and every ``sync()`` raises until they are published: publish them
+        now (``flush()``) rather than answer 503 until the next timed publish; a storage that does not take them
+        either is a 503."""
+        try:
+            sync()
+        except StorageError as exc:
+            flush = getattr(self.sink, "flush", None)
+            if not callable(flush):
+                raise
+            log.warning("intake: the spool could not be synced (%s); publishing what it holds instead", exc)
+            flush()
+            sync()
 
     def _unavailable(self, why: str) -> HttpError:
         return HttpError(503, "unavailable", f"{why}; retry later", [(b"retry-after", self._retry_after)])

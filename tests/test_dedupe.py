@@ -446,3 +446,27 @@ def test_clients_sending_through_three_kill_9s_land_every_call_exactly_once(tmp_
     assert {i: n for i, n in ids.items() if n != 1} == {}
     assert set(ids) == set(sent)
     assert sum(tries.values()) > len(batches)  # some batches were sent again: the kills hit the clients
+
+
+def test_a_failed_spool_fsync_is_answered_by_publishing_not_by_503s(faultfs: Path, tmp_path: Path) -> None:
+    """The spool's fsync fails once (EIO) under a request: its calls are not durable in the spool, so the intake
+    publishes them at once and answers 200, instead of 503 to every retry until the next timed publish."""
+    port = _free_port()
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    # The track folder's fsyncs: the new segment file (1), the folder's entry for it (2), the first request's sync
+    # round (3): that one fails.
+    env = {"LD_PRELOAD": str(faultfs), "FAULTFS_PREFIX": str(spool / "advanced" / "track"), "FAULTFS_OPS": "fsync",
+           "FAULTFS_NTH": "3", "FAULTFS_COUNT": "1", "FAULTFS_ERRNO": str(EIO), "FAULTFS_PARTIAL": "0",
+           "FAULTFS_KILL": "0"}
+    server = _serve(tmp_path, port, env)
+    try:
+        assert _post_batch(port, [call(i) for i in range(10)]) == 200
+        assert published_ids(tmp_path / "advanced") == Counter(f"m{i}" for i in range(10))  # before any stop
+        assert _post_batch(port, [call(i) for i in range(10, 15)]) == 200  # and the spool goes on
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+        if server.stdout is not None:
+            server.stdout.close()
+    assert published_ids(tmp_path / "advanced") == Counter(f"m{i}" for i in range(15))
