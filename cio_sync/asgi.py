@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hmac
 import logging
 import zlib
@@ -303,23 +304,14 @@ class IntakeApp:
     def _accept(self, calls: list[Any], measure: bool = True) -> tuple[int, list[dict[str, Any]]]:
         """Write the calls (in a worker thread) and make them durable; how many were accepted, and the refusals.
         ``measure``: check each call against the per-call limit (not needed when the whole body is within it)."""
-        sink, limit = self.sink, self.limits.call_bytes
+        sink = self.sink
         errors: list[dict[str, Any]] = []
-        accepted = 0
+        prefetch = getattr(sink, "prefetch_message_ids", None)
+        ids = [m for c in calls if isinstance(c, dict) and isinstance(m := c.get("messageId"), str)]
         try:
-            for index, call in enumerate(calls):
-                size = len(orjson.dumps(call)) if measure and isinstance(call, dict) else 0
-                if size > limit:
-                    error = InvalidCall(f"the call is {size:,} bytes; the limit is {limit:,}", field="call")
-                    _refuse(sink, call, error)
-                    errors.append({"index": index, "code": "call_too_large", "message": str(error)})
-                    continue
-                try:
-                    sink.write(call)  # a refused call is counted, and kept in the dead letters, by the sink
-                except InvalidCall as exc:
-                    errors.append({"index": index, "code": "invalid_call", "message": str(exc)})
-                else:
-                    accepted += 1
+            # A batch's ids are looked up in the dedupe window at once, not call by call.
+            with prefetch(ids) if callable(prefetch) and len(ids) > 1 else contextlib.nullcontext():
+                accepted = self._write_all(calls, measure, errors)
             sync = getattr(sink, "sync", None)
             if accepted and callable(sync):
                 self._sync(sync)
@@ -330,6 +322,26 @@ class IntakeApp:
         except CioSyncError as exc:
             raise HttpError(500, "internal_error", f"{type(exc).__name__}: {exc}") from None
         return accepted, errors
+
+    def _write_all(self, calls: list[Any], measure: bool, errors: list[dict[str, Any]]) -> int:
+        """Write each call; how many were accepted (a retry the dedupe window drops counts: it is in). Refusals
+        are added to ``errors``."""
+        sink, limit = self.sink, self.limits.call_bytes
+        accepted = 0
+        for index, call in enumerate(calls):
+            size = len(orjson.dumps(call)) if measure and isinstance(call, dict) else 0
+            if size > limit:
+                error = InvalidCall(f"the call is {size:,} bytes; the limit is {limit:,}", field="call")
+                _refuse(sink, call, error)
+                errors.append({"index": index, "code": "call_too_large", "message": str(error)})
+                continue
+            try:
+                sink.write(call)  # a refused call is counted, and kept in the dead letters, by the sink
+            except InvalidCall as exc:
+                errors.append({"index": index, "code": "invalid_call", "message": str(exc)})
+            else:
+                accepted += 1
+        return accepted
 
     def _sync(self, sync: Callable[[], None]) -> None:
         """Durable before 200: one fsync shared by the requests waiting on it. If the spool's fsync failed, the

@@ -129,6 +129,63 @@ def test_ids_past_the_window_are_forgotten(tmp_path: Path) -> None:
     window.close()
 
 
+def test_a_prefetch_of_a_batch_answers_like_the_file_and_a_keep_in_between_is_not_missed(tmp_path: Path) -> None:
+    import threading
+
+    window = MessageIdWindow(tmp_path / FILE_NAME, DAY)
+    long_id = "x" * 200  # kept as a digest
+    window.hold(["a", long_id])
+    window.keep(window.snapshot())
+    with window.prefetched(["a", "b", long_id, "é" * 40]):
+        assert window.seen("a")
+        assert window.seen(long_id)
+        assert not window.seen("b")
+        assert not window.seen("é" * 40)
+
+        def elsewhere() -> None:  # another request takes "b" and its publishing round keeps it
+            window.hold(["b"])
+            window.keep(window.snapshot())
+
+        thread = threading.Thread(target=elsewhere)
+        thread.start()
+        thread.join()
+        assert window.seen("b")  # the prefetch is older than that keep: the file is asked again
+    assert window.seen("b")
+    window.close()
+
+
+def test_an_intake_batch_with_retried_calls_lands_once(tmp_path: Path) -> None:
+    """Through the ASGI application: a batch whose calls the sink already has in part (spooled, or published)."""
+    import asyncio
+
+    from cio_sync.asgi import app
+
+    sink = open_sink(tmp_path)
+    intake = app(sink, write_keys={"k": "test"})
+
+    async def post(calls: list[dict[str, Any]]) -> int:
+        body = orjson.dumps({"batch": calls, "writeKey": "k"})
+        sent: list[dict[str, Any]] = []
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            return messages.pop(0)
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await intake({"type": "http", "method": "POST", "path": "/v1/batch", "headers": []}, receive, send)
+        return int(sent[0]["status"])
+
+    assert asyncio.run(post([call(i) for i in range(5)])) == 200
+    sink.flush()
+    assert asyncio.run(post([call(i) for i in range(3, 9)])) == 200  # 3 and 4 published, the rest new
+    assert asyncio.run(post([call(i) for i in range(7, 12)])) == 200  # 7 and 8 in the spool
+    sink.close()
+    assert published_ids(tmp_path / "target") == Counter(f"m{i}" for i in range(12))
+    assert sink.stats.calls_duplicate == 4
+
+
 @pytest.mark.parametrize("window", [0, -1, "24h", True])
 def test_a_bad_window_is_refused_by_name(tmp_path: Path, window: Any) -> None:
     with pytest.raises(cio_sync.ConfigError, match="dedupe_window"):

@@ -14,8 +14,10 @@ Where an id is, and why that is exactly what is durable:
   before its call is), and committed with an fsync. So an id leaves the spool only once it is in the file, and a
   call published and then retried is dropped for as long as the window lasts.
 
-Ids are kept as 16-byte BLAKE2b digests (a collision needs ~2⁶⁴ ids), each ~40 bytes on disk with the index:
-about 3.5 GB for a day at 1,000 calls/s. Ids older than the window are deleted as new ones are kept.
+Ids are kept as they are (up to 64 bytes; longer ones as 16-byte BLAKE2b digests), each ~90 bytes on disk for a
+36-character UUID with the index: about 8 GB for a day at 1,000 calls/s. Ids older than the window are deleted as
+new ones are kept. A request's ids can be looked up in one query first (:meth:`MessageIdWindow.prefetched`), so
+that each call's check under the publisher's lock is a lookup in memory.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Final
@@ -42,7 +44,26 @@ EXPIRE_EVERY: Final = 60.0
 
 
 def digest(message_id: str) -> bytes:
-    return hashlib.blake2b(message_id.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    """The key ``message_id`` is kept under: its UTF-8 bytes behind a 1 if they are at most 64 (a UUID is 36),
+    else a 0 and their 16-byte BLAKE2b digest (a collision needs ~2⁶⁴ ids). The marks keep the two kinds apart."""
+    raw = message_id.encode("utf-8", "surrogatepass")
+    if len(raw) <= _RAW_MAX:
+        return b"\x01" + raw
+    return b"\x00" + hashlib.blake2b(raw, digest_size=16).digest()
+
+
+#: The longest id kept as it is (longer ones are kept as digests).
+_RAW_MAX: Final = 64
+#: Ids looked up in one query by :meth:`MessageIdWindow.prefetched` (SQLite allows 32,766 parameters).
+_CHUNK: Final = 500
+
+
+class _Hint(threading.local):
+    """What :meth:`MessageIdWindow.prefetched` found for this thread: valid while ``generation`` is the window's."""
+
+    generation = -1
+    keys: frozenset[bytes] = frozenset()
+    found: frozenset[bytes] = frozenset()
 
 
 def window_seconds(window: float | timedelta | None) -> float | None:
@@ -73,6 +94,10 @@ class MessageIdWindow:
         self._lock = threading.Lock()
         self._held: set[bytes] = set()
         self._expired_at = 0.0
+        #: Raised by every :meth:`keep` (under ``_lock``, with the ids it moved from held to the file): a prefetch
+        #: of an older generation may have missed them, and is not used.
+        self._generation = 0
+        self._hint = _Hint()
         try:
             self._db = sqlite3.connect(str(self.path) if self.path is not None else ":memory:",
                                        isolation_level=None, check_same_thread=False)
@@ -100,12 +125,41 @@ class MessageIdWindow:
         with self._lock:
             if key in self._held:
                 return True
+            hint = self._hint
+            if hint.generation == self._generation and key in hint.keys:
+                return key in hint.found
             try:
                 row = self._db.execute("SELECT 1 FROM ids WHERE id = ? AND at >= ?",
                                        (key, self._clock() - self.window)).fetchone()
             except sqlite3.Error as exc:
                 raise self._error("cannot read", exc) from exc
         return row is not None
+
+    @contextlib.contextmanager
+    def prefetched(self, message_ids: Iterable[str]) -> Iterator[None]:
+        """Within the block, :meth:`seen` in this thread answers for ``message_ids`` from one lookup of the file
+        made now (in queries of 500), instead of one query per call; a :meth:`keep` in between makes it ask the
+        file again. :class:`StorageError` if the file cannot be read."""
+        keys = frozenset(digest(m) for m in message_ids)
+        with self._lock:
+            generation = self._generation
+            since = self._clock() - self.window
+            found: set[bytes] = set()
+            chunks = list(keys)
+            try:
+                for start in range(0, len(chunks), _CHUNK):
+                    part = chunks[start:start + _CHUNK]
+                    marks = ",".join("?" * len(part))
+                    found.update(row[0] for row in self._db.execute(
+                        f"SELECT id FROM ids WHERE at >= ? AND id IN ({marks})", (since, *part)))
+            except sqlite3.Error as exc:
+                raise self._error("cannot read", exc) from exc
+        hint = self._hint
+        hint.generation, hint.keys, hint.found = generation, keys, frozenset(found)
+        try:
+            yield
+        finally:
+            hint.generation, hint.keys, hint.found = -1, frozenset(), frozenset()
 
     def hold(self, message_ids: Iterable[str]) -> None:
         """Note ids whose calls were just put in the row store (or were found there after a restart)."""
@@ -141,6 +195,7 @@ class MessageIdWindow:
                 raise self._error("cannot keep ids", exc) from exc
             if now - self._expired_at >= EXPIRE_EVERY:
                 self._expired_at = now
+            self._generation += 1
             self._held.difference_update(keys)
 
     def kept(self) -> int:

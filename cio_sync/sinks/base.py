@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
 from types import TracebackType
@@ -99,6 +100,12 @@ class BaseSink:
     def refuse(self, given: Any, error: InvalidCall) -> None:
         """Count a call refused before it reached this sink (kept as a dead letter with ``keep_rejected``)."""
         self._publisher.reject(given, error)
+
+    def prefetch_message_ids(self, message_ids: Iterable[str]) -> AbstractContextManager[None]:
+        """A block within which this thread's writes of calls with these ``messageId``\\ s check the dedupe window
+        against one lookup made now instead of one per call (a batch's ids, before its writes); nothing to do for
+        a sink without a window."""
+        return contextlib.nullcontext()
 
     def make_room(self) -> None:
         """Before taking a call: publish (or spill, or wait) if the memory budget is used up."""

@@ -356,6 +356,11 @@ class BufferedSink(PublishingSink):
         self.dedupe = MessageIdWindow(path, self._dedupe_window)
         return self.dedupe
 
+    def prefetch_message_ids(self, message_ids: Iterable[str]) -> AbstractContextManager[None]:
+        if self.dedupe is None:
+            return super().prefetch_message_ids(message_ids)
+        return self.dedupe.prefetched(message_ids)
+
     def _reads_message_ids(self, table: str) -> bool:
         """Whether :meth:`_message_ids_of` can read the ids of ``table``'s rows."""
         return any(name in _ID_COLUMNS for name in self._spool_schema(table).names)

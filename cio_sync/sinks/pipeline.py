@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -77,6 +79,12 @@ class Pipeline(BaseSink):
         if cut:
             self.standard.publish_ready()
         return parsed.message_id
+
+    def prefetch_message_ids(self, message_ids: Iterable[str]) -> AbstractContextManager[None]:
+        """The Advanced sink's (the Standard sink looks ids up in its state, within each call's step)."""
+        if self.advanced is None:
+            return super().prefetch_message_ids(message_ids)
+        return self.advanced.prefetch_message_ids(message_ids)
 
     def sync(self) -> None:
         """The durability barrier: return once every call :meth:`write` accepted before this call is durable in
