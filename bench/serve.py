@@ -398,6 +398,9 @@ def run_once(case: Case, args: argparse.Namespace, scratch: Path) -> dict[str, A
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
         return {"error": f"load generator: {exc}"}
+    except BaseException:  # interrupted: the server goes with the bench, not left running
+        server.stop()
+        raise
     code = server.stop()
     tally = load.tally
     result: dict[str, Any] = {
@@ -581,6 +584,8 @@ def verdicts(by_key: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], l
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    # SIGTERM as SIGINT: the bench unwinds, stopping the server of the run in progress and removing its folders.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     began = time.monotonic()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
