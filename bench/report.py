@@ -218,3 +218,10 @@ def chart(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def print_targets(title: str, found: list[dict[str, Any]]) -> None:
+    """The targets a run checked, one line each: ``[ met ]`` or ``[ NOT met ]``, the target, the figures."""
+    print(f"\n{title}, this run:")
+    for t in found:
+        print(f"  [{t['status']:^12}] {t['target']}: {t['figures']}")

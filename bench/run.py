@@ -241,9 +241,7 @@ def summarise(args: argparse.Namespace, results: list[report.CaseResult], descri
     compared = report.comparisons(by_key)
     if compared:
         print("\n" + "\n".join(compared))
-    print("\nissue 7 targets, this run:")
-    for t in found:
-        print(f"  [{t['status']:^12}] {t['target']}: {t['figures']}")
+    report.print_targets('issue 7 targets', found)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     data = {
         "started": stamp, "seconds": round(seconds, 1), "argv": sys.argv[1:],

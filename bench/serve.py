@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import cio_sync
+from bench.report import print_targets
 from cio_sync._sample import sample_calls
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -634,9 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     if notes:
         print("\n" + "\n".join(notes))
-    print("\nissue 14 aim, this run:")
-    for t in found:
-        print(f"  [{t['status']:^12}] {t['target']}: {t['figures']}")
+    print_targets('issue 14 aim', found)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     seconds = time.monotonic() - began
     data = {"started": stamp, "seconds": round(seconds, 1), "argv": sys.argv[1:] if argv is None else argv,

@@ -10,15 +10,12 @@ returns. The sweep kills a sink at every kind of write point of a run that write
 
 from __future__ import annotations
 
-import base64
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
@@ -32,6 +29,7 @@ from cio_sync.buffer.seen import FILE_NAME, MessageIdWindow
 from tests import faults
 from tests.fault_scenarios import _call, read_log
 from tests.faults import EIO, ENOSPC, published_ids
+from tests.helpers import post
 
 DAY = 86400
 
@@ -396,17 +394,7 @@ def _serve(root: Path, port: int, env: dict[str, str] | None = None, *extra: str
 
 
 def _post_batch(port: int, calls: list[dict[str, Any]]) -> int | None:
-    auth = base64.b64encode(f"{KEY}:".encode()).decode()
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/batch", method="POST",
-                                     data=orjson.dumps({"batch": calls, "sentAt": "2026-12-02T10:00:00Z"}),
-                                     headers={"Authorization": f"Basic {auth}", "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=20) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
-    except (OSError, urllib.error.URLError):
-        return None  # no answer: the server died
+    return post(f"http://127.0.0.1:{port}", {"batch": calls, "sentAt": "2026-12-02T10:00:00Z"}, KEY, timeout=20)
 
 
 @pytest.mark.parametrize("dedupe", [True, False])

@@ -22,7 +22,7 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import published
+from tests.helpers import post, published
 from tests.servers import SERVE_KEY, Served
 
 KEY = SERVE_KEY
@@ -74,15 +74,8 @@ def test_the_real_python_clients_land_every_call_once(tmp_path: Path, library: s
     assert KEY not in orjson.dumps(rows, default=str).decode()
 
 
-def _post(url: str, payload: Any, key: str = KEY) -> int:
-    auth = base64.b64encode(f"{key}:".encode()).decode()
-    request = urllib.request.Request(f"{url}/v1/batch", data=orjson.dumps(payload), method="POST",
-                                     headers={"Authorization": f"Basic {auth}", "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
+def _post(url: str, payload: Any, key: str = KEY) -> int | None:
+    return post(url, payload, key)
 
 
 def test_every_call_that_got_a_200_survives_a_kill_9(tmp_path: Path) -> None:
