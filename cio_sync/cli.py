@@ -245,11 +245,12 @@ def serve_command(args: argparse.Namespace) -> int:
             spool.mkdir(parents=True, exist_ok=True)
             advanced = AdvancedSink(args.advanced, format=args.format, storage_options=args.options,
                                     spool_dir=spool / "advanced", spool_sync=args.spool_sync,
-                                    dedupe_window=args.dedupe_hours * 3600 or None)
+                                    dedupe_window=args.dedupe_hours * 3600 or None, keep_rejected=True)
             sinks.append(advanced)
         if args.standard:
             standard = StandardSink(args.standard, workspace_id=args.workspace_id, state=args.state,
-                                    storage_options=args.options, dedupe_window=args.dedupe_hours * 3600 or None)
+                                    storage_options=args.options, dedupe_window=args.dedupe_hours * 3600 or None,
+                                    keep_rejected=True)
             sinks.append(standard)
     except BaseException:
         for opened in sinks:

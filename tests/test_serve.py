@@ -190,6 +190,24 @@ def test_a_client_that_never_finishes_its_head_is_cut_off_and_others_are_answere
         assert served.stop() == 0
 
 
+def test_the_invalid_calls_of_a_batch_are_in_the_dead_letters_with_their_reasons(tmp_path: Path) -> None:
+    served = Served(tmp_path)
+    calls = [{"type": "track", "userId": "u", "event": "Ok", "messageId": "good-1"},
+             {"type": "track", "userId": "u", "messageId": "no-event"},  # a track needs its event
+             {"type": "identify", "messageId": "no-ids", "traits": {"a": 1}}]  # and an identify an id
+    try:
+        assert post(served.url, {"batch": calls, "writeKey": KEY}, KEY) == 200
+    finally:
+        assert served.stop() == 0
+    assert [r["messageId"] for r in published(tmp_path / "advanced")] == ["good-1"]
+    letters = [orjson.loads(line) for p in sorted((tmp_path / "advanced" / "_cio_sync").rglob("*.jsonl"))
+               for line in p.read_text().splitlines()]
+    kept = {letter["input"]["messageId"]: letter["reason"] for letter in letters if "input" in letter}
+    assert set(kept) == {"no-event", "no-ids"}, letters
+    assert "event" in kept["no-event"]
+    assert KEY not in orjson.dumps(letters).decode()  # the batch's writeKey is never kept
+
+
 def test_both_modes_behind_one_intake(tmp_path: Path) -> None:
     served = Served(tmp_path, "--standard", str(tmp_path / "standard"), "--workspace-id", "111528", "--state",
                     str(tmp_path / "ws.sqlite"))
