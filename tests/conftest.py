@@ -49,7 +49,9 @@ class Storage:
 
     def data_files(self) -> list[str]:
         """Names of the data files directly under the root (not the ``_cio_sync/`` bookkeeping, not temp files)."""
-        fs = self.fs
+        return self._data_files(self.fs)
+
+    def _data_files(self, fs: AbstractFileSystem) -> list[str]:
         fs.invalidate_cache()
         try:
             entries = fs.ls(self.root, detail=True)
@@ -66,8 +68,10 @@ class Storage:
     def download(self, dest: Path) -> Path:
         """Copy every data file to ``dest`` (for DuckDB to read them as an independent reader)."""
         dest.mkdir(parents=True, exist_ok=True)
-        for name in self.data_files():
-            (dest / name).write_bytes(self.read(name))
+        # One filesystem for every file: a new one per file costs an object store client each (~0.3 s on S3).
+        fs, root = self.fs, self.root
+        for name in self._data_files(fs):
+            (dest / name).write_bytes(bytes(fs.cat_file(f"{root}/{name}")))
         return dest
 
 
