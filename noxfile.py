@@ -104,7 +104,7 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def crash(session: nox.Session) -> None:
-    """The crash and fault trials at length, each beyond the default run: 200 SIGKILLs per storage (20),
+    """The crash and fault trials at length, each beyond the default run: 200 SIGKILLs per storage (8),
     400 SIGTERMs landing inside write() (40), 200 trials of the spool's sweep (16; CIO_SYNC_SPOOL_TRIALS=all for
     every write point), the loader's and the state's sweeps over every write point, the sweep over the local
     write points of both modes at 40 points per case (3), the dedupe window's kill -9 sweeps (12) and the state

@@ -36,10 +36,20 @@ class Storage:
     kind: str
     url: str
     storage_options: dict[str, Any] = field(default_factory=dict)
+    _looker: tuple[int, AbstractFileSystem] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def fs(self) -> AbstractFileSystem:
-        fs, _ = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        """A filesystem on this storage whose listings cache is empty, as a new one's would be.
+
+        One instance per test and process: a new object-store client for every look costs ~0.2 s on S3, and a
+        client made before a fork is not usable in the child.
+        """
+        if self._looker is None or self._looker[0] != os.getpid():
+            fs, _ = fsspec.core.url_to_fs(self.url, **self.storage_options)
+            self._looker = (os.getpid(), fs)
+        fs = self._looker[1]
+        fs.invalidate_cache()
         return fs
 
     @property
@@ -49,7 +59,9 @@ class Storage:
 
     def data_files(self) -> list[str]:
         """Names of the data files directly under the root (not the ``_cio_sync/`` bookkeeping, not temp files)."""
-        fs = self.fs
+        return self._data_files(self.fs)
+
+    def _data_files(self, fs: AbstractFileSystem) -> list[str]:
         fs.invalidate_cache()
         try:
             entries = fs.ls(self.root, detail=True)
@@ -66,8 +78,9 @@ class Storage:
     def download(self, dest: Path) -> Path:
         """Copy every data file to ``dest`` (for DuckDB to read them as an independent reader)."""
         dest.mkdir(parents=True, exist_ok=True)
-        for name in self.data_files():
-            (dest / name).write_bytes(self.read(name))
+        fs, root = self.fs, self.root
+        for name in self._data_files(fs):
+            (dest / name).write_bytes(bytes(fs.cat_file(f"{root}/{name}")))
         return dest
 
 

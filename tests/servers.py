@@ -47,11 +47,13 @@ class Server:
     process: subprocess.Popen[bytes]
     log_path: Path
     workdir: Path
+    #: The signal that asks this server to shut down.
+    stop_signal: signal.Signals = signal.SIGTERM
 
     def stop(self) -> None:
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
+                os.killpg(self.process.pid, self.stop_signal)
             try:
                 self.process.wait(timeout=4)
             except subprocess.TimeoutExpired:
@@ -301,7 +303,8 @@ def _start_postgres(argv: list[str], port: int, data: Path) -> Server:
     with open(log_path, "wb") as log, open(os.devnull, "rb") as devnull:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=devnull,
                                    start_new_session=True, cwd=data)
-    server = Server("postgres", process, log_path, data)
+    # SIGINT is PostgreSQL's fast shutdown; its SIGTERM (smart) waits for every client to leave, until our SIGKILL.
+    server = Server("postgres", process, log_path, data, stop_signal=signal.SIGINT)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.pool
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,15 @@ FORMATS = ["parquet", "csv", "json"]
 STRING_FIELDS = ("type", "userId", "anonymousId", "event", "name", "category", "groupId", "previousId")
 OBJECT_FIELDS = ("traits", "properties", "context", "integrations")
 TIME_FIELDS = ("timestamp", "originalTimestamp", "sentAt")
+#: The 10,000-call run: every format on memory and local disk, Parquet on each object store. A writer publishes a
+#: file's bytes the same way whatever their format (these files are far below the multipart size), and CSV and JSON
+#: files on the object stores are read back by test_rows_read_back_equal_the_calls_sent and
+#: test_json_files_keep_each_call_as_sent_with_message_id_and_received_at.
+TEN_THOUSAND_RUNS = [
+    *(pytest.param(kind, fmt, id=f"{kind}-{fmt}") for kind in ("memory", "local") for fmt in FORMATS),
+    *(pytest.param(kind, "parquet", marks=mark, id=f"{kind}-parquet")
+      for kind, mark in (("s3", pytest.mark.s3), ("gcs", pytest.mark.gcs), ("azure", pytest.mark.azure))),
+]
 
 
 def sink_for(storage: Storage, fmt: str = "parquet", **kwargs: Any) -> cio_sync.AdvancedSink:
@@ -40,7 +52,7 @@ def read_all(storage: Storage, scratch: Path, fmt: str) -> dict[str, list[dict[s
     return {name: duckdb_rows(scratch / name, fmt) for name in storage.data_files()}
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(("storage", "fmt"), TEN_THOUSAND_RUNS, indirect=["storage"])
 def test_ten_thousand_mixed_calls_land_once_in_files_named_by_the_pattern(
     storage: Storage, scratch: Path, fmt: str
 ) -> None:
@@ -347,12 +359,20 @@ def test_a_filesystem_object_and_path_work_like_a_url(local_storage: Storage) ->
     assert [parse_advanced_name(n)["type"] for n in local_storage.data_files()] == ["alias"]
 
 
+@pytest.fixture(scope="module")
+def writer_processes() -> Iterator[multiprocessing.pool.Pool]:
+    """Eight spawned processes for the writers below, shared by their runs: each has imported what a writer needs
+    before it is given one, so the writers of a run start together (and the imports are paid once, not per run)."""
+    from tests.workers import import_writer_modules
+
+    with multiprocessing.get_context("spawn").Pool(8, initializer=import_writer_modules) as pool:
+        yield pool
+
+
 @pytest.mark.parametrize("fmt", ["parquet", "json"])
 def test_processes_sharing_a_prefix_never_collide_and_lose_nothing(
-    request: pytest.FixtureRequest, fmt: str, scratch: Path
+    request: pytest.FixtureRequest, fmt: str, scratch: Path, writer_processes: multiprocessing.pool.Pool
 ) -> None:
-    import multiprocessing
-
     from tests.workers import write_tagged_calls
 
     kinds = ["local", "s3"] if fmt == "parquet" else ["local"]
@@ -360,10 +380,8 @@ def test_processes_sharing_a_prefix_never_collide_and_lose_nothing(
         storage: Storage = request.getfixturevalue(f"{kind}_storage")
         # Eight writers on one S3 prefix (issue: "8 processes on one SeaweedFS prefix"), three on local disk.
         processes, per_process = (8, 200) if kind == "s3" else (3, 300)
-        context = multiprocessing.get_context("spawn")
-        with context.Pool(processes) as pool:
-            args = [(storage.url, storage.storage_options, fmt, w, per_process) for w in range(processes)]
-            assert pool.starmap(write_tagged_calls, args) == [per_process] * processes
+        args = [(storage.url, storage.storage_options, fmt, w, per_process) for w in range(processes)]
+        assert writer_processes.starmap(write_tagged_calls, args, chunksize=1) == [per_process] * processes
         rows = read_all(storage, scratch / kind, fmt)
         ids = [str(r["messageId"]) for rs in rows.values() for r in rs]
         expected = {f"w{w}-{i}" for w in range(processes) for i in range(per_process)}

@@ -79,6 +79,18 @@ def warehouse(request: pytest.FixtureRequest, tmp_path: Path) -> Warehouse:
     return pg_warehouse(request)
 
 
+#: The tests that load from every storage: each storage into DuckDB, and memory into PostgreSQL. The loader reads
+#: a file through fsspec into an Arrow table (and deletes it, with delete_after_load) the same way whatever the
+#: target, and a target sees only that table: S3 into PostgreSQL runs no code that S3 into DuckDB and memory into
+#: PostgreSQL do not.
+STORAGE_TARGETS = [
+    *(pytest.param(kind, "duckdb", id=f"{kind}-duckdb") for kind in ("memory", "local")),
+    *(pytest.param(kind, "duckdb", marks=mark, id=f"{kind}-duckdb")
+      for kind, mark in (("s3", pytest.mark.s3), ("gcs", pytest.mark.gcs), ("azure", pytest.mark.azure))),
+    pytest.param("memory", "postgres", marks=pytest.mark.postgres, id="memory-postgres"),
+]
+
+
 def count(db: Path, sql: str) -> int:
     return Warehouse(f"duckdb:///{db}", "duckdb").count(sql)
 
@@ -98,6 +110,7 @@ def write_both(storage: Storage, calls: int = 1_000) -> tuple[str, str, list[str
     return raw, ws, ids
 
 
+@pytest.mark.parametrize(("storage", "warehouse"), STORAGE_TARGETS, indirect=True)
 def test_both_modes_load_once_into_tables_and_views(storage: Storage, warehouse: Warehouse) -> None:
     raw, ws, ids = write_both(storage)
     into = warehouse.into
@@ -135,6 +148,7 @@ def test_csv_and_json_load_the_same_rows_as_parquet(memory_storage: Storage, tmp
     assert len(left) > 100
 
 
+@pytest.mark.parametrize(("storage", "warehouse"), STORAGE_TARGETS, indirect=True)
 def test_delete_after_load_empties_the_prefix_and_keeps_the_counters(storage: Storage,
                                                                     warehouse: Warehouse) -> None:
     raw, ws, ids = write_both(storage, calls=400)
@@ -195,7 +209,7 @@ def test_a_file_that_does_not_match_its_manifest_is_quarantined_and_the_load_goe
 def test_a_load_killed_midway_and_rerun_loads_each_file_once(local_storage: Storage,
                                                             warehouse: Warehouse) -> None:
     with cio_sync.AdvancedSink(local_storage.url, flush_interval=None, max_rows=20) as sink:
-        ids = [sink.write(c) for c in sample_calls(3_000, seed=2)]
+        ids = [sink.write(c) for c in sample_calls(1_200, seed=2)]  # ~60 files: 20 loaded before the kill
     code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); import cio_sync; "
             f"cio_sync.load({local_storage.url!r}, {warehouse.into!r}, "
             f"progress=lambda f, n: (print(f.name, flush=True), time.sleep(0.01)))")

@@ -7,6 +7,12 @@ from typing import Any
 import cio_sync
 
 
+def import_writer_modules() -> None:
+    """Import what :func:`write_tagged_calls` uses (the Parquet writer, s3fs), as a pool's initializer."""
+    import pyarrow.parquet  # noqa: F401
+    import s3fs  # noqa: F401
+
+
 def write_tagged_calls(url: str, storage_options: dict[str, Any], fmt: str, worker: int, count: int) -> int:
     """Write ``count`` track calls whose messageIds carry the worker's number, publishing often."""
     with cio_sync.AdvancedSink(url, format=fmt, storage_options=storage_options, destination_id=7,
