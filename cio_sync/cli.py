@@ -228,8 +228,14 @@ def serve_command(args: argparse.Namespace) -> int:
     keys = _write_keys(args)
     if not keys:
         raise UsageError("give at least one write key: --write-key KEY, or CIO_SYNC_WRITE_KEYS=KEY1,KEY2")
+    if args.nats:
+        return _serve_to_nats(args, keys)
+    if args.stream:
+        raise UsageError("--stream goes with --nats URL (the NATS servers the intake publishes to)")
     if not args.advanced and not args.standard:
-        raise UsageError("give --advanced URL, --standard URL, or both")
+        raise UsageError("give --advanced URL, --standard URL, or both (or --nats URL --stream NAME)")
+    if not args.spool_dir:
+        raise UsageError("give --spool-dir DIR: where accepted calls are kept durable until they are published")
     if args.standard and (args.workspace_id is None or not args.state):
         raise UsageError("--standard needs --workspace-id N and --state PATH (the workspace state file)")
     for option, value in (("--body-timeout", args.body_timeout), ("--header-timeout", args.header_timeout)):
@@ -259,6 +265,80 @@ def serve_command(args: argparse.Namespace) -> int:
     target: Any = sinks[0] if len(sinks) == 1 else Pipeline(advanced=advanced, standard=standard)
     limits = Limits(body_timeout=args.body_timeout, header_timeout=args.header_timeout)
     return run(app(target, write_keys=keys, limits=limits), sinks, host=args.host, port=args.port)
+
+
+def _check_positive(option: str, value: float) -> None:
+    if not value > 0:
+        raise UsageError(f"{option} must be above 0, got {value:g}")
+
+
+def _serve_to_nats(args: argparse.Namespace, keys: list[str]) -> int:
+    """``cio-sync serve --nats``: the intake publishes each call to a JetStream stream, for workers to consume."""
+    from cio_sync.asgi import Limits, app
+    from cio_sync.nats import Publisher
+    from cio_sync.serve import run
+
+    if args.advanced or args.standard or args.spool_dir:
+        raise UsageError("--nats publishes to the stream: leave out --advanced, --standard and --spool-dir (the "
+                         "workers write the files: cio-sync worker)")
+    if not args.stream:
+        raise UsageError("--nats needs --stream NAME (the JetStream stream the workers consume)")
+    if args.partitions is not None and args.partitions < 1:
+        raise UsageError(f"--partitions must be at least 1, got {args.partitions}")
+    publisher = Publisher(args.nats, stream=args.stream, replicas=args.replicas,
+                          **({"partitions": args.partitions} if args.partitions is not None else {}))
+    limits = Limits(body_timeout=args.body_timeout, header_timeout=args.header_timeout)
+    return run(app(publisher, write_keys=keys, limits=limits), [publisher], host=args.host, port=args.port)
+
+
+def worker_command(args: argparse.Namespace) -> int:
+    """Consume a JetStream stream's partitions into Advanced files until SIGTERM/SIGINT (docs/scale-out.md)."""
+    import signal
+    import threading
+
+    from cio_sync.nats import Worker
+
+    for option, value in (("--flush-interval", args.flush_interval), ("--lease-seconds", args.lease_seconds)):
+        _check_positive(option, value)
+    worker = Worker(args.nats, stream=args.stream, advanced=args.advanced, format=args.format,
+                    destination_id=args.destination_id, storage_options=args.options,
+                    flush_interval=args.flush_interval, lease_seconds=args.lease_seconds, worker_id=args.worker_id)
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        stop.set()
+
+    previous = {n: signal.signal(n, on_signal) for n in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        worker.start()
+        if args.metrics_port is not None:
+            _serve_worker_metrics(worker, args.metrics_host, args.metrics_port)
+        print(f"cio-sync worker: {worker.worker_id} consuming stream {args.stream} ({worker.partitions} partitions)",
+              flush=True)
+        stop.wait()
+        name = signal.Signals(received[0]).name if received else "stop"
+        print(f"cio-sync worker: {name}: publishing what was read, giving the partitions back", file=sys.stderr,
+              flush=True)
+    finally:
+        worker.close()
+        for n, handler in previous.items():
+            signal.signal(n, handler)
+    print("cio-sync worker: stopped; everything read is published", file=sys.stderr, flush=True)
+    return 0
+
+
+def _serve_worker_metrics(worker: Any, host: str, port: int) -> None:
+    try:
+        import prometheus_client as prom
+    except ImportError as exc:
+        raise UsageError("--metrics-port needs prometheus-client: pip install 'cio_sync[serve]'") from exc
+    from cio_sync.nats.worker import metrics_collector
+
+    registry = prom.CollectorRegistry()
+    registry.register(metrics_collector(worker))
+    prom.start_http_server(port, addr=host, registry=registry)
 
 
 def replay_command(args: argparse.Namespace) -> int:
@@ -421,8 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--standard", metavar="URL", help="where Standard files go")
     p.add_argument("--workspace-id", type=int, default=None, help="the Standard workspace id")
     p.add_argument("--state", default=None, help="the Standard workspace state file (SQLite)")
-    p.add_argument("--spool-dir", required=True, metavar="DIR",
-                   help="where accepted calls are kept durable until they are published")
+    p.add_argument("--spool-dir", metavar="DIR",
+                   help="where accepted calls are kept durable until they are published (not with --nats)")
     p.add_argument("--spool-sync", choices=("group", "always", "interval", "os"), default="group",
                    help="when the spool fsyncs (default group: before each answer, one fsync shared by the requests "
                         "in flight, so a 200 means the call survives a power loss; interval and os answer before "
@@ -441,7 +521,41 @@ def build_parser() -> argparse.ArgumentParser:
                         "head's first byte on a kept-alive one) before the connection is closed (default 10)")
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                    help=_STORAGE_OPTION_HELP)
+    p.add_argument("--nats", metavar="URL[,URL...]",
+                   help="publish each call to a NATS JetStream stream instead (answered 200 once the stream acked "
+                        "it), for cio-sync worker processes to write the files (docs/scale-out.md)")
+    p.add_argument("--stream", metavar="NAME", help="the JetStream stream of --nats (created if missing)")
+    p.add_argument("--partitions", type=int, default=None, metavar="N",
+                   help="partitions of a new stream (default 16; an existing stream's must match)")
+    p.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="copies of a new stream (default 3 on a cluster of 3 or more nodes, else 1)")
     p.set_defaults(handler=serve_command)
+
+    p = commands.add_parser(
+        "worker", help="consume a NATS JetStream stream of calls into Advanced files (docs/scale-out.md)",
+        description="Takes a share of the stream's partitions (shared with the other workers of the stream through "
+                    "JetStream's key-value store, no coordinator), reads their calls in order and publishes them to "
+                    "Advanced files; a message is acked only once its call is in a published file. SIGTERM or "
+                    "SIGINT: publish what was read, give the partitions back, exit 0.",
+    )
+    p.add_argument("--nats", required=True, metavar="URL[,URL...]", help="the NATS servers")
+    p.add_argument("--stream", required=True, metavar="NAME", help="the JetStream stream the intakes publish to")
+    p.add_argument("--advanced", required=True, metavar="URL",
+                   help="where Advanced files go (s3://..., gs://..., az://..., a folder)")
+    p.add_argument("--format", choices=FORMATS, default="parquet", help="Advanced file format (default parquet)")
+    p.add_argument("--destination-id", type=int, default=1, help="the Advanced destination id (default 1)")
+    p.add_argument("--flush-interval", type=float, default=600.0, metavar="SECONDS",
+                   help="how often each partition's calls are published (default 600)")
+    p.add_argument("--lease-seconds", type=float, default=30.0, metavar="SECONDS",
+                   help="how long a dead worker's partitions wait before others take them (default 30)")
+    p.add_argument("--worker-id", default=None, metavar="ID",
+                   help="this worker's name in the leases (default: host, pid and a random suffix)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics (partitions owned, publish lag, calls published) on this port")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address of --metrics-port (default 127.0.0.1)")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help=_STORAGE_OPTION_HELP)
+    p.set_defaults(handler=worker_command)
     return parser
 
 

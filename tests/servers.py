@@ -325,17 +325,18 @@ SERVE_KEY = "wk_serve_test_5b7c"
 
 
 class Served:
-    """A ``cio-sync serve`` process on a free loopback port, Advanced mode into ``root/advanced``."""
+    """A ``cio-sync serve`` process on a free loopback port, Advanced mode into ``root/advanced`` (or, with
+    ``sink``, the arguments that say where calls go instead, e.g. ``["--nats", url, "--stream", name]``)."""
 
-    def __init__(self, root: Path, *extra: str) -> None:
+    def __init__(self, root: Path, *extra: str, sink: list[str] | None = None) -> None:
         self.root = root
         env = {**os.environ, "CIO_SYNC_WRITE_KEYS": SERVE_KEY}
         root.mkdir(parents=True, exist_ok=True)
         self.log = root / f"serve-{time.monotonic_ns()}.log"
+        where = sink if sink is not None else ["--advanced", str(root / "advanced"), "--spool-dir", str(root / "spool")]
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cio_sync.cli", "serve", "--advanced", str(root / "advanced"),
-                 "--spool-dir", str(root / "spool"), "--port", "0", *extra],
+                [sys.executable, "-m", "cio_sync.cli", "serve", *where, "--port", "0", *extra],
                 stdout=subprocess.PIPE, stderr=log, env=env, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -580,3 +581,45 @@ def nats_cluster(size: int = 3) -> Iterator[NatsCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+class WorkerProcess:
+    """A ``cio-sync worker`` process (in a process group of its own, so that kill -9 and SIGSTOP reach only it)."""
+
+    def __init__(self, root: Path, worker_id: str, *extra: str, urls: list[str], stream: str, out: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.worker_id = worker_id
+        self.log = root / f"worker-{worker_id}-{time.monotonic_ns()}.log"
+        argv = [sys.executable, "-m", "cio_sync.cli", "worker", "--nats", ",".join(urls), "--stream", stream,
+                "--advanced", str(out), "--worker-id", worker_id, *extra]
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if "consuming stream" not in line:
+            self.signal(signal.SIGKILL)
+            raise AssertionError(f"worker {worker_id} did not start: {line!r} {self.log.read_text()}")
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        """kill -9, and wait for it."""
+        self.signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def stop(self, timeout: float = 120) -> int:
+        """SIGTERM (publish, give the partitions back) and wait; kill -9 if it does not exit in time."""
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        finally:
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()

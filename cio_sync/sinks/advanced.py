@@ -31,7 +31,19 @@ DEFAULT_ACTION_IDS: Final[Mapping[str, int]] = MappingProxyType(
     {"identify": 1, "track": 2, "page": 3, "screen": 4, "group": 5, "alias": 6}
 )
 
-__all__ = ["DEFAULT_ACTION_IDS", "DEFAULT_MAX_BUFFER_BYTES", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_ROWS", "AdvancedSink"]
+__all__ = ["DEFAULT_ACTION_IDS", "DEFAULT_MAX_BUFFER_BYTES", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_ROWS", "AdvancedSink",
+           "advanced_row"]
+
+
+def advanced_row(parsed: Call, *, documents: bool) -> tuple[pa.Schema, tuple[Any, ...], int]:
+    """The schema, row and size (bytes it takes in memory) of ``parsed`` in an Advanced file: its columns, or with
+    ``documents`` (a format that writes JSON documents) the call as one JSON document. Raises
+    :class:`~cio_sync.InvalidCall` if the call cannot be encoded."""
+    if documents:
+        document = call_document(parsed)
+        return DOCUMENT_SCHEMA, (document,), len(document) + DOCUMENT_ROW_OVERHEAD
+    row, size = call_row(parsed)
+    return CALL_SCHEMAS[parsed.type], row, size
 
 
 class AdvancedSink(BufferedSink):
@@ -200,11 +212,7 @@ class AdvancedSink(BufferedSink):
         """The schema, row and size ``parsed`` is buffered as; :class:`~cio_sync.InvalidCall` (counted as a
         rejection) if it cannot be encoded."""
         try:
-            if self._documents:
-                document = call_document(parsed)
-                return DOCUMENT_SCHEMA, (document,), len(document) + DOCUMENT_ROW_OVERHEAD
-            row, size = call_row(parsed)
-            return CALL_SCHEMAS[parsed.type], row, size
+            return advanced_row(parsed, documents=self._documents)
         except InvalidCall as exc:
             self._publisher.reject(parsed.data, exc)
             raise

@@ -13,51 +13,33 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hashlib
 import logging
 import threading
-import time
-from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
-from cio_sync._errors import ConfigError, InvalidCall, MissingBackend, SinkClosed, StorageError
+from cio_sync._errors import ConfigError, InvalidCall, InvalidCalls, SinkClosed, StorageError
 from cio_sync.intake.calls import parse_call
+from cio_sync.nats._common import (
+    NATS_ERRORS,
+    LoopThread,
+    check_stream_name,
+    connect,
+    describe,
+    ensure_stream,
+    partition_of,
+    person_key,
+    server_list,
+)
 
-try:
-    import nats
-    import nats.errors
-    import nats.js.errors
-    from nats.js import api as js_api
-except ImportError as exc:  # pragma: no cover - the extra is installed wherever the tests run
-    raise MissingBackend("cio_sync.nats needs nats-py: pip install 'cio_sync[nats]'") from exc
-
-__all__ = ["Publisher", "PublisherStats", "partition_of", "person_key"]
+__all__ = ["MIN_DUPLICATE_WINDOW", "Publisher", "PublisherStats"]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 #: The shortest duplicate window a stream created here gets: a client retrying a call within a day is dropped.
 MIN_DUPLICATE_WINDOW: Final = 24 * 3600.0
-#: Where the stream records how many partitions its subjects are split into (publishers must agree on it).
-PARTITIONS_KEY: Final = "cio_sync.partitions"
-
-
-def person_key(data: dict[str, Any]) -> str:
-    """The id that decides a call's partition: ``userId``, else ``anonymousId`` (an alias goes by its ``userId``,
-    the id the person keeps), else the ``messageId``."""
-    for name in ("userId", "anonymousId", "messageId"):
-        value = data.get(name)
-        if value is not None and value != "":
-            return value if isinstance(value, str) else str(value)
-    return ""
-
-
-def partition_of(key: str, partitions: int) -> int:
-    """The partition of a person key: the first 8 bytes of BLAKE2b-64 of its UTF-8, as a big-endian unsigned
-    integer, modulo ``partitions``. Stable across processes, hosts and Python versions (unlike ``hash()``)."""
-    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % partitions
+#: What waiting for an ack can raise: NATS's failures, or the publish cancelled when the connection closed.
+_ACK_FAILURES: Final[tuple[type[BaseException], ...]] = (*NATS_ERRORS, concurrent.futures.CancelledError)
 
 
 @dataclass(frozen=True)
@@ -91,11 +73,8 @@ class Publisher:
     def __init__(self, servers: list[str] | str, *, stream: str, partitions: int = 16, replicas: int | None = None,
                  duplicate_window: float = MIN_DUPLICATE_WINDOW, connect_timeout: float = 30.0,
                  ack_timeout: float = 10.0, name: str = "cio-sync-intake") -> None:
-        urls = [u.strip() for u in servers.split(",")] if isinstance(servers, str) else list(servers)
-        if not urls or not all(urls):
-            raise ConfigError("Publisher needs at least one NATS server URL")
-        if not stream or any(c in stream for c in ".*> \t\r\n/\\"):
-            raise ConfigError(f"stream name {stream!r} must be one NATS token (no '.', '*', '>', '/', spaces)")
+        urls = server_list(servers)
+        check_stream_name(stream)
         if partitions < 1:
             raise ConfigError(f"partitions must be at least 1, not {partitions}")
         if replicas is not None and not 1 <= replicas <= 5:
@@ -108,72 +87,27 @@ class Publisher:
         self._published = self._duplicates = 0
         self._last_error: str | None = None
         self._closed = False
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="cio-sync-nats", daemon=True)
-        self._thread.start()
+        self._loop = LoopThread("cio-sync-nats")
         self._nc: Any = None
         self._js: Any = None
         try:
-            self.replicas = self._run(self._connect(name, connect_timeout, replicas), connect_timeout + 5)
+            self.replicas = self._loop.run(self._connect(name, connect_timeout, replicas), connect_timeout + 5)
         except BaseException:
-            self._stop_loop()
+            self._loop.stop()
             raise
 
     # -- the event loop thread -------------------------------------------------------------------------------------
 
-    def _run(self, coroutine: Coroutine[Any, Any, T], timeout: float) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
-
     async def _connect(self, name: str, timeout: float, replicas: int | None) -> int:
-        deadline = time.monotonic() + timeout
-        try:
-            # Reconnect forever: a node that dies is left for another; sync() says when acks stop coming.
-            self._nc = await nats.connect(self.servers, name=name, connect_timeout=min(5.0, timeout),
-                                          max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                                          error_cb=self._on_error)
-        except (OSError, nats.errors.Error) as exc:
-            raise StorageError(f"cannot connect to NATS at {', '.join(self.servers)}: {exc}") from exc
+        self._nc = await connect(self.servers, name=name, timeout=timeout, on_error=self._on_error)
         self._js = self._nc.jetstream(timeout=min(5.0, timeout))
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            try:
-                return await self._ensure_stream(replicas)
-            except ConfigError:
-                raise
-            except (TimeoutError, nats.errors.Error, OSError) as exc:
-                # Until the cluster has a meta leader, JetStream's API answers 503 or not at all.
-                last = exc
-                await asyncio.sleep(0.2)
-        await self._nc.close()
-        raise StorageError(f"JetStream stream {self.stream!r} could not be found or created within {timeout}s: "
-                           f"{last!r}")
-
-    async def _ensure_stream(self, replicas: int | None) -> int:
         try:
-            info = await self._js.stream_info(self.stream)
-        except nats.js.errors.NotFoundError:
-            nodes = len(self._nc._server_info.get("connect_urls") or []) or 1
-            config = js_api.StreamConfig(
-                name=self.stream, subjects=[f"{self.stream}.*"], storage=js_api.StorageType.FILE,
-                num_replicas=replicas or (3 if nodes >= 3 else 1), duplicate_window=self.duplicate_window,
-                metadata={PARTITIONS_KEY: str(self.partitions)},
-                description="calls taken by cio_sync intakes, partitioned by person",
-            )
-            try:
-                info = await self._js.add_stream(config)
-            except nats.js.errors.BadRequestError as exc:
-                if exc.err_code != 10058:  # "stream name already in use": another publisher created it first
-                    raise ConfigError(f"JetStream refused to create stream {self.stream!r}: {exc}") from exc
-                info = await self._js.stream_info(self.stream)
-        config = info.config
-        if f"{self.stream}.*" not in (config.subjects or []):
-            raise ConfigError(f"stream {self.stream!r} exists with subjects {config.subjects}, not "
-                              f"{self.stream}.* as a cio_sync stream has")
-        recorded = (config.metadata or {}).get(PARTITIONS_KEY)
-        if recorded is not None and recorded != str(self.partitions):
-            raise ConfigError(f"stream {self.stream!r} is split into {recorded} partitions, not {self.partitions}: "
-                              "every publisher of a stream must use the same number")
-        return int(config.num_replicas or 1)
+            found = await ensure_stream(self._nc, self._js, self.stream, partitions=self.partitions,
+                                        replicas=replicas, duplicate_window=self.duplicate_window, timeout=timeout)
+        except BaseException:
+            await self._nc.close()
+            raise
+        return found.replicas
 
     async def _on_error(self, exc: Exception) -> None:
         log.warning("nats: %s", exc)
@@ -196,7 +130,7 @@ class Publisher:
         payload = parsed.document
         assert payload is not None  # parse_call without row=True always writes it
         subject = f"{self.stream}.{partition_of(person_key(parsed.data), self.partitions)}"
-        future = asyncio.run_coroutine_threadsafe(self._publish(subject, payload, parsed.message_id), self._loop)
+        future = self._loop.submit(self._publish(subject, payload, parsed.message_id))
         pending: list[concurrent.futures.Future[Any]] | None = getattr(self._local, "pending", None)
         if pending is None:
             pending = self._local.pending = []
@@ -205,8 +139,6 @@ class Publisher:
     def write_many(self, calls: list[Any]) -> int:
         """Write each call (see :meth:`write`); how many were published. Bad calls are skipped and raised together
         as :class:`~cio_sync.InvalidCalls` after the others were written."""
-        from cio_sync._errors import InvalidCalls
-
         errors: list[InvalidCall] = []
         accepted = 0
         for index, call in enumerate(calls):
@@ -232,7 +164,7 @@ class Publisher:
             try:
                 # The coroutine itself gives up after ack_timeout; the margin covers a stalled loop.
                 ack = future.result(self.ack_timeout * 2 + 5)
-            except (nats.errors.Error, OSError, TimeoutError, concurrent.futures.CancelledError) as exc:
+            except _ACK_FAILURES as exc:
                 failure = failure or exc
                 continue
             published += 1
@@ -241,10 +173,10 @@ class Publisher:
             self._published += published
             self._duplicates += duplicates
             if failure is not None:
-                self._last_error = _describe(failure)
+                self._last_error = describe(failure)
         if failure is not None:
             raise StorageError(f"JetStream did not ack {len(pending) - published} of {len(pending)} calls to stream "
-                               f"{self.stream!r}: {_describe(failure)}") from failure
+                               f"{self.stream!r}: {describe(failure)}") from failure
 
     @property
     def closed(self) -> bool:
@@ -266,17 +198,11 @@ class Publisher:
         finally:
             try:
                 if self._nc is not None:
-                    self._run(self._nc.drain(), self.ack_timeout + 5)
-            except (nats.errors.Error, OSError, TimeoutError) as exc:
+                    self._loop.run(self._nc.drain(), self.ack_timeout + 5)
+            except NATS_ERRORS as exc:
                 log.warning("nats: closing the connection: %s", exc)
             finally:
-                self._stop_loop()
-
-    def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        if not self._thread.is_alive():
-            self._loop.close()
+                self._loop.stop()
 
     def __enter__(self) -> Publisher:
         return self
@@ -287,11 +213,3 @@ class Publisher:
     def __repr__(self) -> str:
         return (f"Publisher(servers={self.servers!r}, stream={self.stream!r}, partitions={self.partitions}, "
                 f"replicas={getattr(self, 'replicas', None)})")
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, nats.js.errors.NoStreamResponseError):
-        return "the stream has no leader (no JetStream server answered)"
-    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
-        return "no ack in time"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
