@@ -285,7 +285,8 @@ def _serve_to_nats(args: argparse.Namespace, keys: list[str]) -> int:
         raise UsageError("--nats needs --stream NAME (the JetStream stream the workers consume)")
     if args.partitions is not None and args.partitions < 1:
         raise UsageError(f"--partitions must be at least 1, got {args.partitions}")
-    publisher = Publisher(args.nats, stream=args.stream, replicas=args.replicas,
+    _check_positive("--connect-timeout", args.connect_timeout)
+    publisher = Publisher(args.nats, stream=args.stream, replicas=args.replicas, connect_timeout=args.connect_timeout,
                           **({"partitions": args.partitions} if args.partitions is not None else {}))
     limits = Limits(body_timeout=args.body_timeout, header_timeout=args.header_timeout)
     return run(app(publisher, write_keys=keys, limits=limits), [publisher], host=args.host, port=args.port)
@@ -298,11 +299,13 @@ def worker_command(args: argparse.Namespace) -> int:
 
     from cio_sync.nats import Worker
 
-    for option, value in (("--flush-interval", args.flush_interval), ("--lease-seconds", args.lease_seconds)):
+    for option, value in (("--flush-interval", args.flush_interval), ("--lease-seconds", args.lease_seconds),
+                          ("--connect-timeout", args.connect_timeout)):
         _check_positive(option, value)
     worker = Worker(args.nats, stream=args.stream, advanced=args.advanced, format=args.format,
                     destination_id=args.destination_id, storage_options=args.options,
-                    flush_interval=args.flush_interval, lease_seconds=args.lease_seconds, worker_id=args.worker_id)
+                    flush_interval=args.flush_interval, lease_seconds=args.lease_seconds, worker_id=args.worker_id,
+                    connect_timeout=args.connect_timeout)
     stop = threading.Event()
     received: list[int] = []
 
@@ -529,6 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="partitions of a new stream (default 16; an existing stream's must match)")
     p.add_argument("--replicas", type=int, default=None, metavar="N",
                    help="copies of a new stream (default 3 on a cluster of 3 or more nodes, else 1)")
+    p.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="with --nats: how long to wait for NATS at start (default 30)")
     p.set_defaults(handler=serve_command)
 
     p = commands.add_parser(
@@ -553,6 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="serve Prometheus metrics (partitions owned, publish lag, calls published) on this port")
     p.add_argument("--metrics-host", default="127.0.0.1", help="address of --metrics-port (default 127.0.0.1)")
+    p.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="how long to wait for NATS at start (default 30)")
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                    help=_STORAGE_OPTION_HELP)
     p.set_defaults(handler=worker_command)

@@ -159,3 +159,39 @@ def test_a_worker_paused_past_its_lease_does_not_publish_what_it_lost(
     assert other.stop() == 0
     exactly_once(out, acked)
     assert "lost" in paused.log.read_text(), "the paused worker never noticed it lost its partitions"
+
+
+@pytest.mark.parametrize(("args", "words", "code"), [
+    (["--nats", "nats://127.0.0.1:1", "--stream", "s", "--connect-timeout", "1"], "cannot connect to NATS", 1),
+    (["--nats", "nats://127.0.0.1:1", "--stream", "a.b"], "stream name 'a.b'", 1),
+    (["--nats", "nats://127.0.0.1:1", "--stream", "s", "--lease-seconds", "0"], "--lease-seconds", 2),
+])
+def test_the_worker_explains_a_bad_start_in_one_line(tmp_path: Path, args: list[str], words: str, code: int) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "cio_sync.cli", "worker", "--advanced", str(tmp_path), *args],
+                          capture_output=True, text=True, check=False, timeout=60)
+    assert done.returncode == code
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("cio-sync: error:")
+    assert words in line
+
+
+def test_the_worker_serves_its_partitions_and_lag_as_metrics(
+        nats_cluster: servers.NatsCluster, stream: str, tmp_path: Path, fleet: list[Any]) -> None:
+    import urllib.request
+
+    port = servers.free_port()
+    process = worker(tmp_path, "metered", nats_cluster, stream, fleet, "--metrics-port", str(port))
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            return str(answer.read().decode())
+
+    wait_for(lambda: 'cio_sync_worker_partitions{worker="metered"} 16.0' in scrape(), "all 16 partitions owned")
+    text = scrape()
+    assert 'cio_sync_worker_partition_owned{partition="0",worker="metered"} 1.0' in text
+    assert 'cio_sync_publish_lag_seconds{worker="metered"}' in text
+    assert 'cio_sync_calls_published_total{worker="metered"} 0.0' in text
+    assert process.stop() == 0

@@ -116,6 +116,11 @@ def test_wrong_key_and_operations_over_http(tmp_path: Path) -> None:
     (["--spool-dir", "x", "--write-key", KEY, "--standard", "y"], "--workspace-id"),
     (["--spool-dir", "x", "--write-key", KEY, "--advanced", "y", "--header-timeout", "0"], "--header-timeout"),
     (["--spool-dir", "x", "--write-key", KEY, "--advanced", "y", "--dedupe-hours", "-1"], "--dedupe-hours"),
+    (["--write-key", KEY, "--advanced", "y"], "--spool-dir"),
+    (["--write-key", KEY, "--nats", "nats://127.0.0.1:1"], "--stream NAME"),
+    (["--write-key", KEY, "--nats", "nats://127.0.0.1:1", "--stream", "s", "--advanced", "y"], "leave out"),
+    (["--write-key", KEY, "--spool-dir", "x", "--advanced", "y", "--stream", "s"], "--stream goes with --nats"),
+    (["--write-key", KEY, "--nats", "nats://127.0.0.1:1", "--stream", "s", "--partitions", "0"], "--partitions"),
 ])
 def test_serve_explains_a_bad_command_line_in_one_line(tmp_path: Path, args: list[str], words: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "CIO_SYNC_WRITE_KEYS"}

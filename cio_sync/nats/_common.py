@@ -88,12 +88,26 @@ class LoopThread:
 
 
 async def connect(servers: list[str], *, name: str, timeout: float, on_error: Any) -> Any:
-    """A NATS connection to ``servers`` that reconnects for ever (a node that dies is left for another)."""
+    """A NATS connection to ``servers`` that reconnects for ever once made (a node that dies is left for another);
+    :class:`~cio_sync.StorageError` if no server answers within ``timeout`` seconds."""
+    connected = False
+    failures: list[BaseException] = []
+
+    async def errors(exc: Exception) -> None:
+        if connected:
+            await on_error(exc)
+        else:
+            failures.append(exc)  # said once, in the error, rather than logged at every try
+
     try:
-        return await nats.connect(servers, name=name, connect_timeout=min(5.0, timeout), max_reconnect_attempts=-1,
-                                  reconnect_time_wait=0.5, error_cb=on_error)
-    except (OSError, nats.errors.Error) as exc:
-        raise StorageError(f"cannot connect to NATS at {', '.join(servers)}: {exc}") from exc
+        nc = await asyncio.wait_for(
+            nats.connect(servers, name=name, connect_timeout=min(5.0, timeout), max_reconnect_attempts=-1,
+                         reconnect_time_wait=0.5, error_cb=errors), timeout)
+    except (OSError, nats.errors.Error, TimeoutError) as exc:
+        why = describe(failures[-1]) if failures else describe(exc)
+        raise StorageError(f"cannot connect to NATS at {', '.join(servers)} within {timeout:g}s: {why}") from None
+    connected = True
+    return nc
 
 
 def describe(exc: BaseException) -> str:
