@@ -7,6 +7,8 @@ What is asserted is what a user sees: every call the intake answered 200 to is i
 from __future__ import annotations
 
 import itertools
+import os
+import random
 import threading
 import time
 from collections import Counter
@@ -159,6 +161,35 @@ def test_a_worker_paused_past_its_lease_does_not_publish_what_it_lost(
     assert other.stop() == 0
     exactly_once(out, acked)
     assert "lost" in paused.log.read_text(), "the paused worker never noticed it lost its partitions"
+
+
+#: kill -9s of the kill sweep (nox -s crash: 40).
+KILLS = int(os.environ.get("CIO_SYNC_FLEET_KILLS", "4"))
+
+
+def test_workers_killed_at_random_moments_lose_and_duplicate_nothing(
+        nats_cluster: servers.NatsCluster, stream: str, tmp_path: Path, fleet: list[Any]) -> None:
+    """kill -9 of a random worker at random moments (mid-read, mid-round, mid-upload, mid-ack: with rounds every
+    0.3 s, most kills land in one), each restarted at once, while the clients keep sending."""
+    served = intake(tmp_path, nats_cluster, stream, fleet)
+    names = ["k0", "k1", "k2"]
+    workers = {n: worker(tmp_path, n, nats_cluster, stream, fleet, "--flush-interval", "0.3") for n in names}
+    traffic = Traffic([served.url], clients=2, batch=10)
+    chance = random.Random(int(os.environ.get("CIO_SYNC_FLEET_SEED", "15")))
+    try:
+        for _ in range(KILLS):
+            time.sleep(chance.uniform(0.3, 2.5))
+            victim = chance.choice(names)
+            workers[victim].kill()
+            workers[victim] = worker(tmp_path, victim, nats_cluster, stream, fleet, "--flush-interval", "0.3")
+    finally:
+        acked = traffic.stop()
+    out = tmp_path / "out"
+    wait_for(lambda: set(acked) <= set(message_ids(out)), "every acked call published", timeout=120)
+    for process in workers.values():
+        assert process.stop() == 0
+    exactly_once(out, acked)
+    assert in_person_order(out)
 
 
 @pytest.mark.parametrize(("args", "words", "code"), [

@@ -243,3 +243,24 @@ def test_a_worker_that_joins_takes_its_share_and_nothing_lands_twice(
     assert joined.stats().takeovers >= 1
     assert joined.stats().calls_published > 0
     assert in_person_order(out)
+
+
+def test_storage_down_then_back_publishes_every_call_once_under_the_planned_names(
+        nats_cluster: servers.NatsCluster, stream: str, tmp_path: Path) -> None:
+    from cio_sync import FsspecWriter
+
+    out = tmp_path / "out"
+    batch = calls(500, people=20)
+    publish(nats_cluster, stream, batch, partitions=2)
+    down = FailingWriter(FsspecWriter(str(out)))
+    with Worker(nats_cluster.urls, stream=stream, advanced=down, flush_interval=0.5, lease_seconds=2) as worker:
+        wait_for(lambda: worker.stats().last_error is not None, "an upload refused")
+        assert "storage is down" in (worker.stats().last_error or "")
+        time.sleep(2)  # a few retries of the same plan
+        assert message_ids(out) == []
+        down.down = False
+        wait_for(lambda: len(message_ids(out)) >= len(batch), "every call published once storage is back")
+    assert sorted(message_ids(out)) == sorted(c["messageId"] for c in batch)
+    assert worker.stats().calls_published == len(batch)
+    positions = sorted(int(p.name.split(".")[2]) for p in out.glob("*.track.parquet"))
+    assert positions == list(range(1, len(positions) + 1))  # retried under the same names: no position skipped
