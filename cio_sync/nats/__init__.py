@@ -6,7 +6,7 @@ Needs ``nats-py`` (``pip install 'cio_sync[nats]'``); importing this package wit
 
 from cio_sync.nats._common import DEFAULT_PARTITIONS, partition_of, person_key
 from cio_sync.nats.publisher import MIN_DUPLICATE_WINDOW, Publisher, PublisherStats
-from cio_sync.nats.worker import Worker, WorkerStats, owner_of
+from cio_sync.nats.worker import Worker, WorkerStats, assign_partitions
 
 __all__ = ["DEFAULT_PARTITIONS", "MIN_DUPLICATE_WINDOW", "Publisher", "PublisherStats", "Worker", "WorkerStats",
-           "owner_of", "partition_of", "person_key"]
+           "assign_partitions", "partition_of", "person_key"]

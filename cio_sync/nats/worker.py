@@ -3,11 +3,12 @@
 How a partition is owned, and why nothing is lost or published twice (docs/scale-out.md has the whole story):
 
 - **Who consumes what.** Every worker puts a heartbeat key ``w.<worker id>`` in the key-value bucket
-  ``<stream>_leases`` (its keys expire ``lease_seconds`` after their last update). Each partition goes to the live
-  worker with the highest rendezvous hash of (partition, worker id), so that all workers agree without talking, and
-  a worker that joins or dies moves only its share. A worker holds the partitions it is given with lease keys
-  ``p.<partition>`` (created only if absent, renewed with a compare-and-set); it gives a partition up (after
-  publishing what it read of it) when the hash gives it to another worker, and a lease that stops being renewed
+  ``<stream>_leases`` (its keys expire ``lease_seconds`` after their last update). Every worker computes the same
+  assignment of partitions to the live workers (:func:`assign_partitions`: balanced, each partition to the first
+  worker of its rendezvous-hash ranking with room), so that all agree without talking, and a worker that joins or
+  dies moves few partitions. A worker holds the partitions it is given with lease keys ``p.<partition>`` (created
+  only if absent, renewed with a compare-and-set); it gives a partition up (after publishing what it read of it)
+  when the assignment gives it to another worker, and a lease that stops being renewed
   expires, so a dead worker's partitions go to the others within ``lease_seconds``.
 - **The fence.** The lease only decides who should work; what makes it safe is the partition's offset key
   ``o.<partition>`` in ``<stream>_offsets``: ``{epoch, owner, next, pending}``. A worker that takes a partition
@@ -166,10 +167,21 @@ def _score(partition: int, worker: str) -> int:
     return int.from_bytes(digest, "big")
 
 
-def owner_of(partition: int, workers: set[str]) -> str:
-    """The worker a partition goes to among the live ``workers``: rendezvous hashing, so that every worker computes
-    the same answer, and a worker joining or leaving moves only the partitions it wins or held."""
-    return max(workers, key=lambda w: (_score(partition, w), w))
+def assign_partitions(partitions: int, workers: set[str]) -> dict[int, str]:
+    """Which live worker each partition goes to: every worker computes the same answer from the same set, each
+    gets at most ceil(partitions / workers) of them, and each partition goes to the first worker of its
+    rendezvous-hash ranking that still has room, so a worker joining or leaving moves few partitions."""
+    ranked = sorted(workers)
+    room = -(-partitions // len(ranked))
+    load = dict.fromkeys(ranked, 0)
+    owners = {}
+    for number in range(partitions):
+        for worker in sorted(ranked, key=lambda w: (_score(number, w), w), reverse=True):
+            if load[worker] < room:
+                owners[number] = worker
+                load[worker] += 1
+                break
+    return owners
 
 
 def _worker_id(given: str | None) -> str:
@@ -397,6 +409,7 @@ class Worker:
         except nats.js.errors.NoKeysError:
             keys = []
         live = {k[2:] for k in keys if k.startswith("w.")} | {self.worker_id}
+        owners = assign_partitions(self.partitions, live)
         for number, part in list(self._owned.items()):
             if part.lost or part.releasing:
                 continue
@@ -406,10 +419,10 @@ class Worker:
             except nats.js.errors.KeyWrongLastSequenceError:
                 self._lose(part, "its lease was taken")
                 continue
-            if owner_of(number, live) != self.worker_id:
+            if owners[number] != self.worker_id:
                 part.releasing = True  # its task publishes what it read, then gives the lease back
         for number in range(self.partitions):
-            if self._closing or number in self._owned or owner_of(number, live) != self.worker_id:
+            if self._closing or number in self._owned or owners[number] != self.worker_id:
                 continue
             try:
                 revision = await self._leases.create(f"p.{number}", self.worker_id.encode())
@@ -528,7 +541,7 @@ class Worker:
                 return
             try:
                 messages = await subscription.fetch(_FETCH, timeout=min(1.0, self.flush_interval))
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats.errors.TimeoutError is one: nothing to read within the wait
                 continue
             except NATS_ERRORS as exc:
                 if isinstance(exc, nats.js.errors.NotFoundError):
