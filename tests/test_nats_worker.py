@@ -279,3 +279,15 @@ def test_partitions_are_shared_evenly_the_same_way_by_every_worker_and_few_move(
     moved = [p for p in range(16) if before[p] != after[p]]
     assert all(after[p] == "d" for p in moved)  # only to the newcomer
     assert len(moved) == 4
+
+
+def test_the_memory_budget_publishes_before_the_interval(
+        nats_cluster: servers.NatsCluster, stream: str, tmp_path: Path, workers: Callable[..., Worker]) -> None:
+    batch = calls(2000, people=10)
+    publish(nats_cluster, stream, batch, partitions=2)
+    worker = workers(flush_interval=600.0, max_buffer_bytes=100_000)  # 50 KB a partition: ~150 calls of ~300 bytes
+    out = tmp_path / "out"
+    wait_for(lambda: len(message_ids(out)) >= len(batch), "every call published, long before the interval")
+    worker.close()
+    assert sorted(message_ids(out)) == sorted(c["messageId"] for c in batch)
+    assert worker.stats().files_published >= 10  # many rounds, each within its share of the budget

@@ -72,7 +72,7 @@ from cio_sync.nats._common import (
 from cio_sync.publish.counters import Counters
 from cio_sync.publish.layout import advanced_counter, advanced_manifest_counter, advanced_manifest_name, advanced_name
 from cio_sync.publish.manifests import ManifestSpec, manifest_document
-from cio_sync.sinks.advanced import DEFAULT_ACTION_IDS, advanced_row
+from cio_sync.sinks.advanced import DEFAULT_ACTION_IDS, DEFAULT_MAX_BUFFER_BYTES, advanced_row
 from cio_sync.sinks.base import check_int, make_writer
 from cio_sync.storage.writer import RetryPolicy, Writer, WrittenFile
 
@@ -135,12 +135,14 @@ class _Segment:
     first: int | None = None  # stream sequence of the first message of the round
     last: int = 0  # the highest stream sequence read
     calls: int = 0
+    nbytes: int = 0  # what its rows take in memory (as the sinks' memory budget counts them)
     messages: list[Any] = field(default_factory=list)  # to ack once published
     started: float = 0.0  # monotonic time of the first message
     oldest: float | None = None  # receivedAt (epoch seconds) of the oldest call
 
-    def add(self, call_type: str, schema: pa.Schema, row: tuple[Any, ...], received: int) -> None:
+    def add(self, call_type: str, schema: pa.Schema, row: tuple[Any, ...], received: int, size: int) -> None:
         self.rows.setdefault(call_type, []).append(row)
+        self.nbytes += size
         self.schemas[call_type] = schema
         span = self.times.setdefault(call_type, [received, received])
         span[0], span[1] = min(span[0], received), max(span[1], received)
@@ -200,11 +202,12 @@ class Worker:
 
     ``format``, ``destination_id``, ``action_ids``, ``compression`` and ``manifests`` are the Advanced sink's. A
     partition's round publishes every ``flush_interval`` seconds, or once it read ``max_rows`` calls, or once
-    ``max_ack_pending`` messages wait for their ack (the consumer's bound, the most a worker holds in memory per
-    partition). ``lease_seconds`` is how long a dead worker keeps its partitions (its heartbeat and leases expire
-    after that), ``ack_wait`` how long JetStream waits for an ack before delivering a message again (default: the
-    flush interval plus a minute). ``worker_id`` names the worker in the leases (default: host, pid and a random
-    suffix); two live workers must not share one.
+    ``max_ack_pending`` messages wait for their ack (the consumer's bound), or once its rows take its share of
+    ``max_buffer_bytes`` (the worker's memory budget for unpublished rows, split between its partitions; 256 MiB
+    by default, as the sinks'). ``lease_seconds`` is how long a dead worker keeps its partitions (its heartbeat
+    and leases expire after that), ``ack_wait`` how long JetStream waits for an ack before delivering a message
+    again (default: the flush interval plus a minute). ``worker_id`` names the worker in the leases (default: host,
+    pid and a random suffix); two live workers must not share one.
 
     :meth:`start` connects and begins; :meth:`close` publishes what the worker read, gives its partitions back at
     once (another worker takes them without waiting for the leases to expire) and disconnects. The worker runs on
@@ -226,6 +229,7 @@ class Worker:
         flush_interval: float = 600.0,
         max_rows: int = 100_000,
         max_ack_pending: int = 200_000,
+        max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
         lease_seconds: float = 30.0,
         ack_wait: float | None = None,
         worker_id: str | None = None,
@@ -251,6 +255,7 @@ class Worker:
             raise ConfigError(f"lease_seconds must be at least 1, not {lease_seconds!r}")
         self.max_rows = check_int("max_rows", max_rows, minimum=1)
         self.max_ack_pending = check_int("max_ack_pending", max_ack_pending, minimum=_FETCH)
+        self.max_buffer_bytes = check_int("max_buffer_bytes", max_buffer_bytes, minimum=1)
         self.flush_interval, self.lease_seconds = float(flush_interval), float(lease_seconds)
         self.ack_wait = float(ack_wait) if ack_wait is not None else self.flush_interval + 60.0
         if not self.ack_wait > 0:
@@ -531,7 +536,7 @@ class Worker:
             stopping = self._closing or part.releasing
             segment = part.segment
             due = segment.first is not None and (
-                stopping or segment.calls >= self.max_rows
+                stopping or segment.calls >= self.max_rows or segment.nbytes >= self._share()
                 or len(segment.messages) + _FETCH > self.max_ack_pending
                 or time.monotonic() - segment.started >= self.flush_interval)
             if due or (stopping and segment.messages):
@@ -550,6 +555,11 @@ class Worker:
                 await asyncio.sleep(0.5)
                 continue
             await self._take_messages(part, messages)
+
+    def _share(self) -> int:
+        """The bytes of unpublished rows one partition may hold: the memory budget split between the partitions
+        this worker owns."""
+        return self.max_buffer_bytes // max(1, len(self._owned))
 
     async def _take_messages(self, part: _Partition, messages: list[Any]) -> None:
         segment = part.segment
@@ -577,8 +587,8 @@ class Worker:
                 segment.add(*row)
         segment.messages.extend(fresh)
 
-    def _rows(self, payloads: list[bytes]) -> list[tuple[str, pa.Schema, tuple[Any, ...], int] | None]:
-        out: list[tuple[str, pa.Schema, tuple[Any, ...], int] | None] = []
+    def _rows(self, payloads: list[bytes]) -> list[tuple[str, pa.Schema, tuple[Any, ...], int, int] | None]:
+        out: list[tuple[str, pa.Schema, tuple[Any, ...], int, int] | None] = []
         for payload in payloads:
             try:
                 data = orjson.loads(payload)
@@ -586,14 +596,14 @@ class Worker:
                     raise InvalidCall("a message must hold one call, a JSON object")
                 received = parse_time(data.get("receivedAt"), "receivedAt")
                 parsed = parse_call(data, received_at=received)
-                schema, row, _ = advanced_row(parsed, documents=self._documents)
+                schema, row, size = advanced_row(parsed, documents=self._documents)
             except (InvalidCall, orjson.JSONDecodeError) as exc:
                 self._count("refused")
                 log.error("worker %s: a message of stream %s is not a call and is left out: %s", self.worker_id,
                           self.stream, exc)
                 out.append(None)
                 continue
-            out.append((parsed.type, schema, row, to_micros(received)))
+            out.append((parsed.type, schema, row, to_micros(received), size))
         return out
 
     # -- publishing rounds -----------------------------------------------------------------------------------------
