@@ -437,6 +437,9 @@ class Worker:
                 await self._tick()
             except NATS_ERRORS as exc:
                 self._failed("keeping the leases", exc)
+            except Exception as exc:  # a bug: say so, and keep the heartbeat going (a dead one moves everything)
+                self._failed("keeping the leases", exc)
+                log.exception("worker %s: keeping the leases", self.worker_id)
             await asyncio.sleep(self.lease_seconds / 4)
 
     async def _tick(self) -> None:
