@@ -83,6 +83,14 @@ _NEW_BATCH: Final = ("WITH n AS (UPDATE meta SET value = (value::bigint + 1)::te
 
 _REPLACE: Final = re.compile(r"INSERT OR REPLACE INTO (\w+)(?: \(([^)]*)\))? VALUES")
 
+#: How long the server lets a state's connection sit in an open transaction with no statement before it ends the
+#: session (and rolls the transaction back), unless the URL sets ``idle_in_transaction_session_timeout`` itself (as
+#: ``options=-c idle_in_transaction_session_timeout=...``): a process that stopped (paused, or cut off from the
+#: network) holds the row locks of its open transaction no longer than this, so a later owner of its state is not
+#: kept waiting. A live sink whose transaction was ended this way refuses its next call with StorageError, after
+#: which it goes on (its open transaction is written again into a new one).
+IDLE_IN_TRANSACTION_MS: Final = 300_000
+
 #: SQLSTATE classes that are faults of the server or the connection (try again), not of the state.
 _STORAGE_CLASSES: Final = ("08", "40", "53", "55", "57", "58", "XX")
 
@@ -164,6 +172,8 @@ class PostgresConnection:
             raise BackendError(f"cannot connect to {self._where}: {_detail(exc)}", storage=True) from exc
         try:
             conn.execute(pgsql.SQL("SET search_path TO {}").format(pgsql.Identifier(self._schema)))
+            if "idle_in_transaction_session_timeout" not in self._conninfo:
+                conn.execute(f"SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_MS}")
         except psycopg.Error as exc:
             conn.close()
             raise _backend_error(exc, self._where) from exc
