@@ -4,6 +4,7 @@ Standard behaviour tests run again on it, plus what only it has (schemas, fencin
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,32 @@ def test_a_higher_epoch_fences_the_first_owner(pg: str, memory_storage: Storage,
         assert third.person("kept")["attributes"] == {"a": "5"}
 
 
+@pytest.mark.parametrize("commit_every", [1, 1000])
+def test_a_session_ended_by_the_server_loses_nothing_accepted(pg: str, memory_storage: Storage, scratch: Path,
+                                                              commit_every: int) -> None:
+    schema = f"e{uuid.uuid4().hex[:8]}"
+    sink = _sink(memory_storage, f"{pg}?schema={schema}", commit_every=commit_every)
+    for i in range(10):
+        assert sink.write({"type": "identify", "userId": f"u{i}", "traits": {"n": i}}) == 2
+    sink.state._apply_staged()  # the calls since the last commit are in an open transaction of the server's
+    with psycopg.connect(pg, autocommit=True) as admin:  # which the server ends (as a failover or a DBA would)
+        ended = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+                              (f"cio_sync {schema}",)).fetchall()
+    assert ended == [(True,)]
+    if commit_every == 1:  # no transaction was open: the next call just connects again
+        assert sink.write({"type": "identify", "userId": "next", "traits": {"n": 0}}) == 2
+    else:  # the call that finds the transaction gone is refused; those before it are not lost
+        with pytest.raises(cio_sync.StorageError, match=r"127\.0\.0\.1:\d+/postgres \(schema e"):
+            sink.write({"type": "identify", "userId": "next", "traits": {"n": 0}})
+    for i in range(10, 20):  # the sink goes on, on a new connection, with the open transaction written again
+        assert sink.write({"type": "identify", "userId": f"u{i}", "traits": {"n": i}}) == 2
+    sink.close()
+    found = standard.tables(memory_storage, scratch)
+    want = [f"u{i}" for i in range(20)] + (["next"] if commit_every == 1 else [])
+    assert sorted(r["customer_id"] for r in found["people"]) == sorted(want)
+    assert len(found["attributes"]) == len(want)
+
+
 def test_a_bad_url_or_schema_is_refused_by_name(pg: str, memory_storage: Storage, tmp_path: Path) -> None:
     with pytest.raises(cio_sync.ConfigError, match="not a PostgreSQL URL"):
         _sink(memory_storage, "postgresql://u:sekret@127.0.0.1:notaport/db")
@@ -222,43 +249,61 @@ def test_a_bad_url_or_schema_is_refused_by_name(pg: str, memory_storage: Storage
     assert "sekret" not in str(refused.value)
 
 
-def test_the_server_killed_mid_run_then_restarted(memory_storage: Storage, scratch: Path) -> None:
+@pytest.mark.parametrize("commit_every", [1, 4])
+def test_the_server_killed_mid_run_then_restarted(memory_storage: Storage, scratch: Path,
+                                                  commit_every: int) -> None:
     try:
         server_cm = servers.postgres()
         server = server_cm.__enter__()
     except (RuntimeError, OSError) as exc:
         pytest.skip(f"PostgreSQL unavailable: {exc}")
     try:
-        sink = _sink(memory_storage, f"{server.dsn}?schema=k", commit_every=1, max_rows=7)
+        sink = _sink(memory_storage, f"{server.dsn}?schema=k", commit_every=commit_every, max_rows=7)
         accepted: list[str] = []
         errors: list[str] = []
 
-        def send(i: int) -> None:
-            try:
-                sink.write({"type": "identify", "userId": f"u{i}", "traits": {"n": i}})
-            except cio_sync.StorageError as exc:
-                errors.append(str(exc))
-            else:
-                accepted.append(f"u{i}")
+        def refused(error: cio_sync.StorageError) -> None:
+            """Note a refusal; the calls it says were undone (accepted since the last commit) are sent again."""
+            errors.append(str(error))
+            undone = re.search(r"the (\d+) call\(s\) or record\(s\) accepted since its last commit", str(error))
+            if undone:
+                resend.extend(accepted[-int(undone[1]):])
+                del accepted[-int(undone[1]):]
 
-        for i in range(40):
-            send(i)
+        def send(user: str) -> None:
+            try:
+                sink.write({"type": "identify", "userId": user, "traits": {"n": user}})
+            except cio_sync.StorageError as exc:
+                refused(exc)
+            else:
+                accepted.append(user)
+
+        resend: list[str] = []
+        for i in range(41):
+            send(f"u{i}")
         server.kill()
-        for i in range(40, 45):
-            send(i)
+        for i in range(41, 46):
+            send(f"u{i}")
         assert len(errors) == 5  # every call while the server is down is refused, none accepted
         where = server.dsn.split("@", 1)[1]  # host:port/db
         assert all(where in error for error in errors), errors[0]
-        with pytest.raises(cio_sync.StorageError):
+        with pytest.raises(cio_sync.StorageError) as failed:
             sink.flush()
+        refused(failed.value)
+        # At most the calls since the last commit are undone (none with commit_every=1; none either when they were
+        # only staged in memory yet: they are committed once the server is back).
+        assert len(resend) <= 41 % commit_every
         server.restart()
-        for i in range(45, 90):
-            send(i)
-        assert len(errors) == 5
+        for user in resend:
+            send(user)
+        for i in range(46, 90):
+            send(f"u{i}")
+        assert len(errors) == 6  # the sink went on as soon as the server was back
         sink.close()
         found = standard.tables(memory_storage, scratch)
         people = [r["customer_id"] for r in found["people"]]
         assert sorted(people) == sorted(accepted)  # every accepted call in exactly one file, once
         assert len(found["attributes"]) == len(accepted)
+        assert len(accepted) == 90 - 5
     finally:
         server_cm.__exit__(None, None, None)

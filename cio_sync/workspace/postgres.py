@@ -167,7 +167,8 @@ class PostgresConnection:
             raise BackendError(f"the connection to {self._where} was lost with the open transaction", storage=True)
         self._drop()
         try:
-            conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=10)
+            named = {} if "application_name" in self._conninfo else {"application_name": f"cio_sync {self._schema}"}
+            conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=10, **named)
         except psycopg.Error as exc:
             raise BackendError(f"cannot connect to {self._where}: {_detail(exc)}", storage=True) from exc
         try:
@@ -204,13 +205,20 @@ class PostgresConnection:
             if query == "COMMIT" and conn.info.transaction_status == TransactionStatus.INERROR:
                 # PostgreSQL would answer a COMMIT of a failed transaction by rolling it back, without an error.
                 raise BackendError(f"{self._where}: the transaction failed before its commit", storage=True)
-            try:
-                cursor = conn.execute(query, params or None)
-                rows = cursor.fetchall() if cursor.description is not None else []
-            except psycopg.Error as exc:
-                if conn.broken:
+            outside = not self._open_tx  # a read or a BEGIN: nothing is lost if the connection was, try once more
+            while True:
+                try:
+                    cursor = conn.execute(query, params or None)
+                    rows = cursor.fetchall() if cursor.description is not None else []
+                    break
+                except psycopg.Error as exc:
+                    if not conn.broken:
+                        raise _backend_error(exc, self._where) from exc
                     self._drop()
-                raise _backend_error(exc, self._where) from exc
+                    if not outside:
+                        raise _backend_error(exc, self._where) from exc
+                    outside = False
+                    conn = self._connection()  # the server ended an idle session (a restart, a failover)
             if query == "BEGIN":
                 self._open_tx = True
             elif query == "COMMIT":
