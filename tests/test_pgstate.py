@@ -307,3 +307,27 @@ def test_the_server_killed_mid_run_then_restarted(memory_storage: Storage, scrat
         assert len(accepted) == 90 - 5
     finally:
         server_cm.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_ownership_and_position_on_both_backends(pg: str, memory_storage: Storage, tmp_path: Path,
+                                                 backend: str) -> None:
+    url = str(tmp_path / "ws.sqlite") if backend == "sqlite" else f"{pg}?schema=o{uuid.uuid4().hex[:8]}"
+    with _sink(memory_storage, url) as sink:
+        assert (sink.state.position, sink.state.epoch) == (0, None)
+        sink.state.take_ownership(3)
+        sink.write({"type": "identify", "userId": "u", "traits": {"a": 1}})
+        with pytest.raises(cio_sync.StateError, match="take ownership before"):
+            sink.state.set_position(1) or sink.state.take_ownership(4)
+        sink.commit()
+        assert sink.state.position == 1
+        with pytest.raises(cio_sync.ConfigError):
+            sink.state.set_position(-1)
+    with _sink(memory_storage, url) as again:
+        assert again.state.position == 1
+        with pytest.raises(cio_sync.Fenced, match="owned by epoch 3, not 2"):
+            again.state.take_ownership(2)
+        again.state.take_ownership(3)  # the same owner, after a restart
+        again.state.set_position(7)
+    with _sink(memory_storage, url) as third:
+        assert third.state.position == 7
