@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+from cio_sync._errors import ConfigError
 from cio_sync.workspace.state import WorkspaceState
 
 #: How a ``state`` argument names a PostgreSQL state (any other string or path is a SQLite file).
@@ -26,7 +27,5 @@ def open_state(state: str | os.PathLike[str] | None, *, workspace_id: int, new_w
         assert isinstance(state, str)
         return PostgresState(state, workspace_id=workspace_id, schema=schema, new_workspace=new_workspace)
     if schema is not None:
-        from cio_sync._errors import ConfigError
-
         raise ConfigError("state_schema is for a PostgreSQL state (state='postgresql://...'), not a SQLite one")
     return WorkspaceState(state, workspace_id=workspace_id, new_workspace=new_workspace)

@@ -167,7 +167,8 @@ class PostgresConnection:
             raise BackendError(f"the connection to {self._where} was lost with the open transaction", storage=True)
         self._drop()
         try:
-            named = {} if "application_name" in self._conninfo else {"application_name": f"cio_sync {self._schema}"}
+            named: dict[str, Any] = {} if "application_name" in self._conninfo else {
+                "application_name": f"cio_sync {self._schema}"}
             conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=10, **named)
         except psycopg.Error as exc:
             raise BackendError(f"cannot connect to {self._where}: {_detail(exc)}", storage=True) from exc
