@@ -178,11 +178,10 @@ def test_a_higher_epoch_fences_the_first_owner(pg: str, memory_storage: Storage,
     first.write({"type": "identify", "userId": "lost", "traits": {"a": 2}})
     first.state.set_position(11)
 
-    second = _sink(memory_storage, url, commit_every=1)
+    with pytest.raises(cio_sync.Fenced, match="owned by epoch 1, not 0"):
+        _sink(memory_storage, url, state_epoch=0)  # lower than the stored one: refused as it opens
+    second = _sink(memory_storage, url, commit_every=1, state_epoch=2)  # owner before it publishes anything
     assert second.state.position == 10
-    with pytest.raises(cio_sync.Fenced):
-        second.state.take_ownership(0)  # lower than the stored one
-    second.state.take_ownership(2)
     with pytest.raises(cio_sync.Fenced, match="owned by epoch 2, not 1"):
         first.commit()
     with pytest.raises(cio_sync.Fenced):  # and it stays fenced: it writes nothing more

@@ -101,6 +101,9 @@ class StandardSink(PublishingSink):
     ``state`` may instead be a PostgreSQL URL (``"postgresql://user@host:port/db"``; needs the ``postgres`` extra):
     the same tables in one schema of that database, ``state_schema`` or the URL's ``?schema=NAME`` (default
     ``cio_sync_<workspace_id>``), created if missing; see docs/standard.md, "Workspace state in PostgreSQL".
+    ``state_epoch`` takes ownership of the state with that epoch as soon as it is open, before anything of it is
+    published (``state.take_ownership``: raises :class:`~cio_sync.Fenced` if a higher one is stored; from then on a
+    commit after a later owner took a higher epoch raises ``Fenced``, and nothing of it is kept).
     ``commit_every`` is how many calls or records are applied between commits of the state (1: each one is durable
     before ``write`` returns; more is faster, and a crash may then lose up to that many, with their rows).
 
@@ -147,6 +150,7 @@ class StandardSink(PublishingSink):
         new_workspace: bool = False,
         dedupe_window: float | timedelta | None = None,
         state_schema: str | None = None,
+        state_epoch: int | None = None,
     ) -> None:
         self.workspace_id = check_int("workspace_id", workspace_id)
         self._dedupe_window = window_seconds(dedupe_window)
@@ -159,6 +163,7 @@ class StandardSink(PublishingSink):
         self._blocked = self._blocking = 0
         self._floors: dict[str, int] = {}
         self._state_file, self._new_workspace, self._state_schema = state, new_workspace, state_schema
+        self._state_epoch = None if state_epoch is None else check_int("state_epoch", state_epoch)
         self._open(
             target, format=ParquetFormat(compression=compression), storage_options=storage_options,
             filesystem=filesystem, flush_interval=flush_interval, max_rows=max_rows, max_bytes=max_bytes,
@@ -178,6 +183,8 @@ class StandardSink(PublishingSink):
         self.state = open_state(self._state_file, workspace_id=self.workspace_id,
                                 new_workspace=self._new_workspace, schema=self._state_schema)
         try:
+            if self._state_epoch is not None:
+                self.state.take_ownership(self._state_epoch)
             self._outbox = SqliteOutbox(self.state)
         except BaseException:
             self.state.close()
