@@ -330,3 +330,21 @@ def test_ownership_and_position_on_both_backends(pg: str, memory_storage: Storag
         again.state.set_position(7)
     with _sink(memory_storage, url) as third:
         assert third.state.position == 7
+
+
+def test_a_schema_whose_state_was_lost_or_that_holds_other_tables_is_refused(pg: str,
+                                                                             memory_storage: Storage) -> None:
+    schema = f"l{uuid.uuid4().hex[:8]}"
+    with _sink(memory_storage, f"{pg}?schema={schema}") as sink:
+        sink.write({"type": "identify", "userId": "u", "traits": {"a": 1}})
+    with psycopg.connect(pg, autocommit=True) as admin:
+        admin.execute(sql.SQL("DELETE FROM {}.meta").format(sql.Identifier(schema)))
+        admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(f"{schema}_other")))
+        admin.execute(sql.SQL("CREATE TABLE {}.orders (id int)").format(sql.Identifier(f"{schema}_other")))
+    with pytest.raises(cio_sync.StateError, match="tables but no metadata"):
+        _sink(memory_storage, f"{pg}?schema={schema}")
+    with _sink(memory_storage, f"{pg}?schema={schema}", new_workspace=True) as fresh:
+        with pytest.raises(cio_sync.UnknownPerson):
+            fresh.person("u")  # a new workspace: nothing of the old tables is left
+    with pytest.raises(cio_sync.StateError, match="holds tables but no cio_sync state"):
+        _sink(memory_storage, f"{pg}?schema={schema}_other")

@@ -69,6 +69,10 @@ CREATE TABLE IF NOT EXISTS owner (one INTEGER PRIMARY KEY CHECK (one = 1), epoch
     position BIGINT NOT NULL);
 """
 
+#: The tables of a state (all in its schema).
+_TABLES: Final = frozenset({"meta", "people", "person_attributes", "anonymous", "definitions", "outbox", "batches",
+                            "message_ids", "owner"})
+
 #: The primary key of each table the state writes with ``INSERT OR REPLACE``, and the columns of the one statement
 #: that names none (``INSERT OR REPLACE INTO meta VALUES (?, ?)``).
 _KEYS: Final = {"meta": ("key",), "person_attributes": ("cio_id",), "anonymous": ("anonymous_id",),
@@ -342,25 +346,28 @@ class PostgresState(WorkspaceState):
                 # One creator at a time (two states opening a new schema at once would both try to create it).
                 conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"cio_sync state {self.schema}",))
                 exists = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (self.schema,)).fetchone()
-                fresh = exists is None or conn.execute(
-                    "SELECT 1 FROM pg_tables WHERE schemaname = %s AND tablename = 'meta'",
-                    (self.schema,)).fetchone() is None
-                if exists is not None and fresh:
-                    tables = conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = %s",
-                                          (self.schema,)).fetchone()[0]
-                    if tables:
-                        raise StateError(f"workspace state {self.path}: schema {self.schema!r} holds tables but no "
-                                         f"cio_sync state; choose another schema")
-                conn.execute(pgsql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
-                conn.execute(_SCHEMA)
+                present = {str(name) for (name,) in conn.execute(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = %s", (self.schema,))}
+                if present and "meta" not in present:
+                    raise StateError(f"workspace state {self.path}: schema {self.schema!r} holds tables but no "
+                                     f"cio_sync state; choose another schema")
+                # Only what is missing is created: a user who may not create schemas (or tables) can still open a
+                # state made for them.
+                if exists is None:
+                    conn.execute(pgsql.SQL("CREATE SCHEMA {}").format(ident))
+                if not present >= _TABLES:
+                    conn.execute(_SCHEMA)
                 fmt = conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
                 if fmt is None:
-                    if not fresh and not new_workspace:
-                        raise StateError(
-                            f"workspace state {self.path} has its tables but no metadata: it may be a state whose "
-                            f"content was lost, and starting a new workspace on it would give its people new "
-                            f"internal ids; restore it, or pass new_workspace=True to start a new workspace there")
-                    conn.execute("DELETE FROM meta")
+                    if "meta" in present:
+                        if not new_workspace:
+                            raise StateError(
+                                f"workspace state {self.path} has its tables but no metadata: it may be a state "
+                                f"whose content was lost, and starting a new workspace on it would give its people "
+                                f"new internal ids; restore it, or pass new_workspace=True to start a new workspace "
+                                f"there (what its tables hold is then emptied)")
+                        conn.execute(pgsql.SQL("TRUNCATE {}").format(
+                            pgsql.SQL(", ").join(pgsql.Identifier(t) for t in sorted(_TABLES))))
                     with conn.cursor() as cursor:
                         cursor.executemany("INSERT INTO meta VALUES (%s, %s)", [
                             ("format", str(STATE_FORMAT)), ("workspace_id", str(self.workspace_id)),
