@@ -343,8 +343,8 @@ def test_a_schema_whose_state_was_lost_or_that_holds_other_tables_is_refused(pg:
         admin.execute(sql.SQL("CREATE TABLE {}.orders (id int)").format(sql.Identifier(f"{schema}_other")))
     with pytest.raises(cio_sync.StateError, match="tables but no metadata"):
         _sink(memory_storage, f"{pg}?schema={schema}")
-    with _sink(memory_storage, f"{pg}?schema={schema}", new_workspace=True) as fresh:
-        with pytest.raises(cio_sync.UnknownPerson):
-            fresh.person("u")  # a new workspace: nothing of the old tables is left
+    with _sink(memory_storage, f"{pg}?schema={schema}", new_workspace=True) as fresh, \
+            pytest.raises(cio_sync.UnknownPerson):
+        fresh.person("u")  # a new workspace: nothing of the old tables is left
     with pytest.raises(cio_sync.StateError, match="holds tables but no cio_sync state"):
         _sink(memory_storage, f"{pg}?schema={schema}_other")
