@@ -128,6 +128,14 @@ class StateError(CioSyncError, RuntimeError):
     until someone acts (unlike a fault of the storage, a :class:`StorageError`, which is an ``OSError``)."""
 
 
+class Fenced(StateError):
+    """A workspace state was taken over by a later owner: another process called ``take_ownership`` with a higher
+    epoch (a worker that took this one's partition). Raised by ``take_ownership`` when a higher epoch is stored, and
+    by a commit of a state that owned a lower one, in the same transaction as the check: that commit was rolled
+    back, so nothing of it is visible, and the state writes nothing more. Stop using the sink; the new owner goes
+    on from what was committed before."""
+
+
 class BufferFull(CioSyncError, TimeoutError):
     """The sink's memory budget is used up, storage is not taking files, and ``block_timeout`` ran out; the call
     was not accepted, and may be written again later.

@@ -473,6 +473,11 @@ class _SinkCollector:
         buffered = GaugeMetricFamily("cio_sync_rows_buffered", "Rows waiting to be published", labels=["sink"])
         duplicates = CounterMetricFamily("cio_sync_calls_duplicate", "Calls dropped as retries of calls taken "
                                          "within the dedupe window", labels=["sink"])
+        if stats is not None and hasattr(stats, "calls_published"):  # a cio_sync.nats.Publisher: no buffers
+            duplicates.add_metric(["nats"], stats.duplicates)
+            published = CounterMetricFamily("cio_sync_calls_published", "Calls the stream acked", labels=["sink"])
+            published.add_metric(["nats"], stats.calls_published)
+            return [duplicates, published]
         for name, part in parts:
             if part is None:
                 continue

@@ -491,7 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, default="parquet", help="Advanced file format (default parquet)")
     p.add_argument("--destination-id", type=int, default=1, help="Advanced destination id (default 1)")
     p.add_argument("--workspace-id", type=int, default=1, help="Standard workspace id (default 1)")
-    p.add_argument("--state", default=None, help="Standard workspace state file (default: in memory)")
+    p.add_argument("--state", default=None,
+                   help="Standard workspace state file (default: in memory), or a postgresql:// URL "
+                   "(its schema: ?schema=NAME, default cio_sync_<workspace id>)")
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                    help=_STORAGE_OPTION_HELP)
     p.set_defaults(handler=replay_command)
@@ -509,7 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, default="parquet", help="Advanced file format (default parquet)")
     p.add_argument("--standard", metavar="URL", help="where Standard files go")
     p.add_argument("--workspace-id", type=int, default=None, help="the Standard workspace id")
-    p.add_argument("--state", default=None, help="the Standard workspace state file (SQLite)")
+    p.add_argument("--state", default=None, help="the Standard workspace state: a SQLite file, or a postgresql:// URL "
+                   "(its schema: ?schema=NAME, default cio_sync_<workspace id>)")
     p.add_argument("--spool-dir", metavar="DIR",
                    help="where accepted calls are kept durable until they are published (not with --nats)")
     p.add_argument("--spool-sync", choices=("group", "always", "interval", "os"), default="group",

@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 S3_KEY = "cio-sync-test-key"
@@ -259,6 +259,28 @@ def azurite() -> Iterator[AzureServer]:
 class PostgresServer:
     dsn: str
     server: Server
+    #: How it was started (to start it again on the same port and data after :meth:`kill`).
+    argv: list[str] = field(default_factory=list)
+    workdir: Path | None = None
+
+    def kill(self) -> None:
+        """SIGKILL the server and all its processes (a crash: nothing is shut down cleanly)."""
+        assert self.workdir is not None
+        pid_file = self.workdir / "db" / "postmaster.pid"
+        postmaster = int(pid_file.read_text().split()[0])
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.server.process.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(postmaster, signal.SIGKILL)
+        self.server.process.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and Path(f"/proc/{postmaster}").exists():
+            time.sleep(0.05)
+
+    def restart(self) -> None:
+        """Start it again (crash recovery runs) on the same port and data directory."""
+        assert self.workdir is not None
+        self.server = _start_postgres(self.argv, int(self.dsn.rsplit(":", 1)[1].split("/")[0]), self.workdir)
 
 
 def postgres_binary(name: str) -> str | None:
@@ -290,11 +312,12 @@ def postgres() -> Iterator[PostgresServer]:
     argv = [*as_user, server_bin, "-D", str(data / "db"), "-p", str(port), "-k", str(data),
             "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"]
     workdir_owner = data
-    server = _start_postgres(argv, port, workdir_owner)
+    started = PostgresServer(f"postgresql://postgres@127.0.0.1:{port}/postgres",
+                             _start_postgres(argv, port, workdir_owner), argv, workdir_owner)
     try:
-        yield PostgresServer(f"postgresql://postgres@127.0.0.1:{port}/postgres", server)
+        yield started
     finally:
-        server.stop()
+        started.server.stop()
         shutil.rmtree(data, ignore_errors=True)
 
 

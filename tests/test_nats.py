@@ -22,6 +22,7 @@ from cio_sync.nats import Publisher, partition_of
 from tests import servers
 from tests.test_asgi import KEY
 from tests.test_asgi import post as asgi_post
+from tests.test_asgi import request as asgi_request
 
 pytestmark = pytest.mark.timeout(120)
 _streams = itertools.count(1)
@@ -134,6 +135,10 @@ def test_a_republished_message_id_is_stored_once(nats_cluster: servers.NatsClust
     assert [s.message_id for s in stored(nats_cluster, stream)] == ["retry-1"]
     assert publisher.stats.calls_published == 2
     assert publisher.stats.duplicates == 1
+    scrape = app(publisher, write_keys=[KEY])
+    metrics = asgi_request(scrape, "GET", "/metrics").body.decode()
+    assert 'cio_sync_calls_duplicate_total{sink="nats"} 1.0' in metrics
+    assert 'cio_sync_calls_published_total{sink="nats"} 2.0' in metrics
 
 
 def test_a_bad_call_is_refused_and_not_published(nats_cluster: servers.NatsCluster, publisher: Publisher,

@@ -12,7 +12,7 @@ def test_all_lists_exactly_the_public_names() -> None:
     public = {name for name in dir(cio_sync) if not name.startswith("_")}
     # Submodules: the command line, the sink authors' test kit, and the layer packages (docs/architecture.md).
     modules = {"cli", "serve", "asgi", "testing", "schemas", "intake", "formats", "storage", "buffer", "publish",
-               "workspace", "sinks", "loader"}
+               "workspace", "sinks", "loader", "nats"}
     assert public - modules == set(cio_sync.__all__) - {"__version__"}
 
 

@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Final
 
-from cio_sync._errors import ConfigError, InvalidCall, InvalidCalls, SinkClosed, StorageError
+from cio_sync._errors import ConfigError, SinkClosed, StorageError
 from cio_sync.intake.calls import parse_call
 from cio_sync.nats._common import (
     NATS_ERRORS,
@@ -31,6 +31,7 @@ from cio_sync.nats._common import (
     person_key,
     server_list,
 )
+from cio_sync.sinks.base import write_each
 
 __all__ = ["MIN_DUPLICATE_WINDOW", "Publisher", "PublisherStats"]
 
@@ -136,21 +137,11 @@ class Publisher:
             pending = self._local.pending = []
         pending.append(future)
 
-    def write_many(self, calls: list[Any]) -> int:
-        """Write each call (see :meth:`write`); how many were published. Bad calls are skipped and raised together
-        as :class:`~cio_sync.InvalidCalls` after the others were written."""
-        errors: list[InvalidCall] = []
-        accepted = 0
-        for index, call in enumerate(calls):
-            try:
-                self.write(call)
-            except InvalidCall as exc:
-                errors.append(InvalidCall(exc.reason, field=exc.field, index=index))
-            else:
-                accepted += 1
-        if errors:
-            raise InvalidCalls(errors, accepted=accepted)
-        return accepted
+    def write_many(self, calls: Any) -> int:
+        """Write each call of ``calls`` (an iterable of calls, or a Segment batch payload), as the sinks'
+        ``write_many`` does: how many were published; the bad ones are skipped and raised together as
+        :class:`~cio_sync.InvalidCalls` after the others were written."""
+        return write_each(self.write, calls)
 
     def sync(self) -> None:
         """Return once JetStream acked every call this thread wrote since its last ``sync()``; raise

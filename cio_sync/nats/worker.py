@@ -45,7 +45,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any, Final
 
 import nats.errors
@@ -73,7 +72,7 @@ from cio_sync.nats._common import (
 from cio_sync.publish.counters import Counters
 from cio_sync.publish.layout import advanced_counter, advanced_manifest_counter, advanced_manifest_name, advanced_name
 from cio_sync.publish.manifests import ManifestSpec, manifest_document
-from cio_sync.sinks.advanced import DEFAULT_ACTION_IDS, DEFAULT_MAX_BUFFER_BYTES, advanced_row
+from cio_sync.sinks.advanced import DEFAULT_MAX_BUFFER_BYTES, action_ids_of, advanced_row
 from cio_sync.sinks.base import check_int, make_writer
 from cio_sync.storage.writer import RetryPolicy, Writer, WrittenFile
 from cio_sync.testing import abandon
@@ -252,14 +251,7 @@ class Worker:
         self.stream = check_stream_name(stream)
         self.worker_id = _worker_id(worker_id)
         self.destination_id = check_int("destination_id", destination_id)
-        ids = dict(DEFAULT_ACTION_IDS)
-        for call_type, action_id in (action_ids or {}).items():
-            if call_type not in ids:
-                raise ConfigError(f"action_ids: unknown call type {call_type!r}")
-            ids[call_type] = check_int(f"action_ids[{call_type!r}]", action_id)
-        if len(set(ids.values())) != len(ids):
-            raise ConfigError(f"action_ids must differ between call types; got {ids}")
-        self.action_ids: Mapping[str, int] = MappingProxyType(ids)
+        self.action_ids = action_ids_of(action_ids)
         if not flush_interval > 0:
             raise ConfigError(f"flush_interval must be above 0 seconds, not {flush_interval!r}")
         if not lease_seconds >= 1:

@@ -32,7 +32,19 @@ DEFAULT_ACTION_IDS: Final[Mapping[str, int]] = MappingProxyType(
 )
 
 __all__ = ["DEFAULT_ACTION_IDS", "DEFAULT_MAX_BUFFER_BYTES", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_ROWS", "AdvancedSink",
-           "advanced_row"]
+           "action_ids_of", "advanced_row"]
+
+
+def action_ids_of(given: Mapping[str, int] | None) -> Mapping[str, int]:
+    """The action id of each call type: the defaults, with ``given`` (checked) over them."""
+    ids = dict(DEFAULT_ACTION_IDS)
+    for call_type, action_id in (given or {}).items():
+        if call_type not in DEFAULT_ACTION_IDS:
+            raise ConfigError(f"action_ids: unknown call type {call_type!r}; known: {', '.join(CALL_TYPES)}")
+        ids[call_type] = check_int(f"action_ids[{call_type!r}]", action_id)
+    if len(set(ids.values())) != len(ids):
+        raise ConfigError(f"action_ids must differ between call types; got {ids}")
+    return MappingProxyType(ids)
 
 
 def advanced_row(parsed: Call, *, documents: bool) -> tuple[pa.Schema, tuple[Any, ...], int]:
@@ -111,14 +123,7 @@ class AdvancedSink(BufferedSink):
         dedupe_window: float | timedelta | None = None,
     ) -> None:
         self.destination_id = check_int("destination_id", destination_id)
-        ids = dict(DEFAULT_ACTION_IDS)
-        for call_type, action_id in (action_ids or {}).items():
-            if call_type not in DEFAULT_ACTION_IDS:
-                raise ConfigError(f"action_ids: unknown call type {call_type!r}; known: {', '.join(CALL_TYPES)}")
-            ids[call_type] = check_int(f"action_ids[{call_type!r}]", action_id)
-        if len(set(ids.values())) != len(ids):
-            raise ConfigError(f"action_ids must differ between call types; got {ids}")
-        self.action_ids: Mapping[str, int] = MappingProxyType(ids)
+        self.action_ids = action_ids_of(action_ids)
         options: dict[str, Any] = {"compression": compression} if compression is not None else {}
         if options and not (isinstance(format, str) and format.lower() == "parquet"):
             raise ConfigError("compression applies to the parquet format only (or configure your Format object)")

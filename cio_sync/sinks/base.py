@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, Self
@@ -63,6 +63,24 @@ def expand_batch(calls: Any) -> Iterable[Any]:
     raise InvalidCall(f"write_many takes an iterable of calls or a batch payload; got {type(calls).__name__}")
 
 
+def write_each(write: Callable[[Any], object], calls: Any) -> int:
+    """``write`` each call of ``calls`` (an iterable of calls or a Segment batch payload, see :func:`expand_batch`);
+    how many were accepted. Every valid call is written even when others are not; the refused ones are raised at
+    the end as :class:`~cio_sync.InvalidCalls`, one error per call with its ``index``."""
+    errors: list[InvalidCall] = []
+    accepted = 0
+    for index, call in enumerate(expand_batch(calls)):
+        try:
+            write(call)
+        except InvalidCall as exc:
+            errors.append(InvalidCall(exc.reason, field=exc.field, index=index))
+        else:
+            accepted += 1
+    if errors:
+        raise InvalidCalls(errors, accepted=accepted)
+    return accepted
+
+
 class BaseSink:
     """Context manager, flush, close and stats over a :class:`Publisher`. Subclasses set ``_publisher``."""
 
@@ -78,18 +96,7 @@ class BaseSink:
         accepted even when others are not; if any was rejected, :class:`~cio_sync.InvalidCalls` is raised at the end
         with one error per rejected call (``.errors``, each with its ``index``) and the number accepted.
         """
-        errors: list[InvalidCall] = []
-        accepted = 0
-        for index, call in enumerate(expand_batch(calls)):
-            try:
-                self.write(call)
-            except InvalidCall as exc:
-                errors.append(InvalidCall(exc.reason, field=exc.field, index=index))
-            else:
-                accepted += 1
-        if errors:
-            raise InvalidCalls(errors, accepted=accepted)
-        return accepted
+        return write_each(self.write, calls)
 
     # -- composing sinks: how a Pipeline gives one validated call to several sinks, to all of them or to none ----
 

@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import logging
 import os
-import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
@@ -23,7 +22,7 @@ import orjson
 import pyarrow as pa
 from fsspec import AbstractFileSystem
 
-from cio_sync._errors import CioSyncError, InvalidCall, InvalidRecord, InvalidRecords, UnknownPerson
+from cio_sync._errors import CioSyncError, Fenced, InvalidCall, InvalidRecord, InvalidRecords, UnknownPerson
 from cio_sync._types import Batch
 from cio_sync.buffer.seen import EXPIRE_EVERY, digest, window_seconds
 from cio_sync.formats.parquet import ParquetFormat
@@ -44,8 +43,9 @@ from cio_sync.schemas.tables import STANDARD_TABLES, STANDARD_VERSION, STANDARD_
 from cio_sync.sinks.base import check_int
 from cio_sync.sinks.buffered import PublishingSink
 from cio_sync.storage.writer import RetryPolicy, Writer, WrittenFile
+from cio_sync.workspace import open_state
 from cio_sync.workspace.outbox import SqliteOutbox
-from cio_sync.workspace.state import Definition, Person, WorkspaceState
+from cio_sync.workspace.state import DB_ERRORS, Definition, Person, WorkspaceState
 
 log = logging.getLogger("cio_sync.sink")
 
@@ -98,6 +98,12 @@ class StandardSink(PublishingSink):
     the outbox of rows not yet published), or ``None`` to keep it in memory for the sink's life. A missing file
     starts a new workspace; an empty one (0 bytes) raises :class:`~cio_sync.StateError`, as it may be a state
     whose content was lost, unless ``new_workspace=True`` says that an empty state file may start a new workspace.
+    ``state`` may instead be a PostgreSQL URL (``"postgresql://user@host:port/db"``; needs the ``postgres`` extra):
+    the same tables in one schema of that database, ``state_schema`` or the URL's ``?schema=NAME`` (default
+    ``cio_sync_<workspace_id>``), created if missing; see docs/standard.md, "Workspace state in PostgreSQL".
+    ``state_epoch`` takes ownership of the state with that epoch as soon as it is open, before anything of it is
+    published (``state.take_ownership``: raises :class:`~cio_sync.Fenced` if a higher one is stored; from then on a
+    commit after a later owner took a higher epoch raises ``Fenced``, and nothing of it is kept).
     ``commit_every`` is how many calls or records are applied between commits of the state (1: each one is durable
     before ``write`` returns; more is faster, and a crash may then lose up to that many, with their rows).
 
@@ -143,6 +149,8 @@ class StandardSink(PublishingSink):
         keep_rejected: bool = False,
         new_workspace: bool = False,
         dedupe_window: float | timedelta | None = None,
+        state_schema: str | None = None,
+        state_epoch: int | None = None,
     ) -> None:
         self.workspace_id = check_int("workspace_id", workspace_id)
         self._dedupe_window = window_seconds(dedupe_window)
@@ -154,7 +162,8 @@ class StandardSink(PublishingSink):
         #: Calls accepted and ignored because their identifier is blocked (see ``stats``); those of the open step.
         self._blocked = self._blocking = 0
         self._floors: dict[str, int] = {}
-        self._state_file, self._new_workspace = state, new_workspace
+        self._state_file, self._new_workspace, self._state_schema = state, new_workspace, state_schema
+        self._state_epoch = None if state_epoch is None else check_int("state_epoch", state_epoch)
         self._open(
             target, format=ParquetFormat(compression=compression), storage_options=storage_options,
             filesystem=filesystem, flush_interval=flush_interval, max_rows=max_rows, max_bytes=max_bytes,
@@ -171,9 +180,11 @@ class StandardSink(PublishingSink):
     # workspace, sequences from the current time in µs ----------------------------------------------------------
 
     def _open_store(self) -> SqliteOutbox:
-        self.state = WorkspaceState(self._state_file, workspace_id=self.workspace_id,
-                                    new_workspace=self._new_workspace)
+        self.state = open_state(self._state_file, workspace_id=self.workspace_id,
+                                new_workspace=self._new_workspace, schema=self._state_schema)
         try:
+            if self._state_epoch is not None:
+                self.state.take_ownership(self._state_epoch)
             self._outbox = SqliteOutbox(self.state)
         except BaseException:
             self.state.close()
@@ -248,7 +259,14 @@ class StandardSink(PublishingSink):
         if self._publisher.inherited:
             return []  # a child after fork: the buffers, the state file and its lock are the parent's
         if not self._publisher.closed:
-            self.commit()
+            try:
+                self.commit()
+            except Fenced:
+                # A later owner took the state: this sink may publish nothing more. Let it go (as a killed
+                # process would: what it had not committed is the new owner's to redo), then say why.
+                self._publisher.abandon()
+                self.state.abandon()
+                raise
         return super().close()
 
     # -- applying changes ----------------------------------------------------------------------------------------
@@ -650,7 +668,7 @@ class StandardSink(PublishingSink):
             try:
                 person = self._find(id, cio_id)
                 attributes = dict(self.state.attrs(person))
-            except sqlite3.Error as exc:
+            except DB_ERRORS as exc:
                 raise self.state.fault(exc, "read a person") from exc
             return {"cio_id": person.cio_id, "id": person.id, "email": person.email,
                     "suppressed": person.suppressed, "attributes": attributes}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from typing import Any
 
@@ -12,7 +11,7 @@ import pyarrow as pa
 from cio_sync._errors import CioSyncError, StorageError
 from cio_sync._types import Batch, BatchState, Buffered, Filled
 from cio_sync.schemas.tables import STANDARD_SCHEMAS, STANDARD_TABLES, standard_spec
-from cio_sync.workspace.state import WorkspaceState
+from cio_sync.workspace.state import DB_ERRORS, WorkspaceState
 
 log = logging.getLogger("cio_sync.state")
 
@@ -97,7 +96,7 @@ class SqliteOutbox:
                 batch.encoded = self._state.outbox_encoded(batch.key, recover=False)
             else:  # never named, or named but not recorded yet: the bytes are encoded again from the rows
                 batch.data = self._state.outbox_batch_rows(batch.key, recover=False)
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             raise self._state.error(exc, f"read back a batch of {batch.table}") from exc
 
     def retract(self, table: str, size: int) -> None:

@@ -57,11 +57,25 @@ from typing import IO, Any, Final
 import orjson
 import pyarrow as pa
 
-from cio_sync._errors import CioSyncError, StateError, StorageError, library_error
+from cio_sync._errors import CioSyncError, ConfigError, Fenced, StateError, StorageError, library_error
 from cio_sync._time import now_micros
 from cio_sync.schemas.tables import STANDARD_VERSION
 
 STATE_FORMAT: Final = 3
+
+
+class BackendError(Exception):
+    """A failed statement of a state backend other than SQLite (its driver's error is the ``__cause__``):
+    ``storage`` says whether it is a fault of the server or the connection (a :class:`~cio_sync.StorageError`),
+    else the state cannot be used (a :class:`~cio_sync.StateError`)."""
+
+    def __init__(self, message: str, *, storage: bool) -> None:
+        super().__init__(message)
+        self.storage = storage
+
+
+#: The errors of a state's database that its code recovers from (the sink catches these around reads, too).
+DB_ERRORS: Final = (sqlite3.Error, BackendError)
 
 
 _SCHEMA: Final = """
@@ -96,6 +110,8 @@ CREATE TABLE IF NOT EXISTS batches (
 );
 CREATE TABLE IF NOT EXISTS message_ids (id BLOB PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS message_ids_at ON message_ids (at);
+CREATE TABLE IF NOT EXISTS owner (one INTEGER PRIMARY KEY CHECK (one = 1), epoch INTEGER NOT NULL,
+    position INTEGER NOT NULL);
 """
 
 
@@ -106,9 +122,20 @@ _PEOPLE, _ANONYMOUS, _DEFINITIONS, _OUTBOX, _MESSAGE_IDS, _EXPIRED_IDS = range(6
 
 _TABLES: Final = 6
 
+#: The connection of a state that is not open yet.
+_NOT_OPEN: Any = None
+
 #: The dedupe window's ids (digests, see cio_sync.buffer.seen), kept in the step of the call that brought them.
 _SAVE_MESSAGE_ID: Final = "INSERT OR REPLACE INTO message_ids VALUES (?, ?)"
 _EXPIRE_MESSAGE_IDS: Final = "DELETE FROM message_ids WHERE at < ?"
+
+
+_TAKE_OWNERSHIP: Final = ("INSERT INTO owner (one, epoch, position) VALUES (1, ?, 0) "
+                          "ON CONFLICT (one) DO UPDATE SET epoch = excluded.epoch")
+
+
+_SET_POSITION: Final = ("INSERT INTO owner (one, epoch, position) VALUES (1, 0, ?) "
+                        "ON CONFLICT (one) DO UPDATE SET position = excluded.position")
 
 
 _INSERT_PERSON: Final = ("INSERT INTO people (cio_id, id, email, deleted, suppressed, created_at, updated_at) "
@@ -286,22 +313,23 @@ class WorkspaceState:
         #: (see :meth:`_recover`); returns words to add to the error. The sink sets it.
         self.on_recover: Callable[[bool], str] | None = None
         self._lock_file: IO[str] | None = None
+        #: The database connection: sqlite3's, or one with the same surface (cio_sync.workspace.postgres).
+        self._db: Any = _NOT_OPEN
         self._in_tx = False
+        # Fencing (take_ownership): the epoch this state owns (None: it never took ownership), the higher epoch a
+        # commit found stored (then the state is fenced: it writes nothing more), and the position stored with the
+        # commits (set_position stages it until the next one).
+        self._epoch: int | None = None
+        self._fenced_by: int | None = None
+        self._position = 0
+        self._position_dirty = False
         # Every write statement of the open transaction, in order: (sql, parameters, executemany), to replay it
         # into a new transaction after SQLite rolled it back by itself (see _recover).
         self._journal: list[tuple[str, Any, bool]] = []
         self._recovering = False
         try:
-            if self.path is not None:
-                self._lock_file = self._take_lock(self.path)
-                self._prepare(self.path, new_workspace, workspace_id)
-            self._db = sqlite3.connect(self.path or ":memory:", isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode: a commit survives a crash of the process; the OS crashing may lose the last ones.
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-            self._check_meta()
-        except sqlite3.Error as exc:
+            self._connect(new_workspace)
+        except DB_ERRORS as exc:
             self.close()
             raise self._error(exc, "open it") from exc
         except OSError as exc:
@@ -351,13 +379,31 @@ class WorkspaceState:
             #: Every id that may be blocked (a suppressed person's): a call naming one of them asks the database.
             self._maybe_blocked: set[str] = {
                 i for (i,) in self._db.execute("SELECT id FROM people WHERE suppressed = 1 AND id IS NOT NULL")}
-        except sqlite3.Error as exc:
+            owner = self._db.execute("SELECT epoch, position FROM owner WHERE one = 1").fetchone()
+        except DB_ERRORS as exc:
             self.close()
             raise self._error(exc, "open it") from exc
         self._seq_dirty = False
         self._clock = 0
+        self._position = int(owner[1]) if owner is not None else 0
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
+
+    #: Appended to the SELECT that a commit of an owning state reads its epoch with (a row lock where the database
+    #: has them; SQLite's write transaction already excludes every other writer).
+    _FOR_UPDATE: str = ""
+
+    def _connect(self, new_workspace: bool) -> None:
+        """Open the database as ``self._db`` (a missing state is created), with its tables, and check its metadata."""
+        if self.path is not None:
+            self._lock_file = self._take_lock(self.path)
+            self._prepare(self.path, new_workspace, self.workspace_id)
+        self._db = sqlite3.connect(self.path or ":memory:", isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a commit survives a crash of the process; the OS crashing may lose the last ones.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._check_meta()
 
     @staticmethod
     def _prepare(path: str, new_workspace: bool, workspace_id: int) -> None:
@@ -476,7 +522,7 @@ class WorkspaceState:
         db.execute("COMMIT")
 
     def close(self) -> None:
-        db: sqlite3.Connection | None = getattr(self, "_db", None)
+        db: Any = getattr(self, "_db", None)
         if db is not None:
             with contextlib.suppress(Exception):
                 self.commit()
@@ -485,7 +531,7 @@ class WorkspaceState:
     def abandon(self) -> None:
         """Let the state go as a killed process does: what was not committed is lost (SQLite rolls it back), the
         file and its lock are released. For tests of crashes (``cio_sync.testing.abandon``)."""
-        db: sqlite3.Connection | None = getattr(self, "_db", None)
+        db: Any = getattr(self, "_db", None)
         if db is not None:
             with contextlib.suppress(Exception):
                 db.close()
@@ -497,7 +543,9 @@ class WorkspaceState:
 
     # -- transactions --------------------------------------------------------------------------------------------
 
-    def _tx(self) -> sqlite3.Connection:
+    def _tx(self) -> Any:
+        if self._fenced_by is not None:
+            raise self._fenced(self._fenced_by)
         if not self._in_tx:
             self._db.execute("BEGIN IMMEDIATE")
             self._in_tx = True
@@ -509,7 +557,7 @@ class WorkspaceState:
             raise lost
         return self._db
 
-    def _execute(self, sql: str, params: tuple[Any, ...]) -> sqlite3.Cursor:
+    def _execute(self, sql: str, params: tuple[Any, ...]) -> Any:
         """Run one write statement in the transaction, and journal it."""
         cursor = self._tx().execute(sql, params)
         self._journal.append((sql, params, False))
@@ -518,7 +566,7 @@ class WorkspaceState:
     def _stage(self, table: int, sql: str, params: tuple[Any, ...]) -> None:
         self._staged[table].append((sql, params))
 
-    def _run(self, db: sqlite3.Connection, table: int, statements: list[Any]) -> None:
+    def _run(self, db: Any, table: int, statements: list[Any]) -> None:
         """Apply staged statements of one table with a few executemany calls, to the same end as running them in
         order."""
         if not statements:
@@ -573,7 +621,7 @@ class WorkspaceState:
             db.executemany(sql, params)
             self._journal.append((sql, params, True))
 
-    def _many(self, db: sqlite3.Connection, sql: str, params: list[Any]) -> None:
+    def _many(self, db: Any, sql: str, params: list[Any]) -> None:
         db.executemany(sql, params)
         self._journal.append((sql, params, True))
 
@@ -590,7 +638,7 @@ class WorkspaceState:
             return
         try:
             self._write_staged(tables)
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             raise self._recover(exc, "write its changes", self._keep()) from exc
 
     def _write_staged(self, tables: Iterable[int]) -> None:
@@ -667,12 +715,15 @@ class WorkspaceState:
         its ``commit_every``), the step is included, and if the commit fails the step can still be undone alone.
 
         Raises :class:`~cio_sync.StorageError` (or :class:`~cio_sync.StateError`) if it fails: then nothing was
-        committed and the changes are still applied, to be committed next time (but see :meth:`_recover`).
+        committed and the changes are still applied, to be committed next time (but see :meth:`_recover`);
+        :class:`~cio_sync.Fenced` if a later owner took the state: then nothing since the last commit is kept.
         """
+        if self._fenced_by is not None:
+            raise self._fenced(self._fenced_by)
         self._apply_staged()
         try:
             self._commit_tail()
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             raise self._recover(exc, "commit", self._keep()) from exc
 
     def _commit_tail(self) -> None:
@@ -689,16 +740,100 @@ class WorkspaceState:
                 db.executemany(_REMOVE_ATTRIBUTES, removed)
         if self._seq_dirty:
             self._tx().execute("UPDATE meta SET value = ? WHERE key = 'seq_num'", (str(self._seq_num),))
+        if self._position_dirty:
+            self._tx().execute(_SET_POSITION, (self._position,))
         if self._in_tx:
+            if self._epoch is not None:
+                self._check_epoch()
             self._tx().execute("COMMIT")
             self._in_tx = False
         self._journal.clear()
         changed.clear()
-        self._seq_dirty = False
+        self._seq_dirty = self._position_dirty = False
         self._step_db = 0  # a step being committed can no longer be undone
 
+    # -- fencing: one owner at a time ----------------------------------------------------------------------------
+
+    def take_ownership(self, epoch: int) -> None:
+        """Make this state the owner of its workspace state with ``epoch``, in a transaction of its own: the stored
+        epoch becomes ``epoch`` if it is lower (the same epoch is taken again, as after a restart). From then on
+        every commit checks, in its own transaction, that the stored epoch is still ``epoch``; if a later owner took
+        a higher one, the commit is rolled back and raises :class:`~cio_sync.Fenced` (and so does every write after
+        it). Raises :class:`~cio_sync.Fenced` at once if a higher epoch is stored, and
+        :class:`~cio_sync.StateError` if changes are not committed yet (take ownership first, or commit)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ConfigError(f"epoch must be an integer >= 0, not {epoch!r}")
+        if self._fenced_by is not None:
+            raise self._fenced(self._fenced_by)
+        if self._in_tx or any(self._staged) or self._changed_attrs or self._seq_dirty or self._position_dirty:
+            raise StateError(f"workspace state {self.path}: take ownership before applying changes, or commit "
+                             f"them first")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT epoch, position FROM owner WHERE one = 1" + self._FOR_UPDATE)\
+                    .fetchone()
+                stored = int(row[0]) if row is not None else 0
+                if stored > epoch:
+                    self._db.execute("ROLLBACK")
+                    raise self._fenced(stored, epoch)
+                self._db.execute(_TAKE_OWNERSHIP, (epoch,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    with contextlib.suppress(*DB_ERRORS):
+                        self._db.execute("ROLLBACK")
+                raise
+        except DB_ERRORS as exc:
+            raise self._error(exc, "take ownership") from exc
+        self._epoch = epoch
+        self._position = int(row[1]) if row is not None else 0
+
+    @property
+    def epoch(self) -> int | None:
+        """The epoch this state owns (:meth:`take_ownership`), or ``None``."""
+        return self._epoch
+
+    @property
+    def position(self) -> int:
+        """The position stored with the state (its last commit's, or the one :meth:`set_position` staged): for a
+        worker, the last sequence of its stream whose calls are durable here. 0 when none was ever set."""
+        return self._position
+
+    def set_position(self, position: int) -> None:
+        """Store ``position`` with the next commit, in its transaction: it is durable exactly when the changes
+        before it are."""
+        if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+            raise ConfigError(f"position must be an integer >= 0, not {position!r}")
+        self._position = position
+        self._position_dirty = True
+
+    def _check_epoch(self) -> None:
+        """Within the commit's transaction: lock the owner row and check that its epoch is still ours; else roll
+        everything since the last commit back, fence the state and raise :class:`~cio_sync.Fenced`."""
+        row = self._db.execute("SELECT epoch FROM owner WHERE one = 1" + self._FOR_UPDATE).fetchone()
+        stored = int(row[0]) if row is not None else 0
+        if stored == self._epoch:
+            return
+        log.warning("workspace state %s: epoch %s was taken by a later owner (stored: %d); this state's changes "
+                    "since its last commit are rolled back", self.path, self._epoch, stored)
+        self._forget_transaction()
+        self._fenced_by = stored
+        if self.on_recover is not None:
+            with contextlib.suppress(CioSyncError):
+                self.on_recover(True)
+        raise self._fenced(stored)
+
+    def _fenced(self, stored: int, epoch: int | None = None) -> Fenced:
+        mine = self._epoch if epoch is None else epoch
+        return Fenced(f"workspace state {self.path}: owned by epoch {stored}, not {mine}: a later owner took it, "
+                      f"and this one may not write it any more")
+
     def savepoint(self) -> None:
-        """Start one step (a call or a record) that is kept whole or undone whole."""
+        """Start one step (a call or a record) that is kept whole or undone whole. Raises
+        :class:`~cio_sync.Fenced` if a later owner took the state (:meth:`take_ownership`)."""
+        if self._fenced_by is not None:
+            raise self._fenced(self._fenced_by)
         self._marks = [len(statements) for statements in self._staged]
         self._step_db = 0
         self._step_attrs.clear()
@@ -709,7 +844,7 @@ class WorkspaceState:
         if self._step_db == _UNDER_SAVEPOINT:
             try:
                 self._db.execute("RELEASE step")
-            except sqlite3.Error as exc:
+            except DB_ERRORS as exc:
                 raise self._recover(exc, "end a step", self._step_mark) from exc
         self._marks = None
         self._step_db = 0
@@ -720,7 +855,7 @@ class WorkspaceState:
         database. Returns the error to raise instead when ``exc`` is a raw SQLite error (the state then recovered
         as :meth:`_recover` says), else ``None``."""
         error = None
-        if isinstance(exc, sqlite3.Error):
+        if isinstance(exc, DB_ERRORS):
             error = self._recover(exc, "apply a step", self._keep())
         elif self._step_db:
             try:
@@ -731,7 +866,7 @@ class WorkspaceState:
                     self._db.execute("ROLLBACK")
                     self._in_tx = False
                 del self._journal[self._step_mark:]
-            except sqlite3.Error as failed:
+            except DB_ERRORS as failed:
                 error = self._recover(failed, "undo a failed step", self._step_mark)
             self._invalidate_open_rows()
         for cio_id, attrs, before, was_changed in reversed(self._step_attrs):
@@ -759,7 +894,7 @@ class WorkspaceState:
         failing within a step fails the step)."""
         return self._step_mark if self._marks is not None and self._step_db else len(self._journal)
 
-    def _recover(self, exc: sqlite3.Error, doing: str, keep: int) -> CioSyncError:
+    def _recover(self, exc: Exception, doing: str, keep: int) -> CioSyncError:
         """After ``exc`` from a write, put the database back as the first ``keep`` entries of the journal left it,
         and return the error to raise (naming the state file).
 
@@ -801,7 +936,7 @@ class WorkspaceState:
                         self._db.executemany(sql, params)
                     else:
                         self._db.execute(sql, params)
-        except sqlite3.Error as again:
+        except DB_ERRORS as again:
             log.warning("workspace state %s: could not restore the open transaction (%s); the changes since the "
                         "last commit are undone", self.path, again)
             self._forget_transaction()
@@ -814,7 +949,7 @@ class WorkspaceState:
 
     def _forget_transaction(self) -> None:
         """Forget everything since the last commit, in the database and in memory: the last commit is the truth."""
-        with contextlib.suppress(sqlite3.Error):
+        with contextlib.suppress(*DB_ERRORS):
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
         self._in_tx = False
@@ -832,21 +967,25 @@ class WorkspaceState:
         self._invalidate_open_rows()
         self._seq_dirty = True  # numbers given since are not reused (they may have been seen): store the last one
 
-    def fault(self, exc: sqlite3.Error, doing: str) -> CioSyncError:
+    def fault(self, exc: Exception, doing: str) -> CioSyncError:
         """The error to raise for ``exc`` from a read or write outside a step, after recovering (:meth:`_recover`)."""
         return self._recover(exc, doing, self._keep())
 
-    def error(self, exc: sqlite3.Error, doing: str) -> CioSyncError:
+    def error(self, exc: Exception, doing: str) -> CioSyncError:
         """The error to raise for ``exc`` from a read made outside the sink's lock, without recovering: if SQLite
         dropped the transaction, the next write finds out (:meth:`_tx`) and recovers."""
         return self._error(exc, doing)
 
-    def _error(self, exc: sqlite3.Error, doing: str, note: str = "") -> CioSyncError:
+    def _error(self, exc: Exception, doing: str, note: str = "") -> CioSyncError:
         """``exc`` as a cio_sync error naming the state file: a :class:`~cio_sync.StorageError` for a fault of the
         storage (a full disk, an I/O error), else a :class:`~cio_sync.StateError`."""
+        where = self.path if self.path is not None else "(in memory)"
+        if isinstance(exc, BackendError):
+            if exc.storage:
+                return StorageError(f"workspace state {where}: could not {doing}: {exc}{note}", path=self.path)
+            return StateError(f"workspace state {where} cannot be used: could not {doing}: {exc}{note}")
         code = getattr(exc, "sqlite_errorcode", None)
         name = getattr(exc, "sqlite_errorname", None)
-        where = self.path if self.path is not None else "(in memory)"
         detail = f"{exc} ({name})" if name else str(exc)
         if library_error(exc) is StorageError:  # the one map of library errors (cio_sync._errors.LIBRARY_ERRORS)
             hint = "; free some space, then go on" if code is not None and code & 0xFF == _FULL else ""
@@ -1036,7 +1175,7 @@ class WorkspaceState:
             counts = {str(table): [int(rows), int(size)] for table, rows, size in self._db.execute(
                 "SELECT tbl, coalesce(sum(coalesce(rows, 1)), 0), coalesce(sum(size), 0) FROM outbox "
                 "WHERE batch IS NULL GROUP BY tbl")}
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             raise self.fault(exc, "read the outbox") from exc
         for table, _, size, _ in self.outbox_staged:
             known = counts.setdefault(table, [0, 0])
@@ -1047,7 +1186,7 @@ class WorkspaceState:
     def outbox_batch_ids(self) -> set[int]:
         try:
             return {int(batch_id) for (batch_id,) in self._db.execute("SELECT id FROM batches")}
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             raise self.fault(exc, "read the outbox") from exc
 
     def outbox_cut(self, table: str) -> tuple[int, list[Any], int, int | None, int | None]:
@@ -1069,7 +1208,7 @@ class WorkspaceState:
                               (len(rows), nbytes, first, last, batch_id))
             else:  # nothing was open after all: no empty batch to publish
                 self._execute("DELETE FROM batches WHERE id = ?", (batch_id,))
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             raise self._recover(exc, f"cut a batch of {table}", keep) from exc
         self._open_rows[table] = []
         # No commit here: a cut may happen inside a step (a call's savepoint); it becomes durable with the next
@@ -1080,7 +1219,7 @@ class WorkspaceState:
         try:
             return [tuple(r) for r in self._db.execute(
                 "SELECT id, tbl, rows, name, data, nbytes, first_at, last_at FROM batches ORDER BY id")]
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             raise self.fault(exc, "read the outbox") from exc
 
     def outbox_encoded(self, batch_id: int, *, recover: bool = True) -> bytes:
@@ -1088,7 +1227,7 @@ class WorkspaceState:
         ``recover=False`` the raw ``sqlite3.Error``."""
         try:
             row = self._db.execute("SELECT data FROM batches WHERE id = ?", (batch_id,)).fetchone()
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             if not recover:
                 raise
             raise self.fault(exc, "read a batch") from exc
@@ -1098,7 +1237,7 @@ class WorkspaceState:
         """The batch's rows, decoded. Raises as :meth:`outbox_encoded` does."""
         try:
             return _unpack(self._db.execute(_BATCH_ENTRIES, (batch_id,)))
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             if not recover:
                 raise
             raise self.fault(exc, "read a batch") from exc
@@ -1113,7 +1252,7 @@ class WorkspaceState:
             if cursor.rowcount != 1:
                 raise StateError(f"workspace state {self.path}: the batch for {name} is not in the outbox")
             self._commit_tail()
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             raise self._recover(exc, f"record the name of the batch {name}", keep) from exc
 
     def outbox_published(self, batch_id: int) -> None:
@@ -1124,5 +1263,5 @@ class WorkspaceState:
             self._execute("DELETE FROM outbox WHERE batch = ?", (batch_id,))
             self._execute("DELETE FROM batches WHERE id = ?", (batch_id,))
             self._commit_tail()
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             raise self._recover(exc, "clear a published batch", keep) from exc
