@@ -368,7 +368,7 @@ class Worker:
         with self._lock:
             sinks = [part.standard for part in self._owned.values() if part.standard is not None]
         for sink in sinks:
-            lag = max(lag, sink.stats().oldest_buffered_age or 0.0)
+            lag = max(lag, sink.stats.oldest_buffered_age or 0.0)
         return WorkerStats(self.worker_id, tuple(owned), counts["calls"], counts["files"], counts["skipped"],
                            counts["refused"], lag, counts["takeovers"], counts["lost"], error, counts["applied"])
 
@@ -687,17 +687,14 @@ class Worker:
         from cio_sync.sinks.standard import StandardSink
 
         def open_it() -> Any:
-            sink = StandardSink(self._standard_target, workspace_id=self.workspace_id, state=self._state,
-                                state_schema=f"{self.stream}_p{part.number}",
+            assert self._standard_target is not None
+            assert self.workspace_id is not None
+            # state_epoch: owned before anything of its outbox is published (a previous owner's pending batches).
+            return StandardSink(self._standard_target, workspace_id=self.workspace_id, state=self._state,
+                                state_schema=f"{self.stream}_p{part.number}", state_epoch=part.epoch,
                                 flush_interval=self.standard_flush_interval, commit_every=1 << 40,
-                                manifests=self._manifests_on,
-                                storage_options=self._storage_options, retry=self._retry)
-            try:
-                sink.state.take_ownership(part.epoch)
-            except BaseException:
-                abandon(sink)
-                raise
-            return sink
+                                manifests=self._manifests_on, storage_options=self._storage_options,
+                                retry=self._retry)
 
         try:
             part.standard = await asyncio.to_thread(open_it)
