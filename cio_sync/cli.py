@@ -300,9 +300,17 @@ def worker_command(args: argparse.Namespace) -> int:
     from cio_sync.nats import Worker
 
     for option, value in (("--flush-interval", args.flush_interval), ("--lease-seconds", args.lease_seconds),
+                          ("--standard-flush-interval", args.standard_flush_interval),
                           ("--connect-timeout", args.connect_timeout)):
         _check_positive(option, value)
+    if not args.advanced and not args.standard:
+        raise UsageError("give --advanced URL, --standard URL, or both")
+    if args.standard and (args.workspace_id is None or not args.state):
+        raise UsageError("--standard needs --workspace-id N and --state postgresql://... (each partition's workspace "
+                         "state is a schema of that database)")
     worker = Worker(args.nats, stream=args.stream, advanced=args.advanced, format=args.format,
+                    standard=args.standard, workspace_id=args.workspace_id, state=args.state,
+                    standard_flush_interval=args.standard_flush_interval,
                     destination_id=args.destination_id, storage_options=args.options,
                     flush_interval=args.flush_interval, lease_seconds=args.lease_seconds, worker_id=args.worker_id,
                     connect_timeout=args.connect_timeout)
@@ -548,10 +556,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--nats", required=True, metavar="URL[,URL...]", help="the NATS servers")
     p.add_argument("--stream", required=True, metavar="NAME", help="the JetStream stream the intakes publish to")
-    p.add_argument("--advanced", required=True, metavar="URL",
+    p.add_argument("--advanced", metavar="URL",
                    help="where Advanced files go (s3://..., gs://..., az://..., a folder)")
     p.add_argument("--format", choices=FORMATS, default="parquet", help="Advanced file format (default parquet)")
     p.add_argument("--destination-id", type=int, default=1, help="the Advanced destination id (default 1)")
+    p.add_argument("--standard", metavar="URL", help="where Standard files go")
+    p.add_argument("--workspace-id", type=int, default=None, help="the Standard workspace id")
+    p.add_argument("--state", default=None, metavar="postgresql://...",
+                   help="the PostgreSQL database of the Standard workspace state (a schema per partition)")
+    p.add_argument("--standard-flush-interval", type=float, default=900.0, metavar="SECONDS",
+                   help="how often each partition's Standard files are published (default 900)")
     p.add_argument("--flush-interval", type=float, default=600.0, metavar="SECONDS",
                    help="how often each partition's calls are published (default 600)")
     p.add_argument("--lease-seconds", type=float, default=30.0, metavar="SECONDS",

@@ -267,3 +267,15 @@ def scratch() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="cio-sync-scratch-"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[list[Any]]:
+    """Everything a test started, stopped at the end whatever happened (workers first, then intakes)."""
+    started: list[Any] = []
+    yield started
+    for thing in reversed(started):
+        if isinstance(thing, servers.WorkerProcess):
+            thing.kill()
+        elif thing.proc.poll() is None:
+            thing.stop(9)

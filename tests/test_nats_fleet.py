@@ -12,7 +12,6 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +29,11 @@ class Traffic:
     """Clients posting batches to the intakes until stopped, retrying each batch until it gets a 200 (as the client
     libraries do); ``acked`` holds every messageId of a batch answered 200."""
 
-    def __init__(self, urls: list[str], clients: int = 2, batch: int = 25, people: int = 40) -> None:
-        self.urls, self.batch, self.people = urls, batch, people
+    def __init__(self, urls: list[str], clients: int = 2, batch: int = 25, people: int = 40,
+                 identify: bool = False) -> None:
+        self.urls, self.batch, self.people, self.identify = urls, batch, people, identify
         self.acked: list[str] = []
+        self.calls: list[dict[str, Any]] = []  # the calls of the batches answered 200, in each client's order
         self.refused = 0
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -46,8 +47,13 @@ class Traffic:
         for _ in range(self.batch):
             i = next(self._numbers)
             person = f"user-{client}-{i % self.people}"  # a person is sent by one client, in order
-            out.append({"type": "track", "userId": person, "messageId": f"c{client}-{i}", "event": "Viewed",
-                        "properties": {"n": i}})
+            if self.identify:
+                out.append({"type": "identify", "userId": person, "messageId": f"c{client}-{i}",
+                            "traits": {"plan": ("free", "pro", "team")[(i // 7) % 3], "step": i // 50,
+                                       "email": f"{person}@example.com"}})
+            else:
+                out.append({"type": "track", "userId": person, "messageId": f"c{client}-{i}", "event": "Viewed",
+                            "properties": {"n": i}})
         return out
 
     def _run(self, client: int) -> None:
@@ -58,6 +64,7 @@ class Traffic:
                 if post(url, {"batch": calls}, servers.SERVE_KEY, timeout=30) == 200:
                     with self._lock:
                         self.acked.extend(c["messageId"] for c in calls)
+                        self.calls.extend(calls)
                     break
                 self.refused += 1
                 time.sleep(0.2)
@@ -77,18 +84,6 @@ class Traffic:
 @pytest.fixture
 def stream() -> str:
     return f"fleet{next(_streams)}"
-
-
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[list[Any]]:
-    """Everything a test started, stopped at the end whatever happened (workers first, then intakes)."""
-    started: list[Any] = []
-    yield started
-    for thing in reversed(started):
-        if isinstance(thing, servers.WorkerProcess):
-            thing.kill()
-        elif thing.proc.poll() is None:
-            thing.stop(9)
 
 
 def intake(root: Path, cluster: servers.NatsCluster, stream: str, fleet: list[Any]) -> servers.Served:

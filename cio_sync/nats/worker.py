@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
 import secrets
@@ -52,13 +53,13 @@ import orjson
 import pyarrow as pa
 from nats.js import api as js_api
 
-from cio_sync._errors import ConfigError, InvalidCall, PublishConflict, SinkClosed, StorageError
+from cio_sync._errors import CioSyncError, ConfigError, Fenced, InvalidCall, PublishConflict, SinkClosed, StorageError
 from cio_sync._time import to_micros
 from cio_sync._types import Batch
 from cio_sync.buffer.rows import rows_to_table
 from cio_sync.formats.base import Format
 from cio_sync.formats.registry import get_format
-from cio_sync.intake.calls import parse_call, parse_time
+from cio_sync.intake.calls import Call, parse_call, parse_time
 from cio_sync.nats._common import (
     NATS_ERRORS,
     LoopThread,
@@ -74,6 +75,7 @@ from cio_sync.publish.manifests import ManifestSpec, manifest_document
 from cio_sync.sinks.advanced import DEFAULT_MAX_BUFFER_BYTES, action_ids_of, advanced_row
 from cio_sync.sinks.base import check_int, make_writer
 from cio_sync.storage.writer import RetryPolicy, Writer, WrittenFile
+from cio_sync.testing import abandon
 
 __all__ = ["Worker", "WorkerStats"]
 
@@ -96,6 +98,7 @@ class WorkerStats:
     ``publish_lag_seconds``: age of the oldest call read but not yet published (0 with none).
     ``takeovers``: partitions it took; ``partitions_lost``: partitions taken from it while it held them (its
     unpublished reads of them were dropped, to be published by the new owner). ``last_error``: the last failure.
+    ``calls_applied``: calls applied to the Standard workspace (with ``standard``).
     """
 
     worker_id: str
@@ -108,6 +111,8 @@ class WorkerStats:
     takeovers: int
     partitions_lost: int
     last_error: str | None
+    #: Calls applied to the Standard workspace state (committed with their stream sequence), 0 without Standard.
+    calls_applied: int = 0
 
 
 class _Lost(Exception):
@@ -161,6 +166,8 @@ class _Partition:
     task: asyncio.Task[None] | None = None
     releasing: bool = False
     lost: bool = False
+    standard: Any = None  # the partition's StandardSink, with its state in the partition's PostgreSQL schema
+    std_position: int = 0  # the last stream sequence the Standard state holds (committed)
 
 
 def _score(partition: int, worker: str) -> int:
@@ -218,7 +225,11 @@ class Worker:
         servers: list[str] | str,
         *,
         stream: str,
-        advanced: str | Writer,
+        advanced: str | Writer | None = None,
+        standard: str | Writer | None = None,
+        workspace_id: int | None = None,
+        state: str | None = None,
+        standard_flush_interval: float = 900.0,
         format: str | Format = "parquet",
         destination_id: int = 1,
         action_ids: Mapping[str, int] | None = None,
@@ -256,7 +267,24 @@ class Worker:
         options: dict[str, Any] = {"compression": compression} if compression is not None else {}
         self.format = get_format(format, **options)
         self._documents = bool(getattr(self.format, "accepts_documents", False))
-        self.writer = make_writer(advanced, filesystem=None, storage_options=storage_options, retry=retry)
+        if advanced is None and standard is None:
+            raise ConfigError("a worker needs advanced= (where Advanced files go), standard=, or both")
+        if standard is not None:
+            from cio_sync.workspace import is_postgres
+
+            if workspace_id is None or not is_postgres(state):
+                raise ConfigError("standard= needs workspace_id= and state='postgresql://...': the workspace state of "
+                                  "each partition is a schema of that database, so that it moves with the partition")
+            check_int("workspace_id", workspace_id)
+            if not standard_flush_interval > 0:
+                raise ConfigError(f"standard_flush_interval must be above 0 seconds, not {standard_flush_interval!r}")
+        self._standard_target, self.workspace_id, self._state = standard, workspace_id, state
+        self.standard_flush_interval = float(standard_flush_interval)
+        self._storage_options, self._manifests_on, self._retry = storage_options, manifests, retry
+        self.advanced = advanced is not None
+        self.writer = make_writer(advanced if advanced is not None else "memory://cio-sync-unused",
+                                  filesystem=None, storage_options=storage_options if advanced is not None else None,
+                                  retry=retry)
         self._counters = Counters(self.writer)
         self._manifest = ManifestSpec(
             name_for=lambda: advanced_manifest_name(self.destination_id, self._counters.claim(
@@ -269,7 +297,7 @@ class Worker:
         self.partitions = 0
         self._owned: dict[int, _Partition] = {}
         self._lock = threading.Lock()
-        self._counts = {"calls": 0, "files": 0, "skipped": 0, "refused": 0, "takeovers": 0, "lost": 0}
+        self._counts = {"calls": 0, "files": 0, "skipped": 0, "refused": 0, "takeovers": 0, "lost": 0, "applied": 0}
         self._last_error: str | None = None
         self._loop: LoopThread | None = None
         self._nc: Any = None
@@ -337,8 +365,12 @@ class Worker:
             counts = dict(self._counts)
             error = self._last_error
         lag = max(0.0, time.time() - min(oldest)) if oldest else 0.0
+        with self._lock:
+            sinks = [part.standard for part in self._owned.values() if part.standard is not None]
+        for sink in sinks:
+            lag = max(lag, sink.stats.oldest_buffered_age or 0.0)
         return WorkerStats(self.worker_id, tuple(owned), counts["calls"], counts["files"], counts["skipped"],
-                           counts["refused"], lag, counts["takeovers"], counts["lost"], error)
+                           counts["refused"], lag, counts["takeovers"], counts["lost"], error, counts["applied"])
 
     # -- connecting ------------------------------------------------------------------------------------------------
 
@@ -441,6 +473,9 @@ class Worker:
         log.warning("worker %s: partition %d lost (%s); dropping %d calls read but not published (its new owner "
                     "publishes them)", self.worker_id, part.number, why, part.segment.calls)
         part.segment = _Segment()
+        if part.standard is not None:
+            sink, part.standard = part.standard, None
+            abandon(sink)  # no more commits or uploads from here: the state is the next owner's
         if part.task is not None and part.task is not asyncio.current_task():
             part.task.cancel()
         with self._lock:
@@ -451,6 +486,8 @@ class Worker:
     async def _consume(self, part: _Partition) -> None:
         try:
             await self._take(part)
+            if self._standard_target is not None:
+                await self._open_standard(part)
             subscription = await self._subscribe(part)
             try:
                 await self._read(part, subscription)
@@ -471,6 +508,16 @@ class Worker:
                 await self._leases.delete(f"p.{part.number}", last=part.lease_revision)
 
     async def _release(self, part: _Partition) -> None:
+        if part.standard is not None:
+            sink, part.standard = part.standard, None
+            try:
+                await asyncio.to_thread(sink.close)  # commits and publishes the partition's outbox
+            except Fenced:
+                self._lose(part, "another worker took its Standard state")
+                return
+            except CioSyncError as exc:  # its outbox is in the state: the next owner publishes it
+                self._failed(f"closing partition {part.number}'s Standard sink", exc)
+                await asyncio.to_thread(abandon, sink)
         try:
             await self._leases.delete(f"p.{part.number}", last=part.lease_revision)
         except NATS_ERRORS as exc:
@@ -557,49 +604,142 @@ class Worker:
         return self.max_buffer_bytes // max(1, len(self._owned))
 
     async def _take_messages(self, part: _Partition, messages: list[Any]) -> None:
+        """Apply fresh messages to the Standard state (committed with their sequence) and add them to the Advanced
+        segment; ack at once those both already hold (delivered again)."""
         segment = part.segment
-        fresh, stale = [], []
+        for_advanced, for_standard, done = [], [], []
         for msg in messages:
             seq = msg.metadata.sequence.stream
-            if seq < part.next or seq <= segment.last:
-                stale.append(msg)  # delivered again: already published (below next) or already read
-                continue
-            fresh.append(msg)
-            segment.last = seq
-        for msg in stale:
-            if msg.metadata.sequence.stream < part.next:
-                await msg.ack()
-        if stale:
-            self._count("skipped", len(stale))
-        if not fresh:
+            standard = part.standard is not None and seq > part.std_position
+            advanced = self.advanced and seq >= part.next and seq > segment.last
+            if advanced:
+                for_advanced.append(msg)
+                segment.last = seq
+            if standard:
+                for_standard.append(msg)
+            if not advanced and not standard:
+                if not self.advanced or seq < part.next:
+                    done.append(msg)  # in a published file, and in the state: ack it again
+                self._count("skipped")
+        fresh = {m.metadata.sequence.stream: m for m in for_advanced + for_standard}
+        parsed = dict(zip(fresh, await asyncio.to_thread(self._parse, [m.data for m in fresh.values()]),
+                          strict=True))
+        if for_standard:
+            sequences = [m.metadata.sequence.stream for m in for_standard]
+            await self._apply_standard(part, [(seq, parsed[seq]) for seq in sequences], sequences[-1])
+            if not self.advanced:
+                done.extend(for_standard)  # durable in the state: that is what Standard-only acks wait for
+        for msg in done:
+            await msg.ack()
+        if not for_advanced:
             return
-        rows = await asyncio.to_thread(self._rows, [m.data for m in fresh])
         if segment.first is None:
-            segment.first = fresh[0].metadata.sequence.stream
+            segment.first = for_advanced[0].metadata.sequence.stream
             segment.started = time.monotonic()
+        rows = await asyncio.to_thread(self._advanced_rows, [parsed[m.metadata.sequence.stream] for m in for_advanced])
         for row in rows:
             if row is not None:
                 segment.add(*row)
-        segment.messages.extend(fresh)
+        segment.messages.extend(for_advanced)
 
-    def _rows(self, payloads: list[bytes]) -> list[tuple[str, pa.Schema, tuple[Any, ...], int, int] | None]:
-        out: list[tuple[str, pa.Schema, tuple[Any, ...], int, int] | None] = []
+    def _parse(self, payloads: list[bytes]) -> list[Call | None]:
+        """The calls of ``payloads`` (``None`` for a message that is not one: counted, logged, left out)."""
+        out: list[Call | None] = []
         for payload in payloads:
             try:
                 data = orjson.loads(payload)
                 if not isinstance(data, dict):
                     raise InvalidCall("a message must hold one call, a JSON object")
                 received = parse_time(data.get("receivedAt"), "receivedAt")
-                parsed = parse_call(data, received_at=received)
-                schema, row, size = advanced_row(parsed, documents=self._documents)
+                out.append(parse_call(data, received_at=received))
             except (InvalidCall, orjson.JSONDecodeError) as exc:
                 self._count("refused")
                 log.error("worker %s: a message of stream %s is not a call and is left out: %s", self.worker_id,
                           self.stream, exc)
                 out.append(None)
-                continue
-            out.append((parsed.type, schema, row, to_micros(received), size))
         return out
+
+    def _advanced_rows(self, calls: list[Call | None]) -> list[tuple[str, pa.Schema, tuple[Any, ...], int, int] | None]:
+        out: list[tuple[str, pa.Schema, tuple[Any, ...], int, int] | None] = []
+        for parsed in calls:
+            if parsed is None:
+                out.append(None)
+                continue
+            try:
+                schema, row, size = advanced_row(parsed, documents=self._documents)
+            except InvalidCall as exc:
+                self._count("refused")
+                log.error("worker %s: a call cannot be written to an Advanced file and is left out: %s",
+                          self.worker_id, exc)
+                out.append(None)
+                continue
+            out.append((parsed.type, schema, row, to_micros(parsed.received_at), size))
+        return out
+
+    def _rows(self, payloads: list[bytes]) -> list[tuple[str, pa.Schema, tuple[Any, ...], int, int] | None]:
+        return self._advanced_rows(self._parse(payloads))
+
+    # -- the Standard workspace state of a partition ---------------------------------------------------------------
+
+    async def _open_standard(self, part: _Partition) -> None:
+        """The partition's StandardSink, its state in the schema ``<stream>_p<partition>`` of the PostgreSQL
+        database, owned with the partition's epoch (a previous owner's later commits fail: Fenced)."""
+        from cio_sync.sinks.standard import StandardSink
+
+        def open_it() -> Any:
+            assert self._standard_target is not None
+            assert self.workspace_id is not None
+            # state_epoch: owned before anything of its outbox is published (a previous owner's pending batches).
+            return StandardSink(self._standard_target, workspace_id=self.workspace_id, state=self._state,
+                                state_schema=f"{self.stream}_p{part.number}", state_epoch=part.epoch,
+                                flush_interval=self.standard_flush_interval, commit_every=1 << 40,
+                                manifests=self._manifests_on, storage_options=self._storage_options,
+                                retry=self._retry)
+
+        try:
+            part.standard = await asyncio.to_thread(open_it)
+        except Fenced as exc:
+            raise _Lost from exc
+        part.std_position = part.standard.state.position
+
+    async def _apply_standard(self, part: _Partition, calls: list[tuple[int, Call | None]], last: int) -> None:
+        """Apply ``calls`` (with their stream sequences) to the partition's state and commit them with ``last`` as
+        its position. If the database fails, the sink is dropped with what it had not committed, opened again on
+        what was committed (its position says how far that is) and the rest applied again: nothing twice."""
+        for attempt in itertools.count():
+            todo = [(seq, parsed) for seq, parsed in calls if seq > part.std_position]
+            try:
+                if part.standard is None:
+                    await self._open_standard(part)
+                    continue
+                await asyncio.to_thread(self._apply_now, part.standard, todo, last)
+                break
+            except Fenced as exc:
+                raise _Lost from exc
+            except StorageError as exc:
+                self._failed(f"applying partition {part.number} to its Standard state", exc)
+                if part.standard is not None:
+                    sink, part.standard = part.standard, None
+                    await asyncio.to_thread(abandon, sink)
+                await asyncio.sleep(_RETRY_DELAYS[min(attempt, len(_RETRY_DELAYS) - 1)])
+                if part.lost:
+                    raise _Lost from exc
+        part.std_position = last
+
+    def _apply_now(self, sink: Any, calls: list[tuple[int, Call | None]], last: int) -> None:
+        applied = 0
+        for seq, parsed in calls:
+            if parsed is None:
+                continue
+            try:
+                sink.write_at(parsed, seq)
+                applied += 1
+            except InvalidCall as exc:
+                self._count("refused")
+                log.error("worker %s: the Standard sink refused a call of stream %s: %s", self.worker_id,
+                          self.stream, exc)
+        sink.commit(position=last)
+        self._count("applied", applied)
 
     # -- publishing rounds -----------------------------------------------------------------------------------------
 

@@ -280,7 +280,7 @@ class StandardSink(PublishingSink):
             self._publisher.publish_ready()
         return emitted
 
-    def _step(self, produce: Callable[[], list[Row]]) -> tuple[int, bool]:
+    def _step(self, produce: Callable[[], list[Row]], position: int | None = None) -> tuple[int, bool]:
         """:meth:`_apply` but for publishing the batches the step cut: how many rows it emitted, and whether the
         caller should call ``publish_ready()`` (outside any lock of its own)."""
         publisher, state = self._publisher, self.state
@@ -290,14 +290,19 @@ class StandardSink(PublishingSink):
             state.savepoint()
             rows = None
             self._blocking = self._duplicating = 0
+            before = state.position if position is not None else None
             try:
                 rows = produce()
                 full = publisher.append_rows(rows)
+                if position is not None:
+                    state.set_position(position)  # after the step's changes: a failed step leaves it unchanged
                 commit = self._uncommitted + 1 >= self.commit_every
                 if commit:
                     state.commit()
                 state.release_savepoint()
             except BaseException as exc:
+                if before is not None:
+                    state.set_position(before)  # the step is undone, its position with it
                 error = state.rollback_savepoint(exc)
                 if rows:
                     self._resync()  # the step's rows were counted as buffered
@@ -342,11 +347,14 @@ class StandardSink(PublishingSink):
             self._uncommitted = 0
         return self._publisher.flush()
 
-    def commit(self) -> None:
-        """Make every change applied so far durable in the state (``flush`` and ``close`` do it too). Raises
+    def commit(self, *, position: int | None = None) -> None:
+        """Make every change applied so far durable in the state (``flush`` and ``close`` do it too), with
+        ``position`` as the state's position if given (see :meth:`write_at`). Raises
         :class:`~cio_sync.StorageError` if the state cannot be written: the changes stay applied, to be committed
         by the next try."""
         with self._publisher.lock:
+            if position is not None:
+                self.state.set_position(position)
             self.state.commit()
             self._uncommitted = 0
 
@@ -377,7 +385,17 @@ class StandardSink(PublishingSink):
     def write_deferred(self, parsed: Call) -> bool:
         return self._write_parsed(parsed)[1]
 
-    def _write_parsed(self, parsed: Call) -> tuple[int, bool]:
+    def write_at(self, parsed: Call, position: int) -> int:
+        """:meth:`write_call`, and the state's position (``state.position``) becomes ``position`` in the same
+        step: whichever commit makes the call's changes durable stores the position with them, so a consumer of a
+        log (a NATS worker: ``position`` is the call's stream sequence) knows after a crash exactly which calls the
+        state holds. A refused call changes neither (store its position with :meth:`commit`)."""
+        emitted, cut = self._write_parsed(parsed, position)
+        if cut:
+            self._publisher.publish_ready()
+        return emitted
+
+    def _write_parsed(self, parsed: Call, position: int | None = None) -> tuple[int, bool]:
         """:meth:`write_call` but for publishing what it cut (see :meth:`_step`)."""
         if parsed.row is None and parsed.document is None:  # not from parse_call, which leaves one of them
             try:
@@ -385,7 +403,7 @@ class StandardSink(PublishingSink):
             except InvalidCall as exc:
                 self._publisher.reject(parsed.data, exc)
                 raise
-        return self._step(self._once(parsed, lambda: self._rules(parsed, self._trait_texts(parsed))))
+        return self._step(self._once(parsed, lambda: self._rules(parsed, self._trait_texts(parsed))), position)
 
     def _once(self, parsed: Call, produce: Callable[[], list[Row]]) -> Callable[[], list[Row]]:
         """``produce`` within the dedupe window: nothing for a call whose ``messageId`` was applied within it; else
