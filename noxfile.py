@@ -108,7 +108,7 @@ def crash(session: nox.Session) -> None:
     400 SIGTERMs landing inside write() (40), 200 trials of the spool's sweep (16; CIO_SYNC_SPOOL_TRIALS=all for
     every write point), the loader's and the state's sweeps over every write point, the sweep over the local
     write points of both modes at 40 points per case (3), the dedupe window's kill -9 sweeps (12) and the state
-    upgrade's faults (3) at 40 points, and 40 kill -9s of NATS workers at random moments (4)."""
+    upgrade's faults (3) at 40 points, and 40 kill -9s of NATS workers at random moments, Advanced and Standard (4)."""
     session.install("-e", ".[test]")
     env = {
         "CIO_SYNC_CRASH_TRIALS": os.environ.get("CIO_SYNC_CRASH_TRIALS", "200"),
@@ -120,7 +120,7 @@ def crash(session: nox.Session) -> None:
     files = ["tests/test_crash.py", "tests/test_faults.py", "tests/test_signals.py", "tests/test_spool_faults.py",
              "tests/test_loader_faults.py", "tests/test_state_faults.py", "tests/test_fault_sweep.py",
              "tests/test_buffered_sink.py", "tests/test_dedupe.py", "tests/test_v1_release.py",
-             "tests/test_nats_fleet.py"]
+             "tests/test_nats_fleet.py", "tests/test_nats_standard.py"]
     session.run("pytest", "--timeout=7200", *files, *session.posargs, env=env)
 
 

@@ -162,21 +162,23 @@ def test_a_worker_paused_past_its_lease_does_not_publish_what_it_lost(
 KILLS = int(os.environ.get("CIO_SYNC_FLEET_KILLS", "4"))
 
 
-def test_workers_killed_at_random_moments_lose_and_duplicate_nothing(
-        nats_cluster: servers.NatsCluster, stream: str, tmp_path: Path, fleet: list[Any]) -> None:
-    """kill -9 of a random worker at random moments (mid-read, mid-round, mid-upload, mid-ack: with rounds every
-    0.3 s, most kills land in one), each restarted at once, while the clients keep sending."""
-    served = intake(tmp_path, nats_cluster, stream, fleet)
+def kill_sweep(tmp_path: Path, cluster: servers.NatsCluster, stream: str, fleet: list[Any], *extra: str,
+               identify: bool = False) -> Traffic:
+    """kill -9 of a random worker of three at random moments (mid-read, mid-round, mid-upload, mid-ack, mid-commit:
+    with rounds every 0.3 s, most kills land in one), each restarted at once, while clients keep sending; then
+    every acked call published and the workers stopped. Asserts the Advanced files hold each acked call once."""
+    served = intake(tmp_path, cluster, stream, fleet)
     names = ["k0", "k1", "k2"]
-    workers = {n: worker(tmp_path, n, nats_cluster, stream, fleet, "--flush-interval", "0.3") for n in names}
-    traffic = Traffic([served.url], clients=2, batch=10)
+    options = ("--flush-interval", "0.3", *extra)
+    workers = {n: worker(tmp_path, n, cluster, stream, fleet, *options) for n in names}
+    traffic = Traffic([served.url], clients=2, batch=10, identify=identify, people=15)
     chance = random.Random(int(os.environ.get("CIO_SYNC_FLEET_SEED", "15")))
     try:
         for _ in range(KILLS):
             time.sleep(chance.uniform(0.3, 2.5))
             victim = chance.choice(names)
             workers[victim].kill()
-            workers[victim] = worker(tmp_path, victim, nats_cluster, stream, fleet, "--flush-interval", "0.3")
+            workers[victim] = worker(tmp_path, victim, cluster, stream, fleet, *options)
     finally:
         acked = traffic.stop()
     out = tmp_path / "out"
@@ -184,7 +186,13 @@ def test_workers_killed_at_random_moments_lose_and_duplicate_nothing(
     for process in workers.values():
         assert process.stop() == 0
     exactly_once(out, acked)
-    assert in_person_order(out)
+    return traffic
+
+
+def test_workers_killed_at_random_moments_lose_and_duplicate_nothing(
+        nats_cluster: servers.NatsCluster, stream: str, tmp_path: Path, fleet: list[Any]) -> None:
+    kill_sweep(tmp_path, nats_cluster, stream, fleet)
+    assert in_person_order(tmp_path / "out")
 
 
 @pytest.mark.parametrize(("args", "words", "code"), [

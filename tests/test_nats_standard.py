@@ -16,7 +16,7 @@ import pytest
 import cio_sync
 from cio_sync.nats import Publisher, Worker
 from tests import servers
-from tests.test_nats_fleet import Traffic, exactly_once, intake
+from tests.test_nats_fleet import Traffic, exactly_once, intake, kill_sweep
 from tests.test_nats_fleet import worker as worker_process
 from tests.test_nats_worker import message_ids, wait_for
 
@@ -173,3 +173,16 @@ def test_calls_delivered_again_to_the_next_owner_are_not_applied_twice(
     assert heir.stats().calls_applied == 0  # every call was in the state already (its position says so)
     assert heir.stats().redeliveries_skipped == 0  # not skipped: delivered again for the Advanced files
     assert diffs(tmp_path / "std") == one_process(calls, tmp_path / "one")
+
+
+def test_standard_workers_killed_at_random_moments_write_the_diffs_of_one_process(
+        nats_cluster: servers.NatsCluster, postgres_server: servers.PostgresServer, stream: str, tmp_path: Path,
+        fleet: list[Any]) -> None:
+    """kill -9s landing mid-commit, mid-outbox-publish and mid-takeover too (CIO_SYNC_FLEET_KILLS: 4, 40 in nox -s
+    crash)."""
+    traffic = kill_sweep(tmp_path, nats_cluster, stream, fleet, "--standard", str(tmp_path / "std"),
+                         "--workspace-id", str(WORKSPACE), "--state", postgres_server.dsn,
+                         "--standard-flush-interval", "0.5", identify=True)
+    expected = one_process(traffic.calls, tmp_path / "one")
+    assert sum(len(v) for v in expected.values()) > 50
+    assert diffs(tmp_path / "std") == expected
